@@ -1,0 +1,241 @@
+"""Eq. (6): the hand-written gradient of eq. (2), its terms (eq. (4)) and its Hessian-vector product.
+
+No autodiff is used in this module: every derivative is written out from the derivation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._validate import as_array, check_problem
+
+
+def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
+    """``M = diag(c) (Ŷ − Y)``, (N, K), from the softmax pieces ``E / S``.
+
+    Integer labels subtract ``c_i`` at ``(i, y_i)`` with a scatter of N values: no (N, K) one-hot
+    is ever formed. A row with an out-of-range label (only possible under tracing) becomes NaN.
+    """
+    n, k = A.shape
+    if int_labels:
+        ones = jnp.ones((n,), A.dtype)
+        c = ones if c is None else c
+        c = jnp.where(label_validity(Y, k), c, jnp.nan)
+        M = E * (c[:, None] / S)
+        idx = jnp.clip(Y, 0, k - 1).astype(jnp.int32)
+        return M.at[jnp.arange(n), idx].add(-c, indices_are_sorted=True, unique_indices=True)
+    M = E / S - Y.astype(A.dtype)
+    return M if c is None else M * c[:, None]
+
+
+def _dW(Z: jax.Array, M: jax.Array, out_dtype) -> jax.Array:
+    """``Zᵀ M`` (D, K): the second GEMM; bf16/f16 features keep their dtype, accumulate in f32."""
+    if jnp.finfo(Z.dtype).bits < 32:
+        M = M.astype(Z.dtype)
+    else:
+        Z = Z.astype(M.dtype)
+    G = jnp.einsum("nd,nk->dk", Z, M, preferred_element_type=jnp.result_type(M.dtype, jnp.float32))
+    return G.astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
+def _value_and_grad_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool):
+    A = logits(W, Z)
+    lse, E, S = logsumexp_rows(A)
+    value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
+    c = mean_scale(weights, A.shape[0], A.dtype, reduction)
+    M = _residual(A, E, S, Y, c, int_labels)
+    return value, _dW(Z, M, jnp.result_type(W.dtype))
+
+
+def _scalar_reduction(reduction: str, fn: str) -> None:
+    if reduction == "none":
+        raise ValueError(
+            f"`reduction` must be 'sum' or 'mean' for {fn}: the gradient of the per-sample losses "
+            f"(reduction='none') is not a single (D, K) array; got 'none'"
+        )
+
+
+def value_and_grad(
+    W: ArrayLike,
+    Z: ArrayLike,
+    Y: ArrayLike,
+    *,
+    weights: ArrayLike | None = None,
+    reduction: str = "sum",
+) -> tuple[jax.Array, jax.Array]:
+    r"""Eq. (2) and its hand-written gradient, eq. (6), in one pass.
+
+    .. math::
+
+        \frac{\partial L}{\partial w_k} = \sum_i s_i (\hat y_{ik} - y_{ik})\, z_i,
+        \qquad \frac{\partial L}{\partial W} = Z^\top \operatorname{diag}(s)\,(\hat Y - Y)
+
+    with ``Ŷ = softmax(Z W)`` row-wise. Two GEMMs (``Z W`` and ``Zᵀ M``) and one softmax; no
+    autodiff. Exact for any finite targets ``Y``, including rows that do not sum to one (see
+    :func:`softmax_jax.loss`). With ``reduction="mean"`` both value and gradient are divided by
+    ``Σ s_i`` (or ``N``). Integer labels never build an (N, K) one-hot: ``s_i`` is subtracted at the
+    label positions.
+
+    Args:
+      W: weights ``(D, K)``.
+      Z: features ``(N, D)``.
+      Y: targets ``(N, K)`` or integer labels ``(N,)`` in ``[0, K)``.
+      weights: optional per-sample weights ``s``, ``(N,)``, non-negative.
+      reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+      ``(value, dW)``: the scalar loss in the accumulation dtype (float32 for bf16/f16 inputs) and
+      the gradient ``(D, K)`` in ``W``'s dtype (accumulated in float32 for bf16/f16).
+
+    Raises:
+      ValueError / TypeError: as :func:`softmax_jax.loss`, and for ``reduction="none"``. Under
+        ``jax.jit`` an out-of-range label makes the value and every gradient column NaN rather than
+        silently dropping the sample.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, softmax_jax as sj
+      >>> W = jnp.zeros((3, 4)); Z = jnp.ones((2, 3)); y = jnp.array([0, 3])
+      >>> value, dW = sj.value_and_grad(W, Z, y)
+      >>> dW.shape
+      (3, 4)
+    """
+    _scalar_reduction(reduction, "value_and_grad")
+    W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
+    return _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+
+
+def grad(
+    W: ArrayLike,
+    Z: ArrayLike,
+    Y: ArrayLike,
+    *,
+    weights: ArrayLike | None = None,
+    reduction: str = "sum",
+) -> jax.Array:
+    r"""The hand-written gradient of eq. (2), eq. (6): ``∂L/∂W = Zᵀ diag(s) (Ŷ − Y)``, ``(D, K)``.
+
+    Same arguments, dtype rules and errors as :func:`softmax_jax.value_and_grad`, which it calls
+    (XLA removes the unused loss).
+
+    Examples:
+      >>> import jax.numpy as jnp, softmax_jax as sj
+      >>> W = jnp.zeros((3, 4)); Z = jnp.ones((2, 3)); y = jnp.array([0, 3])
+      >>> sj.grad(W, Z, y).sum(axis=1)  # columns sum to zero: rows of Y sum to one
+      Array([0., 0., 0.], dtype=float32)
+    """
+    _scalar_reduction(reduction, "grad")
+    return value_and_grad(W, Z, Y, weights=weights, reduction=reduction)[1]
+
+
+class DerivationTerms(NamedTuple):
+    """The pieces of eq. (4), each ``(D, K)``.
+
+    Attributes:
+      first: ``Σ_i s_i y_ik z_i = Zᵀ diag(s) Y`` — the derivative of the first term of (4).
+      second: ``Σ_i s_i ŷ_ik z_i = Zᵀ diag(s) Ŷ`` — the derivative of the log-partition term.
+      grad: ``second − first``, eq. (5)/(6).
+    """
+
+    first: jax.Array
+    second: jax.Array
+    grad: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("int_labels",))
+def _terms_impl(W, Z, Y, weights, *, int_labels: bool):
+    A = logits(W, Z)
+    _, E, S = logsumexp_rows(A)
+    Zc = Z.astype(A.dtype)
+    if weights is not None:
+        Zc = Zc * weights.astype(A.dtype)[:, None]
+    if int_labels:
+        first = jax.ops.segment_sum(Zc, Y, num_segments=A.shape[1]).T
+    else:
+        first = Zc.T @ Y.astype(A.dtype)
+    second = Zc.T @ (E / S)
+    return DerivationTerms(first, second, second - first)
+
+
+def derivation_terms(
+    W: ArrayLike, Z: ArrayLike, Y: ArrayLike, *, weights: ArrayLike | None = None
+) -> DerivationTerms:
+    r"""The two derivatives of eq. (4), computed separately (``reduction="sum"``).
+
+    .. math::
+
+        \frac{d}{dw_k} \sum_k y_k w_k^\top z = y_k z, \qquad
+        \frac{d}{dw_k} \log \sum_{k'} \exp(w_{k'}^\top z) = \hat y_k z
+
+    summed over samples: ``first = Zᵀ diag(s) Y``, ``second = Zᵀ diag(s) Ŷ``. Their difference is
+    eq. (6). Meant for checking the derivation line by line; :func:`softmax_jax.grad` is the fast
+    path.
+
+    Args:
+      W: ``(D, K)``. Z: ``(N, D)``. Y: ``(N, K)`` targets or ``(N,)`` labels.
+      weights: optional ``(N,)``.
+
+    Returns:
+      :class:`DerivationTerms` ``(first, second, grad)``, each ``(D, K)`` in the accumulation dtype.
+    """
+    W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, "sum")
+    return _terms_impl(W, Z, Y, weights, int_labels=int_labels)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _hvp_impl(W, Z, V, weights, *, reduction: str):
+    A = logits(W, Z)
+    _, E, S = logsumexp_rows(A)
+    P = E / S
+    ZV = logits(V.astype(W.dtype), Z)
+    PZV = P * ZV
+    R = PZV - P * jnp.sum(PZV, axis=1, keepdims=True)
+    c = mean_scale(weights, A.shape[0], A.dtype, reduction)
+    if c is not None:
+        R = R * c[:, None]
+    return _dW(Z, R, jnp.result_type(W.dtype))
+
+
+def hvp(
+    W: ArrayLike,
+    Z: ArrayLike,
+    Y: ArrayLike,
+    V: ArrayLike,
+    *,
+    weights: ArrayLike | None = None,
+    reduction: str = "sum",
+) -> jax.Array:
+    r"""Hessian-vector product of eq. (2), the second-order continuation of the derivation.
+
+    Differentiating eq. (6) once more along a direction ``V`` (D, K):
+
+    .. math::
+
+        H V = Z^\top \operatorname{diag}(s) \big[\hat Y \odot (Z V)
+              - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
+
+    Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
+    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    Three GEMMs and no autodiff; the basis of the Newton-CG solver.
+
+    Args:
+      W: ``(D, K)``. Z: ``(N, D)``. Y: ``(N, K)`` or ``(N,)``. V: direction, ``(D, K)``.
+      weights: optional ``(N,)``. reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+      ``H V``, ``(D, K)`` in ``W``'s dtype.
+    """
+    _scalar_reduction(reduction, "hvp")
+    W, Z, Y, weights, _ = check_problem(W, Z, Y, weights, reduction)
+    V = as_array(V, "V")
+    if V.shape != W.shape:
+        raise ValueError(
+            f"`V` must have the shape of `W` (D, K) = {tuple(W.shape)}, got {tuple(V.shape)}"
+        )
+    return _hvp_impl(W, Z, V, weights, reduction=reduction)

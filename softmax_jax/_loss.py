@@ -1,0 +1,133 @@
+"""Eq. (2): the negative log-likelihood of softmax regression."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._validate import check_problem, compute_dtype
+
+
+def logits(W: jax.Array, Z: jax.Array) -> jax.Array:
+    """``A = Z W`` accumulated in the compute dtype (float32 for bf16/f16 inputs)."""
+    cdt = compute_dtype(W.dtype, Z.dtype)
+    in_dt = jnp.result_type(W.dtype, Z.dtype)
+    return jnp.dot(Z.astype(in_dt), W.astype(in_dt), preferred_element_type=cdt)
+
+
+def logsumexp_rows(A: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Max-shifted row-wise log-sum-exp.
+
+    Returns ``(lse, E, S)`` with ``E = exp(A - m)`` and ``S = Σ_k E`` (both kept for the softmax
+    ``Ŷ = E / S``) and ``lse = m + log S``; finite for logits of any magnitude. The max carries a
+    ``stop_gradient``: ``lse`` does not depend on it, so autodiff through it stays exact.
+    """
+    m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
+    E = jnp.exp(A - m)
+    S = jnp.sum(E, axis=1, keepdims=True)
+    return (m + jnp.log(S))[:, 0], E, S
+
+
+def label_validity(Y: jax.Array, k: int) -> jax.Array:
+    return (Y >= 0) & (Y < k)
+
+
+def target_term(A: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
+    """``Σ_k y_ik a_ik`` per sample, (N,). Integer labels gather ``a_{i, y_i}`` (no one-hot);
+    an out-of-range label gives NaN."""
+    if int_labels:
+        k = A.shape[1]
+        idx = jnp.clip(Y, 0, k - 1).astype(jnp.int32)
+        picked = jnp.take_along_axis(A, idx[:, None], axis=1)[:, 0]
+        return jnp.where(label_validity(Y, k), picked, jnp.nan)
+    return jnp.sum(Y.astype(A.dtype) * A, axis=1)
+
+
+def reduce_losses(per: jax.Array, weights: jax.Array | None, reduction: str) -> jax.Array:
+    """Applies the sample weights ``s`` and the reduction to per-sample losses ``ℓ`` (N,)."""
+    if weights is not None:
+        s = weights.astype(per.dtype)
+        per = s * per
+        denom = jnp.sum(s)
+    else:
+        denom = jnp.asarray(per.shape[0], per.dtype)
+    if reduction == "none":
+        return per
+    total = jnp.sum(per)
+    if reduction == "sum":
+        return total
+    # An all-zero weight vector (or N = 0) gives 0, not NaN.
+    return total / jnp.where(denom > 0, denom, 1)
+
+
+def mean_scale(weights: jax.Array | None, n: int, dtype, reduction: str) -> jax.Array | None:
+    """The per-sample factor ``c_i`` with ``∂L/∂ℓ_i = c_i``: ``s_i`` for sum, ``s_i / Σ s`` for mean."""
+    if reduction == "sum":
+        return None if weights is None else weights.astype(dtype)
+    if weights is None:
+        return jnp.full((n,), 1.0 / max(n, 1), dtype)
+    s = weights.astype(dtype)
+    denom = jnp.sum(s)
+    return s / jnp.where(denom > 0, denom, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
+def _loss_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool) -> jax.Array:
+    A = logits(W, Z)
+    lse, _, _ = logsumexp_rows(A)
+    per = lse - target_term(A, Y, int_labels)
+    return reduce_losses(per, weights, reduction)
+
+
+def loss(
+    W: ArrayLike,
+    Z: ArrayLike,
+    Y: ArrayLike,
+    *,
+    weights: ArrayLike | None = None,
+    reduction: str = "sum",
+) -> jax.Array:
+    r"""The softmax-regression negative log-likelihood, eq. (2).
+
+    .. math::
+
+        L(W) = -\sum_i s_i \Big[ \sum_k y_{ik}\, w_k^\top z_i
+               - \log \sum_{k'} \exp(w_{k'}^\top z_i) \Big]
+
+    computed with a max-shifted log-sum-exp, so it is finite for logits of any magnitude.
+
+    As in eq. (2), the log-partition term enters once per sample whatever ``Σ_k y_ik`` is: for
+    rows of ``Y`` that do not sum to one this is *not* a cross-entropy, but it is still the
+    function whose exact gradient :func:`softmax_jax.grad` returns. Any finite real targets are
+    accepted.
+
+    Args:
+      W: weights, shape ``(D, K)``; column ``w_k`` per class.
+      Z: features, shape ``(N, D)``; row ``z_i`` per sample.
+      Y: targets, shape ``(N, K)`` (one-hot or any finite rows), or integer labels ``(N,)`` in
+        ``[0, K)``.
+      weights: optional per-sample weights ``s`` (mask or non-negative reals), shape ``(N,)``.
+      reduction: ``"sum"`` (eq. (2) itself), ``"mean"`` (divided by ``Σ s_i``, or ``N``; an
+        all-zero ``weights`` gives 0) or ``"none"`` (per-sample ``s_i ℓ_i``, shape ``(N,)``).
+
+    Returns:
+      A scalar (``"sum"``/``"mean"``) or ``(N,)`` array, in the accumulation dtype: the input
+      dtype, or float32 for bfloat16/float16 inputs.
+
+    Raises:
+      ValueError / TypeError: wrong ranks or shapes, non-floating ``W``/``Z``, non-integer
+        ``(N,)`` labels, labels outside ``[0, K)`` or negative weights (value checks only when the
+        values are concrete; under ``jax.jit`` an out-of-range label gives a NaN loss).
+
+    Examples:
+      >>> import jax.numpy as jnp, softmax_jax as sj
+      >>> W = jnp.zeros((3, 4)); Z = jnp.ones((2, 3)); y = jnp.array([0, 3])
+      >>> float(sj.loss(W, Z, y))  # 2 * log(4)
+      2.772588...
+    """
+    W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
+    return _loss_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)

@@ -1,0 +1,159 @@
+"""Eager argument checks shared by the public functions.
+
+Static facts (rank, shape agreement, dtype) are checked here, at call or trace time, and raise
+``ValueError``/``TypeError`` naming the argument, what was expected and what came instead. Value
+checks (labels within ``[0, K)``, non-negative weights, finite targets) run only when the values
+are concrete, i.e. outside ``jax.jit``/``jax.vmap`` tracing; under tracing see each function's
+docstring for what happens to bad values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` holds values we can look at (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_array(x: Any, name: str) -> jax.Array:
+    """Converts ``x`` to an array, with an error naming the argument if that is impossible."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+
+
+def check_reduction(reduction: str, *, allow_none: bool = True) -> None:
+    allowed = REDUCTIONS if allow_none else tuple(r for r in REDUCTIONS if r != "none")
+    if reduction not in allowed:
+        raise ValueError(
+            f"`reduction` must be one of {', '.join(repr(r) for r in allowed)}, got {reduction!r}"
+        )
+
+
+def check_float(x: jax.Array, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must have a floating dtype, got {x.dtype}")
+
+
+def check_rank(x: jax.Array, name: str, rank: int, shape_doc: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(f"`{name}` must have shape {shape_doc}, got {tuple(x.shape)}")
+
+
+def compute_dtype(*dtypes: Any) -> np.dtype:
+    """The accumulation dtype: the promoted input dtype, at least float32 (bf16/f16 -> f32)."""
+    dt = jnp.result_type(*dtypes)
+    if jnp.finfo(dt).bits < 32:
+        return np.dtype(jnp.float32)
+    return np.dtype(dt)
+
+
+def check_labels_values(labels: jax.Array, num_classes: int, name: str = "labels") -> None:
+    """Labels must lie in ``[0, K)``: checked only when the values are concrete."""
+    if not is_concrete(labels) or labels.size == 0:
+        return
+    lo = int(jnp.min(labels))
+    hi = int(jnp.max(labels))
+    if lo < 0 or hi >= num_classes:
+        bad = np.asarray(labels)
+        idx = int(np.flatnonzero((bad < 0) | (bad >= num_classes))[0])
+        raise ValueError(
+            f"`{name}` must lie in [0, K) = [0, {num_classes}), got {int(bad.flat[idx])} "
+            f"at index {idx} (min {lo}, max {hi})"
+        )
+
+
+def check_weights(weights: Any, n: int, name: str = "weights") -> jax.Array | None:
+    """Per-sample weights: shape (N,), floating or integer, finite and >= 0 when concrete."""
+    if weights is None:
+        return None
+    weights = as_array(weights, name)
+    if weights.ndim != 1 or weights.shape[0] != n:
+        raise ValueError(f"`{name}` must have shape (N,) = ({n},), got {tuple(weights.shape)}")
+    if jnp.issubdtype(weights.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real (a mask or non-negative weights), got {weights.dtype}")
+    if is_concrete(weights) and weights.size:
+        w = np.asarray(weights, dtype=np.float64)
+        if not np.all(np.isfinite(w)):
+            idx = int(np.flatnonzero(~np.isfinite(w))[0])
+            raise ValueError(f"`{name}` must be finite, got {w[idx]} at index {idx}")
+        if np.any(w < 0):
+            idx = int(np.flatnonzero(w < 0)[0])
+            raise ValueError(f"`{name}` must be >= 0, got {w[idx]} at index {idx}")
+    return weights
+
+
+def check_finite(x: jax.Array, name: str) -> None:
+    """Rejects NaN/inf in a concrete floating array, naming the first offending index."""
+    if not is_concrete(x) or x.size == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return
+    finite = np.isfinite(np.asarray(x, dtype=np.float32 if x.dtype.itemsize < 4 else x.dtype))
+    if not finite.all():
+        idx = np.unravel_index(int(np.flatnonzero(~finite)[0]), x.shape)
+        raise ValueError(
+            f"`{name}` must be finite, got {np.asarray(x)[idx]} at index {tuple(int(i) for i in idx)}"
+        )
+
+
+def check_problem(W: Any, Z: Any, Y: Any, weights: Any, reduction: str, *, allow_none: bool = True):
+    """Validates the ``(W, Z, Y, weights, reduction)`` arguments of eq. (2).
+
+    Returns ``(W, Z, Y, weights, int_labels)`` as arrays, where ``int_labels`` says whether ``Y``
+    holds (N,) integer labels (True) or (N, K) targets (False).
+    """
+    check_reduction(reduction, allow_none=allow_none)
+    W = as_array(W, "W")
+    Z = as_array(Z, "Z")
+    Y = as_array(Y, "Y")
+    check_rank(W, "W", 2, "(D, K)")
+    check_rank(Z, "Z", 2, "(N, D)")
+    check_float(W, "W")
+    check_float(Z, "Z")
+    (n, d), (d_w, k) = Z.shape, W.shape
+    if d != d_w:
+        raise ValueError(
+            f"`Z` and `W` must agree on the feature dimension D: `Z` has shape {tuple(Z.shape)} "
+            f"(D={d}) but `W` has shape {tuple(W.shape)} (D={d_w})"
+        )
+    if k < 1:
+        raise ValueError(f"`W` must have at least one class column, got shape {tuple(W.shape)}")
+    if Y.ndim == 1:
+        if not jnp.issubdtype(Y.dtype, jnp.integer):
+            raise TypeError(
+                f"`Y` of shape (N,) is read as integer class labels and must have an integer dtype, "
+                f"got {Y.dtype}; pass (N, K) targets for soft labels"
+            )
+        if Y.shape[0] != n:
+            raise ValueError(
+                f"`Y` (labels) must have shape (N,) = ({n},) to match `Z` {tuple(Z.shape)}, "
+                f"got {tuple(Y.shape)}"
+            )
+        check_labels_values(Y, k, "Y")
+        int_labels = True
+    elif Y.ndim == 2:
+        if Y.shape != (n, k):
+            raise ValueError(
+                f"`Y` (targets) must have shape (N, K) = ({n}, {k}) to match `Z` {tuple(Z.shape)} "
+                f"and `W` {tuple(W.shape)}, got {tuple(Y.shape)}"
+            )
+        if jnp.issubdtype(Y.dtype, jnp.complexfloating):
+            raise TypeError(f"`Y` must be real, got {Y.dtype}")
+        check_finite(Y, "Y")
+        int_labels = False
+    else:
+        raise ValueError(
+            f"`Y` must be (N,) integer labels or (N, K) targets, got shape {tuple(Y.shape)}"
+        )
+    weights = check_weights(weights, n)
+    return W, Z, Y, weights, int_labels
