@@ -1,0 +1,83 @@
+"""The ``softmax-jax`` command line: ``train``, ``check`` and ``bench``.
+
+Each subcommand lives in its own module (``_cli_train``, ``_check``, ``_cli_bench``), imported
+lazily so ``softmax-jax check`` does not pay for scikit-learn or matplotlib. Expected user errors
+(a missing file, bad data) print one line ``softmax-jax <cmd>: error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2, no traceback."""
+
+
+def _select_device(name: str | None) -> None:
+    """Makes ``name`` (``cpu``/``gpu``) JAX's default device before any array is created."""
+    if name is None:
+        return
+    import jax
+
+    try:
+        devices = jax.devices(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name}: no {name} device available to JAX ({e})") from None
+    jax.config.update("jax_default_device", devices[0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softmax-jax",
+        description="Softmax regression with a hand-written, jit-compiled eq. (6) gradient.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,check,bench}")
+    sub.required = True
+
+    from . import _check
+
+    p_check = sub.add_parser(
+        "check", help="cross-check the hand-written gradient against jax.grad, as a table"
+    )
+    _check.add_arguments(p_check)
+    p_check.set_defaults(run=_check.run_cli)
+
+    try:
+        from . import _cli_train
+    except ImportError:  # pragma: no cover - only while the module is being written
+        _cli_train = None
+    if _cli_train is not None:
+        p_train = sub.add_parser("train", help="train softmax regression (default: sklearn digits)")
+        _cli_train.add_arguments(p_train)
+        p_train.set_defaults(run=_cli_train.run_cli)
+
+    try:
+        from . import _cli_bench
+    except ImportError:  # pragma: no cover
+        _cli_bench = None
+    if _cli_bench is not None:
+        p_bench = sub.add_parser("bench", help="run the benchmark suite of bench/")
+        _cli_bench.add_arguments(p_bench)
+        p_bench.set_defaults(run=_cli_bench.run_cli)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _select_device(getattr(args, "device", None))
+        return int(args.run(args) or 0)
+    except CLIError as e:
+        print(f"softmax-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"softmax-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
