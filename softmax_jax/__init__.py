@@ -5,6 +5,7 @@ The public API is re-exported here; the code lives in private modules.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._check import GradCheckReport, check_grad
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._loss import loss
 
@@ -14,6 +15,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "GradCheckReport",
+    "check_grad",
     "DerivationTerms",
     "derivation_terms",
     "grad",

@@ -1,9 +1,223 @@
-"""Placeholder replaced within minutes by the lead (check_grad and `softmax-jax check`)."""
+"""The autodiff cross-check: the hand-written eq. (6) gradient against ``jax.grad`` of eq. (2)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ._grad import grad as _hand_grad
+from ._loss import loss as _loss
+from ._validate import check_problem
+
+# Default tolerances on the normwise relative error max|g − g_ref| / max|g_ref|, by input dtype.
+# The reference sees the same rounded inputs, so these bound the algorithm's own error.
+#  float64: unit roundoff 1.1e-16; summation over N and the cancellation in Ŷ − Y cost a few
+#           digits (worst seen over the standard suite: 3e-16), 1e-12 leaves 3 orders of margin.
+#  float32: unit roundoff 6e-8; worst seen 7e-7 (sums over N ≤ 256, |logits| ~ 1e4); 1e-5.
+#  bfloat16: ``Ŷ − Y`` is rounded to bf16 (unit roundoff 3.9e-3) for the second GEMM, which
+#           accumulates in float32; worst seen 4.8e-3, so 2e-2. float16 (roundoff 4.9e-4): 5e-3.
+TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 
-def add_arguments(parser):
-    pass
+class GradCheckReport(NamedTuple):
+    """Result of :func:`check_grad`.
+
+    Attributes:
+      case: free-form label of the problem.
+      dtype: the input dtype checked.
+      max_abs_err: ``max |g − g_ref|``.
+      max_rel_err: ``max |g − g_ref| / max |g_ref|`` (normwise: elementwise relative errors are
+        meaningless where the gradient is near zero).
+      tol: the tolerance on ``max_rel_err``.
+      passed: ``max_rel_err <= tol`` and both gradients finite.
+    """
+
+    case: str
+    dtype: str
+    max_abs_err: float
+    max_rel_err: float
+    tol: float
+    passed: bool
+
+    def __str__(self) -> str:
+        status = "pass" if self.passed else "FAIL"
+        return (
+            f"{self.case}  {self.dtype}  abs={self.max_abs_err:.3e}  rel={self.max_rel_err:.3e}"
+            f"  tol={self.tol:.0e}  {status}"
+        )
 
 
-def run_cli(args):
-    raise SystemExit("not yet")
+def _reference_dtype():
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def check_grad(
+    W: ArrayLike,
+    Z: ArrayLike,
+    Y: ArrayLike,
+    *,
+    weights: ArrayLike | None = None,
+    reduction: str = "sum",
+    tol: float | None = None,
+    case: str = "",
+) -> GradCheckReport:
+    r"""Compares the hand-written gradient (eq. (6)) with ``jax.grad`` of the loss (eq. (2)).
+
+    The hand-written :func:`softmax_jax.grad` runs in the inputs' dtype. The reference is
+    ``jax.grad(softmax_jax.loss)`` on the *same* (already rounded) inputs cast to the widest float
+    available (float64 when ``jax_enable_x64`` is on, else float32), so the error measured is the
+    algorithm's, not the rounding of the inputs.
+
+    .. math::
+
+        \text{rel} = \frac{\max |g - g_{\text{ref}}|}{\max |g_{\text{ref}}|}
+
+    Args:
+      W: ``(D, K)``. Z: ``(N, D)``. Y: ``(N, K)`` targets or ``(N,)`` integer labels.
+      weights: optional ``(N,)``. reduction: ``"sum"`` or ``"mean"``.
+      tol: tolerance on the relative error; default by dtype (float64 1e-12, float32 1e-5,
+        bfloat16 2e-2, float16 5e-3).
+      case: a label carried into the report.
+
+    Returns:
+      A :class:`GradCheckReport`.
+
+    Examples:
+      >>> import jax.numpy as jnp, softmax_jax as sj
+      >>> W = jnp.zeros((3, 4)); Z = jnp.ones((2, 3)); y = jnp.array([0, 3])
+      >>> sj.check_grad(W, Z, y).passed
+      True
+    """
+    W, Z, Y, weights, _ = check_problem(W, Z, Y, weights, reduction, allow_none=False)
+    dtype = jnp.result_type(W.dtype, Z.dtype)
+    g = _hand_grad(W, Z, Y, weights=weights, reduction=reduction)
+    rdt = _reference_dtype()
+    Yr = Y if jnp.issubdtype(Y.dtype, jnp.integer) else Y.astype(rdt)
+    wr = None if weights is None else weights.astype(rdt)
+    g_ref = jax.grad(lambda w: _loss(w, Z.astype(rdt), Yr, weights=wr, reduction=reduction))(
+        W.astype(rdt)
+    )
+    g64 = np.asarray(g.astype(rdt), dtype=np.float64)
+    r64 = np.asarray(g_ref, dtype=np.float64)
+    abs_err = float(np.max(np.abs(g64 - r64))) if g64.size else 0.0
+    scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+    rel_err = abs_err / scale if scale > 0 else abs_err
+    if tol is None:
+        tol = TOLERANCES.get(np.dtype(dtype).name, 1e-4)
+    finite = bool(np.isfinite(g64).all() and np.isfinite(r64).all())
+    return GradCheckReport(
+        case, np.dtype(dtype).name, abs_err, rel_err, float(tol), finite and rel_err <= tol
+    )
+
+
+# --------------------------------------------------------------------------- the standard suite
+
+_SHAPES = ((1, 1, 2), (64, 16, 10), (256, 32, 100), (32, 8, 1000))
+_LABELS = ("integer", "one-hot", "soft", "unnormalised")
+
+
+def _problem(key: jax.Array, n: int, d: int, k: int, labels: str, weighted: bool, scale: float):
+    kw, kz, ky, ks = jax.random.split(key, 4)
+    W = scale * jax.random.normal(kw, (d, k), jnp.float64)
+    Z = jax.random.normal(kz, (n, d), jnp.float64)
+    y = jax.random.randint(ky, (n,), 0, k)
+    if labels == "integer":
+        Y = y
+    elif labels == "one-hot":
+        Y = jax.nn.one_hot(y, k, dtype=jnp.float64)
+    elif labels == "soft":
+        Y = jax.nn.softmax(jax.random.normal(ky, (n, k), jnp.float64), axis=1)
+    else:  # rows that do not sum to one: eq. (2) as written, still exactly differentiated
+        Y = jax.random.uniform(ky, (n, k), jnp.float64, 0.0, 2.0)
+    s = jax.random.uniform(ks, (n,), jnp.float64) if weighted else None
+    return W, Z, Y, s
+
+
+def standard_cases(
+    seed: int = 0, dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16")
+) -> Iterator[GradCheckReport]:
+    """Runs :func:`check_grad` over sizes, label kinds, weights, reductions and dtypes.
+
+    Problems are drawn in float64 (x64 is turned on locally) and rounded to each dtype. Includes an
+    extreme-logit case (``|wᵀz| ~ 1e4``) where a naive softmax overflows.
+    """
+    key = jax.random.PRNGKey(seed)
+    with jax.enable_x64(True):
+        cases = []
+        for i, shape in enumerate(_SHAPES):
+            for j, labels in enumerate(_LABELS):
+                cases.append((shape, labels, (i + j) % 2 == 1, "sum", 1.0))
+        cases.append(((64, 16, 10), "integer", True, "mean", 1.0))
+        cases.append(((64, 16, 10), "one-hot", False, "mean", 1.0))
+        cases.append(((64, 16, 10), "integer", False, "sum", 2.5e3))  # |logits| ~ 1e4
+        for i, ((n, d, k), labels, weighted, reduction, scale) in enumerate(cases):
+            W, Z, Y, s = _problem(jax.random.fold_in(key, i), n, d, k, labels, weighted, scale)
+            name = f"N={n} D={d} K={k} {labels}{' weighted' if weighted else ''} {reduction}"
+            if scale != 1.0:
+                name += " extreme"
+            for dt in dtypes:
+                cast = jnp.dtype(dt)
+                Yc = Y if labels == "integer" else Y.astype(cast)
+                sc = None if s is None else s.astype(cast)
+                yield check_grad(
+                    W.astype(cast), Z.astype(cast), Yc, weights=sc, reduction=reduction, case=name
+                )
+
+
+def format_table(reports: list[GradCheckReport]) -> str:
+    """Renders reports as an aligned text table."""
+    header = ("case", "dtype", "max abs err", "max rel err", "tolerance", "pass")
+    rows = [
+        (
+            r.case,
+            r.dtype,
+            f"{r.max_abs_err:.2e}",
+            f"{r.max_rel_err:.2e}",
+            f"{r.tol:.0e}",
+            "yes" if r.passed else "NO",
+        )
+        for r in reports
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the problems")
+    parser.add_argument(
+        "--dtypes",
+        default="float64,float32,bfloat16",
+        help="comma-separated input dtypes to check (default: float64,float32,bfloat16)",
+    )
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ._cli import CLIError
+
+    dtypes = tuple(t.strip() for t in args.dtypes.split(",") if t.strip())
+    for dt in dtypes:
+        if dt not in TOLERANCES:
+            raise CLIError(f"--dtypes: unknown dtype {dt!r}; choose from {', '.join(TOLERANCES)}")
+    start = time.perf_counter()
+    reports = list(standard_cases(args.seed, dtypes))
+    print(format_table(reports))
+    failed = [r for r in reports if not r.passed]
+    print(
+        f"\n{len(reports) - len(failed)} passed, {len(failed)} failed "
+        f"({time.perf_counter() - start:.1f} s, device {jax.devices()[0].platform})"
+    )
+    return 1 if failed else 0
+
+
+__all__ = ["GradCheckReport", "check_grad", "format_table", "standard_cases"]
