@@ -1,0 +1,1 @@
+"""The benchmark suites of ``softmax-jax bench``: one module per suite, ``run(quick) -> dict``."""
