@@ -82,7 +82,9 @@ def check_weights(weights: Any, n: int, name: str = "weights") -> jax.Array | No
     if weights.ndim != 1 or weights.shape[0] != n:
         raise ValueError(f"`{name}` must have shape (N,) = ({n},), got {tuple(weights.shape)}")
     if jnp.issubdtype(weights.dtype, jnp.complexfloating):
-        raise TypeError(f"`{name}` must be real (a mask or non-negative weights), got {weights.dtype}")
+        raise TypeError(
+            f"`{name}` must be real (a mask or non-negative weights), got {weights.dtype}"
+        )
     if is_concrete(weights) and weights.size:
         w = np.asarray(weights, dtype=np.float64)
         if not np.all(np.isfinite(w)):
@@ -157,3 +159,64 @@ def check_problem(W: Any, Z: Any, Y: Any, weights: Any, reduction: str, *, allow
         )
     weights = check_weights(weights, n)
     return W, Z, Y, weights, int_labels
+
+
+def check_training_data(
+    Z: Any,
+    y: Any,
+    *,
+    sample_weight: Any = None,
+    num_classes: int | None = None,
+    min_classes: int = 2,
+    z_name: str = "Z",
+    y_name: str = "y",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Host-side checks of a training set ``(Z, y)`` for :func:`softmax_jax.fit`.
+
+    ``Z`` must be a non-empty ``(N, D)`` real array of finite values, ``y`` ``(N,)`` integer class
+    indices ``>= 0`` (and ``< num_classes`` when given) with at least ``min_classes`` (2) classes, and
+    ``sample_weight`` finite, ``>= 0`` with a positive sum.
+
+    Returns:
+      ``(Z, y, sample_weight, K)`` as NumPy arrays (``Z`` floating, ``y`` int32) and the number of
+      classes ``K`` (``num_classes``, or ``max(y) + 1``).
+    """
+    Zh = np.asarray(Z)
+    yh = np.asarray(y)
+    if Zh.ndim != 2:
+        raise ValueError(f"`{z_name}` must have shape (N, D), got {Zh.shape}")
+    is_bf16 = Zh.dtype == np.dtype(jnp.bfloat16)
+    if Zh.dtype.kind not in "fiub" and not is_bf16:
+        raise TypeError(f"`{z_name}` must be a real numeric array, got dtype {Zh.dtype}")
+    if Zh.shape[0] == 0 or Zh.shape[1] == 0:
+        raise ValueError(
+            f"`{z_name}` must have at least one sample and one feature, got shape {Zh.shape}"
+        )
+    if Zh.dtype.kind != "f" and not is_bf16:
+        Zh = Zh.astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+    if yh.ndim != 1 or yh.shape[0] != Zh.shape[0]:
+        raise ValueError(
+            f"`{y_name}` must have shape (N,) = ({Zh.shape[0]},) to match `{z_name}` "
+            f"{Zh.shape}, got {yh.shape}"
+        )
+    if yh.dtype.kind not in "iu":
+        raise TypeError(f"`{y_name}` must hold integer class indices, got dtype {yh.dtype}")
+    check_finite(Zh, z_name)
+    if yh.min() < 0 or (num_classes is not None and yh.max() >= num_classes):
+        hi = "" if num_classes is None else f" and < num_classes = {num_classes}"
+        bad = (yh < 0) | (False if num_classes is None else yh >= num_classes)
+        idx = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"`{y_name}` must be >= 0{hi}, got {int(yh[idx])} at index {idx}")
+    k = int(yh.max()) + 1 if num_classes is None else int(num_classes)
+    present = np.unique(yh)
+    if present.size < min_classes:
+        raise ValueError(
+            f"`{y_name}` must contain at least {min_classes} classes to train a classifier, got "
+            f"only class {int(present[0])}"
+        )
+    sw = None
+    if sample_weight is not None:
+        sw = np.asarray(check_weights(sample_weight, Zh.shape[0], "sample_weight"), np.float64)
+        if not sw.sum() > 0:
+            raise ValueError("`sample_weight` must have a positive sum, got all zeros")
+    return Zh, yh.astype(np.int32), sw, k
