@@ -44,14 +44,22 @@ def _dW(Z: jax.Array, M: jax.Array, out_dtype) -> jax.Array:
     return G.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
-def _value_and_grad_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool):
+def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
     lse, E, S = logsumexp_rows(A)
     value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
     c = mean_scale(weights, A.shape[0], A.dtype, reduction)
     M = _residual(A, E, S, Y, c, int_labels)
     return value, _dW(Z, M, jnp.result_type(W.dtype))
+
+
+_value_and_grad_impl = jax.jit(_value_and_grad_math, static_argnames=("reduction", "int_labels"))
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
+def _grad_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool):
+    # The loss value is dead code here and XLA drops it.
+    return _value_and_grad_math(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)[1]
 
 
 def _scalar_reduction(reduction: str, fn: str) -> None:
@@ -121,8 +129,8 @@ def grad(
 ) -> jax.Array:
     r"""The hand-written gradient of eq. (2), eq. (6): ``∂L/∂W = Zᵀ diag(s) (Ŷ − Y)``, ``(D, K)``.
 
-    Same arguments, dtype rules and errors as :func:`softmax_jax.value_and_grad`, which it calls
-    (XLA removes the unused loss).
+    Same arguments, dtype rules and errors as :func:`softmax_jax.value_and_grad`; the loss value
+    is not computed.
 
     Examples:
       >>> import jax.numpy as jnp, softmax_jax as sj
@@ -131,7 +139,8 @@ def grad(
       Array([0., 0., 0.], dtype=float32)
     """
     _scalar_reduction(reduction, "grad")
-    return value_and_grad(W, Z, Y, weights=weights, reduction=reduction)[1]
+    W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
+    return _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
 
 
 class DerivationTerms(NamedTuple):
