@@ -57,18 +57,34 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def device_kind() -> str:
-    """``"cpu"`` or ``"gpu"`` (or another JAX platform name) of the default device."""
+def default_device():
+    """The device computations land on: ``jax_default_device`` if set, else the first device."""
     import jax
 
-    return jax.devices()[0].platform
+    dev = jax.config.jax_default_device
+    if isinstance(dev, str):
+        return jax.devices(dev)[0]
+    return dev if dev is not None else jax.devices()[0]
+
+
+def select_device(name: str | None) -> None:
+    """Makes the first ``name`` (``"cpu"``/``"gpu"``) device JAX's default device."""
+    if name:
+        import jax
+
+        jax.config.update("jax_default_device", jax.devices(name)[0])
+
+
+def device_kind() -> str:
+    """``"cpu"`` or ``"gpu"`` (or another JAX platform name) of the device in use."""
+    return default_device().platform
 
 
 def machine_info() -> dict[str, Any]:
     """The facts a result needs to be read: CPU, cores, device, versions, date, OpenBLAS knobs."""
     import jax
 
-    dev = jax.devices()[0]
+    dev = default_device()
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),

@@ -1,0 +1,176 @@
+"""The suite runner behind ``softmax-jax bench``: runs each suite of bench/ in its own process.
+
+A suite is a module ``bench/<name>.py`` with ``run(quick: bool) -> dict`` that prints its table
+and normally writes ``<out>/<name>.json`` itself (through ``bench._common.write_json``); if it
+only returns its results, the runner writes them. Each suite runs in a fresh Python process, so
+one that crashes, runs out of memory or needs its own ``XLA_FLAGS`` (``parallel``) cannot take
+the others down or skew them; every suite runs, failures are listed at the end and make the exit
+status non-zero.
+
+Run: ``python bench/run.py [--quick] [--only grad,scaling] [--device cpu|gpu] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+#: The suites, in the order they run; ``parallel`` only where ``bench/parallel.py`` exists.
+SUITES = ("grad", "head", "train", "scaling")
+OPTIONAL_SUITES = ("parallel",)
+_NOT_SUITES = {"run", "__init__"}
+
+
+def load_bench_package(bench_dir: Path = BENCH_DIR):
+    """Imports ``bench_dir`` as the package ``bench`` whatever the folder is called or where it
+    lies (a source tree, or a copy shipped inside the wheel), so ``from bench import _common``
+    works in every suite."""
+    existing = sys.modules.get("bench")
+    if existing is not None and Path(getattr(existing, "__file__", "")).parent == bench_dir:
+        return existing
+    spec = importlib.util.spec_from_file_location(
+        "bench", bench_dir / "__init__.py", submodule_search_locations=[str(bench_dir)]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the benchmark package from {bench_dir}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    for name in [m for m in sys.modules if m.startswith("bench.")]:
+        del sys.modules[name]
+    spec.loader.exec_module(module)
+    return module
+
+
+def available_suites(bench_dir: Path = BENCH_DIR) -> list[str]:
+    """Suite names with a module in ``bench_dir``: the known ones first, in order, then others."""
+    present = sorted(
+        p.stem for p in bench_dir.glob("*.py") if not p.stem.startswith("_") and p.stem != "run"
+    )
+    known = [s for s in (*SUITES, *OPTIONAL_SUITES) if s in present]
+    return known + [s for s in present if s not in known]
+
+
+def default_suites(bench_dir: Path = BENCH_DIR) -> list[str]:
+    """What a plain ``softmax-jax bench`` runs: every required suite (a missing one fails) and
+    the optional ones that exist."""
+    present = available_suites(bench_dir)
+    return list(SUITES) + [s for s in OPTIONAL_SUITES if s in present]
+
+
+def parse_only(values: list[str] | None) -> list[str] | None:
+    """``--only a --only b,c`` -> ``["a", "b", "c"]`` (order kept, duplicates dropped)."""
+    if not values:
+        return None
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    return names or None
+
+
+def _run_child(name: str, *, quick: bool, device: str | None, out_dir: Path | None) -> int:
+    """Inside the child process: runs one suite, writes its JSON if the suite did not."""
+    load_bench_package(BENCH_DIR)
+    from bench import _common as C
+
+    C.select_device(device)
+    module = importlib.import_module(f"bench.{name}")
+    out = out_dir if out_dir is not None else C.results_dir()
+    path = out / f"{C.result_name(name)}.json"
+    before = path.stat().st_mtime_ns if path.exists() else None
+    result = module.run(quick)
+    after = path.stat().st_mtime_ns if path.exists() else None
+    if isinstance(result, dict) and (after is None or after == before):
+        C.write_json(name, result, out_dir=out)
+    return 0
+
+
+def run_suites(
+    names: list[str],
+    *,
+    quick: bool = False,
+    tiny: bool = False,
+    device: str | None = None,
+    out_dir: Path | None = None,
+    bench_dir: Path = BENCH_DIR,
+) -> dict[str, dict[str, Any]]:
+    """Runs ``names`` one after the other, each in a child process; returns their statuses.
+
+    ``{name: {"ok": bool, "seconds": float, "returncode": int, "reason": str}}``. A suite whose
+    module is missing fails without being started.
+    """
+    env = dict(os.environ)
+    if out_dir is not None:
+        env["SOFTMAX_JAX_BENCH_OUT"] = str(Path(out_dir).resolve())
+    if tiny:
+        env["SOFTMAX_JAX_BENCH_TINY"] = "1"
+    statuses: dict[str, dict[str, Any]] = {}
+    for name in names:
+        print(f"\n=== bench: {name}{' (quick)' if quick else ''} ===", flush=True)
+        if not (bench_dir / f"{name}.py").is_file():
+            reason = f"no module {bench_dir / (name + '.py')}"
+            print(f"bench {name}: FAILED: {reason}", flush=True)
+            statuses[name] = {"ok": False, "seconds": 0.0, "returncode": None, "reason": reason}
+            continue
+        cmd = [sys.executable, str(bench_dir / "run.py"), "--child", name]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--device", device] if device else []
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            raise
+        except OSError as e:
+            rc, reason = -1, f"could not start: {e}"
+        else:
+            reason = "" if rc == 0 else f"exit status {rc}"
+        seconds = time.perf_counter() - t0
+        statuses[name] = {"ok": rc == 0, "seconds": seconds, "returncode": rc, "reason": reason}
+        if rc != 0:
+            print(f"bench {name}: FAILED ({reason})", flush=True)
+
+    print("\n=== bench summary ===")
+    width = max([len(n) for n in statuses] + [5])
+    for name, st in statuses.items():
+        state = "ok" if st["ok"] else f"FAILED: {st['reason']}"
+        print(f"{name.ljust(width)}  {st['seconds']:7.1f} s  {state}")
+    out = Path(env.get("SOFTMAX_JAX_BENCH_OUT") or bench_dir / "results")
+    print(f"results in {out}", flush=True)
+    return statuses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, a few minutes")
+    parser.add_argument("--only", action="append", metavar="SUITE", help="suite(s), repeatable")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument("--tiny", action="store_true", help="smallest shapes (for tests)")
+    parser.add_argument("--child", metavar="SUITE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        try:
+            return _run_child(args.child, quick=args.quick, device=args.device, out_dir=args.out)
+        except Exception:
+            traceback.print_exc()
+            return 1
+    names = parse_only(args.only) or default_suites()
+    statuses = run_suites(
+        names, quick=args.quick, tiny=args.tiny, device=args.device, out_dir=args.out
+    )
+    return 0 if all(st["ok"] for st in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
