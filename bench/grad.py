@@ -24,6 +24,7 @@ Run: ``python bench/grad.py [--quick]`` or ``softmax-jax bench --only grad``.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -135,10 +136,17 @@ def _hlo_facts(methods: dict[str, tuple[Any, tuple]], n: int, k: int) -> dict[st
             for line in entry.splitlines()
             if "=" in line and f"[{n},{k}]" in line.split("=", 1)[1].split("(", 1)[0]
         ]
+        # (N, K) buffers that are not floats (a materialised one-hot or mask), outside fusions.
+        nk_nonfloat = [
+            line.strip()[:80]
+            for line in entry.splitlines()
+            if re.search(rf"= (pred|s8|u8|s16|s32|s64|u32)\[{n},{k}\]", line)
+        ]
         mem = compiled.memory_analysis()
         facts[name] = {
             "nk_ops": len(nk_ops),
             "nk_op_kinds": nk_ops,
+            "nk_nonfloat_buffers": nk_nonfloat,
             "scatter": "scatter(" in text,
             "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
         }
