@@ -1,0 +1,248 @@
+"""Multi-device checks run in a fresh interpreter (the pytest session already holds 1 CPU device).
+
+Run by ``tests/test_parallel.py`` as ``python tests/_dist_worker.py MODE ...`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set in the environment before jax is
+imported. Every mode prints one JSON line (prefixed ``RESULT ``) that the test asserts on:
+
+- ``sharded``: the class-sharded head on 1, 2, 4, 8 devices (and a 2 x 4 data x model mesh)
+  against a single-device unfused float64 reference; input errors; compiled memory per device.
+- ``process ID PORT NPROC``: one of NPROC processes joined by ``jax.distributed`` on
+  127.0.0.1:PORT, running data-parallel steps over the global mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def emit(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def rel_err(x, ref) -> float:
+    import numpy as np
+
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    err = float(np.max(np.abs(x - ref))) if x.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def reference_loss(Z, W, b, y, s, reduction, ls, zl):
+    """The unfused head, written directly from DESIGN.md: ``(N, K)`` logits, autodiff gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    A = Z @ W + (0.0 if b is None else b)
+    lse = jax.nn.logsumexp(A, axis=1)
+    tgt = (1 - ls) * jnp.take_along_axis(A, y[:, None], axis=1)[:, 0] + ls * jnp.mean(A, axis=1)
+    per = lse - tgt + zl * lse**2
+    if reduction == "none":
+        return s * per
+    if reduction == "sum":
+        return jnp.sum(s * per)
+    return jnp.sum(s * per) / jnp.sum(s)
+
+
+def sharded() -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from softmax_jax._parallel import sharded_linear_cross_entropy as slce
+
+    devs = jax.devices()
+    out: dict = {"devices": len(devs), "errors": {}, "cases": {}}
+    rng = np.random.default_rng(0)
+
+    def problem(n, d, k):
+        return (
+            jnp.asarray(rng.normal(size=(n, d))),
+            jnp.asarray(rng.normal(size=(d, k))),
+            jnp.asarray(rng.normal(size=(k,))),
+            jnp.asarray(rng.integers(0, k, n), jnp.int32),
+            jnp.asarray(rng.uniform(0.0, 2.0, n)),
+        )
+
+    def case(name, mesh, n, d, k, *, reduction, ls, zl, chunk, bias=True, jit=False, primal=False):
+        Z, W, b, y, s = problem(n, d, k)
+        b = b if bias else None
+        ct = jnp.asarray(rng.normal(size=(n,)))  # a random cotangent for reduction="none"
+
+        def scalar(fn):
+            def f(Z, W, b, s):
+                v = fn(Z, W, b, s)
+                return jnp.vdot(ct, v) if reduction == "none" else v
+
+            return f
+
+        def ours(Z, W, b, s):
+            return slce(Z, W, y, mesh=mesh, bias=b, weights=s, reduction=reduction,
+                        chunk_size=chunk, label_smoothing=ls, z_loss=zl)  # fmt: skip
+
+        def ref(Z, W, b, s):
+            return reference_loss(Z, W, b, y, s, reduction, ls, zl)
+
+        argnums = (0, 1, 2, 3) if bias else (0, 1, 3)
+        vg = jax.value_and_grad(scalar(ours), argnums=argnums)
+        ref_vg = jax.value_and_grad(scalar(ref), argnums=argnums)
+        if jit:  # ours inside an outer jit, compiled with the reference as one program
+            (v, g), (rv, rg) = jax.jit(lambda *a: (vg(*a), ref_vg(*a)))(Z, W, b, s)
+        else:  # called with concrete arrays: its eager checks, then its own jit
+            (v, g), (rv, rg) = vg(Z, W, b, s), jax.jit(ref_vg)(Z, W, b, s)
+        names = ("Z", "W", "b", "s") if bias else ("Z", "W", "s")
+        errs = {"value": rel_err(v, rv), **{nm: rel_err(x, r) for nm, x, r in zip(names, g, rg)}}
+        if primal:  # the primal-only path (no gradient requested)
+            errs["primal"] = rel_err(ours(Z, W, b, s), jax.jit(ref)(Z, W, b, s))
+        out["cases"][name] = {
+            "err": errs,
+            "dW_spec": str(g[1].sharding.spec),
+            "dW_shape": list(g[1].shape),
+        }
+        return Z, W, b, y, s
+
+    t0 = time.perf_counter()
+    for p in (1, 2, 4, 8):
+        mesh = Mesh(np.array(devs[:p]), ("model",))
+        # Every option at once; N = 13 rows in chunks of 5 (not a multiple).
+        Z, W, b, y, s = case(f"all_options_p{p}", mesh, 13, 6, 24, reduction="mean",
+                             ls=0.1, zl=1e-3, chunk=5, jit=p != 1, primal=p == 8)  # fmt: skip
+        if p == 4:
+            case("none_nobias_p4", mesh, 13, 6, 24, reduction="none", ls=0.2, zl=0.0,
+                 chunk=4, bias=False, jit=True, primal=True)  # fmt: skip
+            case("sum_eager_p4", mesh, 13, 6, 24, reduction="sum", ls=0.0, zl=0.0, chunk=None)
+            # The compiled program never gathers W.
+            hlo = jax.jit(jax.grad(lambda W: slce(Z, W, y, mesh=mesh, bias=b, chunk_size=5)))
+            out["all_gather_in_hlo"] = "all-gather" in hlo.lower(W).compile().as_text()
+    mesh2 = Mesh(np.array(devs).reshape(2, 4), ("data", "model"))
+    case("data2_model4", mesh2, 16, 6, 24, reduction="mean", ls=0.1, zl=1e-3, chunk=3, jit=True)
+
+    out["seconds_values"] = time.perf_counter() - t0
+
+    def error(name, fn):
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+        else:
+            out["errors"][name] = None
+
+    mesh4 = Mesh(np.array(devs[:4]), ("model",))
+    Z, W, b, y, s = problem(13, 6, 10)
+    error("k_not_divisible", lambda: slce(Z, W, y, mesh=mesh4))
+    Z, W, b, y, s = problem(13, 6, 24)
+    error("n_not_divisible", lambda: slce(Z, W, y, mesh=mesh2))
+    error("bad_axis", lambda: slce(Z, W, y, mesh=mesh4, axis_name="vocab"))
+    error("not_a_mesh", lambda: slce(Z, W, y, mesh=devs[:4]))
+
+    # Compiled memory per device of value_and_grad (compile only), float32.
+    t0 = time.perf_counter()
+    n, d, k = 2048, 128, 16384
+    mem = {}
+    for chunk in (None, 256):
+        for p in (1, 4, 8) if chunk else (1, 4):
+            mesh = Mesh(np.array(devs[:p]), ("model",))
+
+            def spec(shape, dtype, pspec, mesh=mesh):
+                return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, pspec))
+
+            args = (
+                spec((n, d), jnp.float32, P()),
+                spec((d, k), jnp.float32, P(None, "model")),
+                spec((k,), jnp.float32, P("model")),
+                spec((n,), jnp.int32, P()),
+            )
+            f = jax.value_and_grad(
+                lambda Z, W, b, y, mesh=mesh, chunk=chunk: slce(
+                    Z, W, y, mesh=mesh, bias=b, chunk_size=chunk
+                ),
+                argnums=(0, 1, 2),
+            )
+            ma = jax.jit(f).lower(*args).compile().memory_analysis()
+            mem[f"chunk{chunk}_p{p}"] = int(ma.temp_size_in_bytes)
+    out["memory"] = {"shape": [n, d, k], "temp_bytes": mem}
+    out["seconds_memory"] = time.perf_counter() - t0
+    return out
+
+
+def process(pid: int, port: int, nproc: int) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
+    )
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import softmax_jax as sj
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    Z, y, W0 = _dp_problem()
+
+    def put(x, spec):
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+    Zs, ys, W = put(Z, P("data", None)), put(y, P("data")), put(W0, P())
+    for _ in range(_DP_STEPS):
+        _, g = sj.value_and_grad(W, Zs, ys, reduction="mean")
+        W = W - _DP_LR * g
+    result = {
+        "pid": pid,
+        "process_count": jax.process_count(),
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "W": np.asarray(W).tolist(),
+    }
+    jax.distributed.shutdown()
+    return result
+
+
+_DP_STEPS, _DP_LR = 5, 0.5
+
+
+def _dp_problem():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(32, 5))
+    y = rng.integers(0, 4, 32).astype(np.int32)
+    return Z, y, np.zeros((5, 4))
+
+
+def single_process_reference() -> list:
+    """The same steps on one device, for comparison with ``process``."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import softmax_jax as sj
+
+    Z, y, W = _dp_problem()
+    for _ in range(_DP_STEPS):
+        _, g = sj.value_and_grad(W, Z, y, reduction="mean")
+        W = W - _DP_LR * g
+    import numpy as np
+
+    return np.asarray(W).tolist()
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[1]
+    if mode == "sharded":
+        emit(sharded())
+    elif mode == "process":
+        emit(process(int(argv[2]), int(argv[3]), int(argv[4])))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
