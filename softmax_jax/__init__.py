@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._check import GradCheckReport, check_grad
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
+from ._head import linear_cross_entropy
 from ._loss import loss
 
 try:
@@ -21,6 +22,7 @@ __all__ = [
     "derivation_terms",
     "grad",
     "hvp",
+    "linear_cross_entropy",
     "loss",
     "value_and_grad",
 ]
