@@ -40,6 +40,8 @@ from bench import _common as C
 
 METHODS = ("head", "unfused", "jax_cce")
 CHUNK = 1024
+#: A smaller chunk, in the memory table and plot only: the knob for large K.
+SMALL_CHUNK = 256
 #: (N, D, [K...]) for memory, (N, D, K) for time, chunk sizes for the sweep.
 FULL = {
     "memory": (16384, 1024, [32768, 131072], 32771),
@@ -72,18 +74,20 @@ def _head_fn():
     return linear_cross_entropy
 
 
-def _losses(chunk: int = CHUNK) -> dict[str, Any]:
+def _losses(small_chunk: bool = False) -> dict[str, Any]:
     """``name -> (loss(Z, W_or_Wt, y), weight layout)``; jax-cce only if it is installed."""
     import optax
 
     head = _head_fn()
     out = {
-        "head": (lambda Z, W, y: head(Z, W, y, chunk_size=chunk), "DK"),
+        "head": (lambda Z, W, y: head(Z, W, y, chunk_size=CHUNK), "DK"),
         "unfused": (
             lambda Z, W, y: optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean(),
             "DK",
         ),
     }
+    if small_chunk:
+        out[f"head_c{SMALL_CHUNK}"] = (lambda Z, W, y: head(Z, W, y, chunk_size=SMALL_CHUNK), "DK")
     try:
         import jax_cce
     except ImportError:
@@ -128,15 +132,10 @@ def bench_memory(n: int, d: int, ks: list[int]) -> list[dict[str, Any]]:
     cpu = C.device_kind() == "cpu"
     rows = []
     for k in ks:
-        for name, (loss, layout) in _losses().items():
+        for name, (loss, layout) in _losses(small_chunk=True).items():
             print(f"head: memory {name} N={n} D={d} K={k} ...", flush=True)
-            row = {
-                "method": name,
-                "N": n,
-                "D": d,
-                "K": k,
-                "chunk": CHUNK if name == "head" else None,
-            }
+            chunk = {"head": CHUNK, f"head_c{SMALL_CHUNK}": SMALL_CHUNK}.get(name)
+            row = {"method": name, "N": n, "D": d, "K": k, "chunk": chunk}
             row.update(compiled_memory(loss, _specs(n, d, k, layout)))
             if cpu:
                 nolib = compiled_memory(loss, _specs(n, d, k, layout), NO_LIBRARY_FUSION)
@@ -182,6 +181,7 @@ def bench_time(fns: dict[str, Any], n: int, d: int, k: int, rounds: int) -> dict
 
 
 def _ratio_stats(samples: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Median over rounds of the per-round ratio to ``base``."""
     return {
         name: statistics.median(a / b for a, b in zip(s, samples[base]))
         for name, s in samples.items()
@@ -190,19 +190,20 @@ def _ratio_stats(samples: dict[str, list[float]], base: str) -> dict[str, float]
 
 def _plot(rows: list[dict[str, Any]], ks: list[int], n: int, d: int) -> None:
     fig, ax = C.new_figure(figsize=(6, 4))
-    for name in METHODS:
+    labels = {"head": f"head, chunk {CHUNK}", f"head_c{SMALL_CHUNK}": f"head, chunk {SMALL_CHUNK}"}
+    for name in (*METHODS, f"head_c{SMALL_CHUNK}"):
         pts = [
             (r["K"], r["temp_bytes"] / GB)
             for r in rows
             if r["method"] == name and r["K"] in ks and "temp_bytes" in r
         ]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts), marker="o", label=labels.get(name, name))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("K (classes)")
     ax.set_ylabel("temporaries of value_and_grad (GB)")
-    ax.set_title(f"compiled memory, N={n}, D={d}, float32, head chunk {CHUNK}")
+    ax.set_title(f"value_and_grad temporaries (compiled), N={n}, D={d}, float32")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     C.save_figure(fig, "head_memory")
@@ -212,7 +213,7 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
     """Runs the suite, prints the tables, writes ``head.json`` and ``head_memory.png``."""
     tiny = C.tiny_mode() if tiny is None else tiny
     cfg = TINY if tiny else QUICK if quick else FULL
-    rounds = rounds or (3 if tiny else 5 if quick else 7)
+    rounds = rounds or (3 if tiny else 5 if quick else 11)
     (mn, md, mks, ragged), (tn, td, tk) = cfg["memory"], cfg["time"]
 
     memory = bench_memory(mn, md, [*mks, ragged])
@@ -233,19 +234,21 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
     by = {(r["method"], r["K"]): r for r in memory}
     mem_rows = []
     for k in [*mks, ragged]:
-        row = {"N,D,K": f"{mn},{md},{k}"}
-        for name in METHODS:
-            r = by.get((name, k), {})
-            row[f"{name} GB"] = r["temp_bytes"] / GB if "temp_bytes" in r else r.get("error", "-")
-            if r.get("temp_bytes_no_library_fusion") is not None:
-                row[f"{name} GB (no lib)"] = r["temp_bytes_no_library_fusion"] / GB
-        unf, hd = by.get(("unfused", k), {}), by.get(("head", k), {})
-        if "temp_bytes" in unf and "temp_bytes" in hd:
-            row["unfused/head"] = unf["temp_bytes"] / hd["temp_bytes"]
-        cce = by.get(("jax_cce", k), {})
-        if "temp_bytes" in cce and "temp_bytes" in hd:
-            row["jax_cce/head"] = cce["temp_bytes"] / hd["temp_bytes"]
-        mem_rows.append(row)
+        unf = by.get(("unfused", k), {}).get("temp_bytes")
+        for name in (*METHODS, f"head_c{SMALL_CHUNK}"):
+            r = by.get((name, k))
+            if r is None:
+                continue
+            temp = r.get("temp_bytes")
+            mem_rows.append(
+                {
+                    "N,D,K": f"{mn},{md},{k}",
+                    "method": name if r["chunk"] is None else f"head (chunk {r['chunk']})",
+                    "GB": temp / GB if temp is not None else r.get("error", "-"),
+                    "GB no lib-fusion": (r.get("temp_bytes_no_library_fusion") or 0) / GB or "-",
+                    "unfused / this": unf / temp if unf and temp else "-",
+                }
+            )
     text = C.print_table(
         mem_rows, list(mem_rows[0]), title="temporaries of value_and_grad (compiled, GB = 1e9 B)"
     )
@@ -259,11 +262,14 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
             "median ms": 1e3 * statistics.median(s),
             "best ms": 1e3 * min(s),
             "ratio vs unfused": ratios.get(name, "-"),
+            "best/best": min(s) / min(samples["unfused"]) if "unfused" in samples else "-",
         }
         for name, s in samples.items()
     ] + [{"method": name, "median ms": err} for name, err in timing["errors"].items()]
     text += "\n" + C.print_table(
-        time_rows, list(time_rows[0]), title=f"value_and_grad time, {rounds} interleaved rounds"
+        time_rows,
+        list(time_rows[0]),
+        title=f"value_and_grad time, {rounds} interleaved rounds (ratio: median of per-round ratios)",
     )
 
     sw_samples = sweep_time["samples_s"]
