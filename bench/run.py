@@ -150,6 +150,53 @@ def run_suites(
     return statuses
 
 
+def _md_cell(x: Any) -> str:
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+            return f"{x:.3g}"
+        return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+    return "" if x is None else str(x).replace("|", "\\|")
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(results: Path | None = None) -> str:
+    """Markdown tables (with the machine each came from) from the JSON results: what the README
+    quotes, generated rather than copied by hand."""
+    import json
+
+    results = Path(results) if results is not None else BENCH_DIR / "results"
+    order = {name: i for i, name in enumerate((*SUITES, *OPTIONAL_SUITES))}
+    paths = sorted(
+        results.glob("*.json"), key=lambda p: (order.get(p.stem.split("_")[0], 99), p.stem)
+    )
+    parts = []
+    for path in paths:
+        payload = json.loads(path.read_text())
+        table = payload.get("table")
+        if not table:
+            continue
+        m = payload.get("machine", {})
+        versions = m.get("versions", {})
+        parts.append(
+            f"### {path.stem}\n\n"
+            f"{m.get('cpu_model', '?')}, {m.get('cpu_cores', '?')} cores, device "
+            f"{m.get('device', '?')} ({m.get('device_kind', '?')}), jax {versions.get('jax')}, "
+            f"{m.get('date', '?')}, load average {m.get('load_average')}; from "
+            f"`bench/results/{path.name}`.\n"
+        )
+        tables = table if isinstance(table, dict) else {"": table}
+        for title, rows in tables.items():
+            if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+                parts.append((f"{title}:\n\n" if title else "") + _md_table(rows) + "\n")
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, a few minutes")
@@ -157,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default=None)
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--tiny", action="store_true", help="smallest shapes (for tests)")
+    parser.add_argument(
+        "--report", action="store_true", help="print the results as Markdown tables and exit"
+    )
     parser.add_argument("--child", metavar="SUITE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        print(report_markdown(args.out))
+        return 0
     if args.child:
         try:
             return _run_child(args.child, quick=args.quick, device=args.device, out_dir=args.out)

@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the smallest shapes, seconds per suite: checks the machinery, not the machine",
     )
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print the saved results (bench/results or --out) as Markdown tables and exit",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -77,6 +82,9 @@ def run_cli(args: argparse.Namespace) -> int:
     spec.loader.exec_module(runner)
 
     available = runner.available_suites(bench_dir)
+    if args.report:
+        print(runner.report_markdown(args.out if args.out is not None else bench_dir / "results"))
+        return 0
     if args.list:
         for name in available:
             print(name)

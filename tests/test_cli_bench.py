@@ -89,3 +89,16 @@ def test_parse_only(only):
     spec.loader.exec_module(runner)
     values = [v for v in only if v != "--only"]
     assert runner.parse_only(values) == ["a", "b"]
+
+
+def test_bench_report_prints_markdown_from_json(tmp_path, capsys):
+    payload = {
+        "suite": "grad",
+        "machine": {"cpu_model": "TestCPU", "cpu_cores": 2, "device": "cpu", "versions": {}},
+        "table": {"times_ms": [{"N,D,K": "8,4,2", "ours": 1.25}]},
+    }
+    (tmp_path / "grad.json").write_text(json.dumps(payload))
+    assert main(["bench", "--report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "### grad" in out and "TestCPU" in out
+    assert "| N,D,K | ours |" in out and "| 8,4,2 | 1.250 |" in out
