@@ -21,8 +21,6 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUT_ENV = "SOFTMAX_JAX_BENCH_OUT"
 #: OpenBLAS knobs some images set for old CPUs; they change which GEMM kernel NumPy runs.
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-
-
 TINY_ENV = "SOFTMAX_JAX_BENCH_TINY"
 
 
@@ -46,6 +44,22 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_simd_flags() -> list[str]:
+    """The vector extensions the CPU reports (they decide which GEMM kernels can run)."""
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in wanted if x in have] + sorted(
+                        x for x in have if x.startswith("amx")
+                    )
+    except OSError:
+        pass
+    return []
 
 
 def _version(dist: str) -> str | None:
@@ -87,6 +101,7 @@ def machine_info() -> dict[str, Any]:
     dev = default_device()
     return {
         "cpu_model": cpu_model(),
+        "cpu_simd": cpu_simd_flags(),
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
