@@ -151,8 +151,8 @@ def _target_term(Zc, W, b, yc, ls, means, cdt):
     """
     k = W.shape[1]
     idx = jnp.clip(yc, 0, k - 1)
-    Zw = Zc.astype(W.dtype)
-    picked = jnp.einsum("cd,dc->c", Zw, jnp.take(W, idx, axis=1), preferred_element_type=cdt)
+    Zw = Zc.astype(W.dtype).astype(cdt)  # the logits GEMM's operands, exact in cdt
+    picked = jnp.sum(Zw * jnp.take(W, idx, axis=1).T.astype(cdt), axis=1)
     if b is not None:
         picked = picked + b[idx]
     picked = jnp.where((yc >= 0) & (yc < k), picked, jnp.nan)
