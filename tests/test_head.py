@@ -465,3 +465,18 @@ def test_bad_input(change, error, match):
 def test_traced_configuration_is_rejected():
     with pytest.raises(TypeError, match=r"`label_smoothing` must be a Python float"):
         jax.jit(lambda ls: linear_cross_entropy(Z0, W0, Y0, label_smoothing=ls))(0.1)
+
+
+def test_docstring_examples(monkeypatch):
+    import doctest
+
+    import softmax_jax
+
+    # The example uses the public name; until __init__ re-exports it, provide it here.
+    monkeypatch.setattr(softmax_jax, "linear_cross_entropy", linear_cross_entropy, raising=False)
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(linear_cross_entropy, "linear_cross_entropy", globs={}):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 5 and results.failed == 0
