@@ -1,0 +1,258 @@
+"""Datasets for training: scikit-learn's digits, ``.npz``/``.csv`` files, and their validation.
+
+Everything here runs on the host in NumPy: files are read, checked cell by cell where needed,
+labels are encoded to ``0..K-1`` and the features standardised with statistics of the training
+split only. Problems are reported with :class:`DataError`, a ``ValueError`` whose message is one
+line naming the file, row and column, which the command line prints as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "encode_labels", "load_digits", "load_file", "split"]
+
+
+class DataError(ValueError):
+    """Bad training data: a one-line message naming the file, row and column where known."""
+
+
+class Dataset(NamedTuple):
+    """A train/test split ready for :func:`softmax_jax.fit`.
+
+    Attributes:
+      X_train: features ``(N_train, D)``, float64, standardised when asked.
+      y_train: labels ``(N_train,)``, int32 in ``[0, K)``.
+      X_test: features ``(N_test, D)``.
+      y_test: labels ``(N_test,)``.
+      classes: the original label of each class index, ``(K,)``.
+      name: where the data came from (a file path or ``"sklearn digits"``).
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: np.ndarray
+    name: str
+
+
+def _fail(where: str, msg: str) -> DataError:
+    return DataError(f"{where}: {msg}")
+
+
+def check_features(X: np.ndarray, where: str, *, first_row: int = 0, col_names=None) -> None:
+    """Rejects NaN/inf features, naming the first offending row (``first_row``-based) and column."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        col = f"column {c + 1}" + (f" ({col_names[c]!r})" if col_names is not None else "")
+        raise _fail(where, f"row {r + first_row}, {col}: feature is {X[r, c]} (must be finite)")
+
+
+def encode_labels(
+    y: np.ndarray, where: str, *, first_row: int = 0, min_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer-valued labels to class indices ``0..K-1``.
+
+    Args:
+      y: labels ``(N,)``; integers, or floats holding integer values (``3.0``).
+      where: name used in error messages (a file path).
+      first_row: the row number of ``y[0]`` in messages (1-based line number for a CSV file).
+      min_classes: fewer distinct labels than this is an error.
+
+    Returns:
+      ``(codes, classes)``: ``codes`` int32 ``(N,)`` with ``classes[codes] == y``.
+
+    Raises:
+      DataError: non-numeric, non-integer or non-finite labels, or fewer than ``min_classes``.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise _fail(where, f"labels must have shape (N,), got {y.shape}")
+    if y.dtype.kind not in "iufb":
+        raise _fail(where, f"labels must be integers, got dtype {y.dtype} (e.g. {y[:1].tolist()})")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise _fail(where, f"row {r + first_row}: label {y[r].item()!r} is not an integer")
+        y = y.astype(np.int64)
+    classes, codes = np.unique(y, return_inverse=True)
+    if classes.size < min_classes:
+        found = "no labels" if classes.size == 0 else f"only class {classes[0]}"
+        raise _fail(where, f"need at least {min_classes} classes to train, found {found}")
+    return codes.astype(np.int32), classes
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Reads a numeric CSV with the label in the last column.
+
+    An optional header (a first row with no numeric cell) names the columns in messages. Returns
+    ``(X, y, first_row)`` where ``first_row`` is the 1-based line number of the first data row.
+    """
+    with open(path, newline="") as f:
+        rows = [(i + 1, row) for i, row in enumerate(csv.reader(f)) if any(c.strip() for c in row)]
+    if not rows:
+        raise _fail(path, "empty CSV file (expected rows of features with the label last)")
+    names = None
+    if not any(_is_number(c) for c in rows[0][1]):
+        names = [c.strip() for c in rows[0][1]]
+        rows = rows[1:]
+        if not rows:
+            raise _fail(path, "CSV file has a header but no data rows")
+    width = len(names) if names is not None else len(rows[0][1])
+    if width < 2:
+        raise _fail(path, f"need at least 2 columns (features, then the label), got {width}")
+    for line, row in rows:
+        if len(row) != width:
+            raise _fail(path, f"row {line}: ragged row with {len(row)} columns, expected {width}")
+    data = np.empty((len(rows), width), np.float64)
+    for j, (line, row) in enumerate(rows):
+        try:
+            data[j] = [float(c) for c in row]
+        except ValueError:
+            c = next(i for i, cell in enumerate(row) if not _is_number(cell))
+            col = f"column {c + 1}" + (f" ({names[c]!r})" if names is not None else "")
+            kind = "label" if c == width - 1 else "feature"
+            raise _fail(path, f"row {line}, {col}: non-numeric {kind} {row[c].strip()!r}") from None
+    first = rows[0][0]
+    X, y = data[:, :-1], data[:, -1]
+    check_features(X, path, first_row=first, col_names=names)
+    return X, y, first
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("X", "y") if k not in f.files]
+            if missing:
+                raise _fail(path, f"missing array(s) {missing}; found {sorted(f.files)}")
+            X, y = f["X"], f["y"]
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"cannot read as .npz ({e})") from None
+    if X.ndim != 2:
+        raise _fail(path, f"`X` must have shape (N, D), got {X.shape}")
+    if X.dtype.kind not in "iufb":
+        raise _fail(path, f"`X` must be numeric, got dtype {X.dtype}")
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise _fail(path, f"`y` must have shape (N,) = ({X.shape[0]},), got {y.shape}")
+    X = X.astype(np.float64)
+    check_features(X, path)
+    return X, y, 0
+
+
+def load_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Loads ``(X, codes, classes)`` from a ``.npz`` (arrays ``X``, ``y``) or a ``.csv`` file.
+
+    CSV: one sample per row, numeric features, the integer label in the last column; an optional
+    header row. Rows and columns in error messages are 1-based (rows are line numbers); for
+    ``.npz`` files rows are 0-based indices into ``X``.
+
+    Returns:
+      ``X`` float64 ``(N, D)``, ``codes`` int32 ``(N,)`` in ``[0, K)``, ``classes`` ``(K,)``.
+
+    Raises:
+      DataError: a missing file, an unknown extension, non-numeric or ragged CSV rows, NaN/inf
+        features, non-integer labels, an empty file or a single class.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise _fail(path, "no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        X, y, first = _read_csv(path)
+    elif ext == ".npz":
+        X, y, first = _read_npz(path)
+    else:
+        raise _fail(path, f"unknown data format {ext!r}: expected .npz (arrays X, y) or .csv")
+    if X.shape[0] == 0:
+        raise _fail(path, "no samples")
+    codes, classes = encode_labels(y, path, first_row=first)
+    return X, codes, classes
+
+
+def split(
+    X: np.ndarray,
+    codes: np.ndarray,
+    classes: np.ndarray,
+    *,
+    name: str,
+    test_size: float = 0.25,
+    seed: int = 0,
+    standardize: bool = True,
+) -> Dataset:
+    """A seeded train/test split, stratified by class, standardised with the training split's
+    mean and std (constant features keep std 1).
+
+    Each class sends ``round(test_size · N_c)`` of its shuffled samples to the test split (at
+    least one when it has two or more samples, never all of them); the totals are then adjusted
+    to ``ceil(test_size · N)`` test samples.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"`test_size` must lie in (0, 1), got {test_size}")
+    n = X.shape[0]
+    n_test = math.ceil(test_size * n)
+    if n < 2 or n_test >= n:
+        raise DataError(f"{name}: {n} samples are too few for a train/test split")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(codes == c)) for c in range(classes.size)]
+    take = [min(len(ix) - 1, max(int(round(test_size * len(ix))), 1)) for ix in per_class]
+    take = [max(t, 0) for t in take]
+    # adjust the total to n_test, largest classes first
+    order = np.argsort([-len(ix) for ix in per_class], kind="stable")
+    i = 0
+    while sum(take) != n_test and i < 4 * len(order) + n:
+        c = order[i % len(order)]
+        if sum(take) < n_test and take[c] < len(per_class[c]) - 1:
+            take[c] += 1
+        elif sum(take) > n_test and take[c] > 0:
+            take[c] -= 1
+        i += 1
+    test = np.sort(np.concatenate([ix[:t] for ix, t in zip(per_class, take)]).astype(np.intp))
+    train = np.setdiff1d(np.arange(n), test)
+    train, test = rng.permutation(train), rng.permutation(test)
+    Xtr, Xte = X[train], X[test]
+    if standardize:
+        mean = Xtr.mean(axis=0)
+        std = Xtr.std(axis=0)
+        std[std == 0] = 1.0
+        Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+    return Dataset(
+        Xtr, codes[train].astype(np.int32), Xte, codes[test].astype(np.int32), classes, name
+    )
+
+
+def load_digits(*, test_size: float = 0.25, seed: int = 0, standardize: bool = True) -> Dataset:
+    """scikit-learn's digits (1797 images 8×8, 10 classes), split 75/25 and standardised.
+
+    Ships with scikit-learn: no download.
+    """
+    from sklearn.datasets import load_digits as _load
+
+    X, y = _load(return_X_y=True)
+    codes, classes = encode_labels(y, "sklearn digits")
+    return split(
+        X.astype(np.float64),
+        codes,
+        classes,
+        name="sklearn digits",
+        test_size=test_size,
+        seed=seed,
+        standardize=standardize,
+    )

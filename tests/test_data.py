@@ -1,0 +1,114 @@
+"""Dataset loading and validation: sklearn digits, .csv and .npz files, one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from softmax_jax._data import DataError, encode_labels, load_digits, load_file, split
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_digits_split_is_75_25_stratified_and_standardised():
+    ds = load_digits()
+    assert ds.X_train.shape == (1347, 64) and ds.X_test.shape == (450, 64)
+    assert ds.y_train.dtype == np.int32 and set(np.unique(ds.y_train)) == set(range(10))
+    np.testing.assert_array_equal(ds.classes, np.arange(10))
+    # standardised with the training statistics: mean 0, std 1 (or 0 for constant pixels)
+    np.testing.assert_allclose(ds.X_train.mean(axis=0), 0, atol=1e-12)
+    assert set(np.round(ds.X_train.std(axis=0), 12)) <= {0.0, 1.0}
+    # stratified: class frequencies agree between the splits
+    f_tr = np.bincount(ds.y_train) / ds.y_train.size
+    f_te = np.bincount(ds.y_test) / ds.y_test.size
+    assert np.max(np.abs(f_tr - f_te)) < 0.01
+
+
+def test_csv_with_header_and_labels_mapped(tmp_path):
+    path = write(tmp_path, "d.csv", "a,b,label\n1,2,7\n3,4,-1\n5,6.5,7\n")
+    X, codes, classes = load_file(path)
+    np.testing.assert_array_equal(X, [[1, 2], [3, 4], [5, 6.5]])
+    np.testing.assert_array_equal(classes, [-1, 7])
+    np.testing.assert_array_equal(codes, [1, 0, 1])
+
+
+def test_csv_without_header_and_integer_valued_float_labels(tmp_path):
+    X, codes, classes = load_file(write(tmp_path, "d.csv", "1,2,0.0\n3,4,1.0\n"))
+    assert X.shape == (2, 2) and codes.dtype == np.int32
+    np.testing.assert_array_equal(classes, [0, 1])
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("1,2,0\n3,x,1\n", r"d\.csv: row 2, column 2: non-numeric feature 'x'"),
+        ("f1,f2,y\n1,2,0\n3,4,cat\n", r"row 3, column 3 \('y'\): non-numeric label 'cat'"),
+        ("1,2,0\n3,4\n", r"row 2: ragged row with 2 columns, expected 3"),
+        ("1,2,0\n3,nan,1\n", r"row 2, column 2: feature is nan"),
+        ("1,inf,0\n3,4,1\n", r"row 1, column 2: feature is inf"),
+        ("1,2,0\n3,4,1.5\n", r"row 2: label 1\.5 is not an integer"),
+        ("1,2,3\n3,4,3\n", r"need at least 2 classes to train, found only class 3"),
+        ("", r"empty CSV file"),
+        ("a,b,c\n", r"header but no data rows"),
+        ("1\n2\n", r"need at least 2 columns"),
+    ],
+)
+def test_csv_errors_name_file_row_and_column(tmp_path, text, match):
+    path = write(tmp_path, "d.csv", text)
+    with pytest.raises(DataError, match=match) as e:
+        load_file(path)
+    msg = str(e.value)
+    assert msg.startswith(path) and "\n" not in msg
+
+
+def test_npz_roundtrip_and_errors(tmp_path):
+    path = str(tmp_path / "d.npz")
+    np.savez(path, X=np.arange(8.0).reshape(4, 2), y=np.array([3, 5, 3, 5]))
+    X, codes, classes = load_file(path)
+    assert X.shape == (4, 2) and list(classes) == [3, 5]
+
+    np.savez(path, X=np.ones((3, 2)))
+    with pytest.raises(DataError, match=r"missing array\(s\) \['y'\]"):
+        load_file(path)
+    np.savez(path, X=np.ones((3, 2)), y=np.array(["a", "b", "a"]))
+    with pytest.raises(DataError, match="labels must be integers, got dtype <U1"):
+        load_file(path)
+    np.savez(path, X=np.ones((3, 2)), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"`y` must have shape \(N,\) = \(3,\), got \(2,\)"):
+        load_file(path)
+    np.savez(path, X=np.array([[1.0, np.nan], [0, 0]]), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"row 0, column 2: feature is nan"):
+        load_file(path)
+    np.savez(path, X=np.ones(3), y=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match=r"`X` must have shape \(N, D\), got \(3,\)"):
+        load_file(path)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_file(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="unknown data format '.txt'"):
+        load_file(write(tmp_path, "d.txt", "1,2,0\n"))
+    with pytest.raises(DataError, match="cannot read as .npz"):
+        load_file(write(tmp_path, "bad.npz", "not a zip"))
+
+
+def test_encode_labels_rejects_non_integers():
+    with pytest.raises(DataError, match=r"row 1: label nan is not an integer"):
+        encode_labels(np.array([0.0, np.nan]), "f")
+    codes, classes = encode_labels(np.array([10, -3, 10]), "f")
+    np.testing.assert_array_equal(classes[codes], [10, -3, 10])
+
+
+def test_split_without_standardising_keeps_values():
+    X = np.arange(40.0).reshape(20, 2)
+    y = np.arange(20) % 2
+    ds = split(X, y.astype(np.int32), np.array([0, 1]), name="t", standardize=False)
+    assert ds.X_train.shape == (15, 2) and ds.X_test.shape == (5, 2)
+    assert set(ds.X_train[:, 0]) | set(ds.X_test[:, 0]) == set(X[:, 0])
+    with pytest.raises(DataError, match="too few"):
+        split(X[:1], y[:1].astype(np.int32), np.array([0, 1]), name="t")
