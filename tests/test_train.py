@@ -1,0 +1,310 @@
+"""sj.fit: the compiled minibatch epoch against a step-by-step reference, the full-batch solvers,
+the analytic Hessian-vector product against autodiff, metrics, progress and bad input."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import softmax_jax as sj
+from softmax_jax import _train
+from softmax_jax._train import TrainingDiverged, fit, make_optimizer
+
+
+def blobs(n=90, d=4, k=3, seed=0, dtype=np.float64, sep=2.0):
+    """Gaussian blobs, one per class: an easy, non-separable problem."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centers = sep * rng.normal(size=(k, d))
+    X = centers[y] + rng.normal(size=(n, d))
+    return X.astype(dtype), y.astype(np.int32)
+
+
+def objective(params, Z, y, l2, s=None):
+    """The objective of fit, written independently with jax.numpy (autodiff reference)."""
+    A = Z @ params["W"] + params.get("b", 0.0)
+    nll = jax.nn.logsumexp(A, axis=1) - jnp.take_along_axis(A, y[:, None], axis=1)[:, 0]
+    s = jnp.ones_like(nll) if s is None else s
+    return jnp.sum(s * nll) / jnp.sum(s) + 0.5 * l2 * jnp.sum(params["W"] ** 2)
+
+
+def reference_epochs(Z, y, *, opt, epochs, batch_size, l2, seed):
+    """What one compiled epoch must do, step by step on the host, with sj.value_and_grad."""
+    n, d = Z.shape
+    k = int(y.max()) + 1
+    params = {"W": jnp.zeros((d, k)), "b": jnp.zeros(k)}
+    state = opt.init(params)
+    Z1 = jnp.concatenate([jnp.asarray(Z), jnp.ones((n, 1))], axis=1)
+    for epoch in range(1, epochs + 1):
+        perm = np.asarray(
+            jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
+        )
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]  # the last batch is partial
+            W1 = jnp.concatenate([params["W"], params["b"][None]], axis=0)
+            _, G = sj.value_and_grad(W1, Z1[idx], jnp.asarray(y[idx]), reduction="mean")
+            g = {"W": G[:-1] + l2 * params["W"], "b": G[-1]}
+            updates, state = opt.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name, batch_size", [("sgd", 32), ("adam", 25), ("momentum", 200)])
+def test_epoch_matches_step_by_step_reference(name, batch_size):
+    # N = 90 is not a multiple of 32 or 25: the last partial batch must count, at its own mean.
+    Z, y = blobs()
+    opt = make_optimizer(name, 0.05)
+    params, history = fit(
+        Z, y, optimizer=opt, epochs=2, batch_size=batch_size, l2=0.01, seed=3, progress=False
+    )
+    ref = reference_epochs(Z, y, opt=opt, epochs=2, batch_size=batch_size, l2=0.01, seed=3)
+    np.testing.assert_allclose(params["W"], ref["W"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(params["b"], ref["b"], rtol=1e-10, atol=1e-12)
+    assert history["epoch"] == [1, 2] and len(history["seconds"]) == 2
+
+
+def test_history_metrics_and_learning():
+    Z, y = blobs(n=300, sep=3.0)
+    Ze, ye = blobs(n=60, sep=3.0, seed=1)
+    params, h = fit(
+        Z.astype(np.float32), y, epochs=15, batch_size=32, eval_data=(Ze, ye), progress=False
+    )
+    assert params["W"].dtype == jnp.float32 and params["W"].shape == (4, 3)
+    assert set(h) == {"epoch", "loss", "train_accuracy", "eval_loss", "eval_accuracy", "seconds"}
+    assert all(len(v) == 15 for v in h.values())
+    assert h["loss"][-1] < 0.5 * h["loss"][0]
+    assert h["train_accuracy"][-1] > 0.9
+    # eval metrics are those of the returned parameters
+    _, y_hat_acc = _eval(params, Ze, ye)
+    assert h["eval_accuracy"][-1] == pytest.approx(y_hat_acc, abs=1e-6)
+
+
+def _eval(params, Z, y):
+    A = np.asarray(Z, np.float64) @ np.asarray(params["W"], np.float64) + np.asarray(params["b"])
+    return None, float(np.mean(A.argmax(1) == y))
+
+
+def test_schedule_and_custom_transformation():
+    Z, y = blobs()
+    sched = optax.exponential_decay(0.1, transition_steps=3, decay_rate=0.5)
+    p1, _ = fit(Z, y, optimizer="sgd", learning_rate=sched, epochs=2, batch_size=30, progress=False)
+    p2, _ = fit(Z, y, optimizer=optax.sgd(sched), epochs=2, batch_size=30, progress=False)
+    np.testing.assert_allclose(p1["W"], p2["W"], rtol=1e-12)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    p3, h3 = fit(Z, y, optimizer=chained, epochs=3, batch_size=30, progress=False)
+    assert np.isfinite(h3["loss"]).all() and p3["b"].shape == (3,)
+
+
+def test_no_intercept_weights_and_l2():
+    Z, y = blobs()
+    p, _ = fit(Z, y, fit_intercept=False, epochs=2, batch_size=16, progress=False)
+    np.testing.assert_array_equal(p["b"], 0.0)
+    small, _ = fit(Z, y, l2=10.0, epochs=5, batch_size=16, progress=False)
+    big, _ = fit(Z, y, l2=0.0, epochs=5, batch_size=16, progress=False)
+    assert np.linalg.norm(small["W"]) < 0.5 * np.linalg.norm(big["W"])
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "lbfgs"])
+def test_full_batch_solvers_reach_the_optimum(solver):
+    Z, y = blobs(n=120, d=5, k=4)
+    l2 = 0.05
+    params, h = fit(Z, y, optimizer=solver, epochs=300, l2=l2, tol=1e-9, progress=False)
+    g = jax.grad(objective)(params, jnp.asarray(Z), jnp.asarray(y), l2)
+    assert max(float(jnp.max(jnp.abs(v))) for v in g.values()) <= 1e-8
+    assert h["grad_max"][-1] <= 1e-9 and len(h["epoch"]) < 300
+    assert h["loss"][-1] == pytest.approx(float(objective(params, Z, y, l2)), rel=1e-12)
+
+
+def test_solvers_agree_with_sample_weights_as_repetitions():
+    Z, y = blobs(n=40, d=3, k=3)
+    w = np.random.default_rng(1).integers(0, 4, size=40)
+    w[:3] = [1, 2, 3]
+    kw = dict(l2=0.1, epochs=100, tol=1e-11, progress=False)
+    pw, _ = fit(Z, y, optimizer="newton-cg", sample_weight=w.astype(float), **kw)
+    pr, _ = fit(np.repeat(Z, w, axis=0), np.repeat(y, w), optimizer="newton-cg", **kw)
+    pl, _ = fit(Z, y, optimizer="lbfgs", sample_weight=w.astype(float), **kw)
+    for p in (pr, pl):
+        np.testing.assert_allclose(pw["W"], p["W"], rtol=1e-7, atol=1e-9)
+        # b is unpenalised and softmax is shift-invariant: b is defined up to a constant
+        np.testing.assert_allclose(pw["b"] - pw["b"].mean(), p["b"] - p["b"].mean(), atol=1e-8)
+
+
+# --- derivatives used by the solvers, against autodiff (float64) --------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hvp_matches_jvp_of_autodiff_gradient(getkey, reduction, weighted):
+    n, d, k = 37, 6, 5
+    W = jax.random.normal(getkey(), (d, k))
+    Z = jax.random.normal(getkey(), (n, d))
+    y = jax.random.randint(getkey(), (n,), 0, k)
+    V = jax.random.normal(getkey(), (d, k))
+    s = jax.random.uniform(getkey(), (n,)) if weighted else None
+
+    def g(W):
+        return jax.grad(sj.loss)(W, Z, y, weights=s, reduction=reduction)
+
+    ref = jax.jvp(g, (W,), (V,))[1]
+    got = sj.hvp(W, Z, y, V, weights=s, reduction=reduction)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_objective_gradient_hvp_and_diagonal_with_bias_match_autodiff(getkey):
+    n, d, k, l2 = 29, 4, 3, 0.3
+    params = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    V = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    Z = jax.random.normal(getkey(), (n, d))
+    y = jax.random.randint(getkey(), (n,), 0, k)
+    s = jax.random.uniform(getkey(), (n,))
+    data = _train._Data(jnp.concatenate([Z, jnp.ones((n, 1))], 1), y, s)
+
+    @jax.jit
+    def ours(params, V, data):
+        value, grad = _train._objective_vg(params, data, l2)
+        auto = jax.grad(_train._objective)(params, data, l2)  # custom_vjp: the hand-written grad
+        hv = _train._hessian_vp(params, V, data, l2)
+        return value, grad, auto, hv, _train._hessian_diag(params, data, l2)
+
+    @jax.jit
+    def reference(params, V):
+        value, grad = jax.value_and_grad(objective)(params, Z, y, l2, s)
+        hv = jax.jvp(lambda p: jax.grad(objective)(p, Z, y, l2, s), (params,), (V,))[1]
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        H = jax.hessian(lambda f: objective(unravel(f), Z, y, l2, s))(flat)
+        return value, grad, hv, jnp.diag(H)
+
+    value, grad, auto, hv, diag = ours(params, V, data)
+    ref_v, ref_g, ref_hv, ref_diag = reference(params, V)
+    assert float(value) == pytest.approx(float(ref_v), rel=1e-13)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-11, atol=1e-13)
+    jax.tree.map(close, grad, ref_g)
+    # what optax's line search differentiates has the hand-written gradient
+    jax.tree.map(close, auto, ref_g)
+    jax.tree.map(close, hv, ref_hv)
+    close(jax.flatten_util.ravel_pytree(diag)[0], ref_diag)
+
+
+# --- progress, callback, devices ---------------------------------------------------------------
+
+
+def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, batch_size=30, progress=True)
+    err = capsys.readouterr().err
+    assert "train" in err and "2/2" in err and "loss=" in err and "acc=" in err
+    fit(Z, y, epochs=2, batch_size=30, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_callback_can_stop_and_device_placement():
+    Z, y = blobs()
+    seen = []
+
+    def callback(epoch, params, record):
+        seen.append((epoch, record["loss"]))
+        return epoch == 2
+
+    params, h = fit(Z, y, epochs=10, batch_size=30, callback=callback, device="cpu", progress=False)
+    assert [e for e, _ in seen] == [1, 2] and h["epoch"] == [1, 2]
+    assert params["W"].devices() == {jax.devices("cpu")[0]}
+    fit(Z, y, epochs=1, batch_size=30, device=jax.devices("cpu")[0], progress=False)
+
+
+# --- divergence and bad input ------------------------------------------------------------------
+
+
+def test_divergence_names_the_epoch_and_keeps_the_last_good_params():
+    Z, y = blobs()
+    Z = Z.astype(np.float32) * 1e4
+    good = []
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch (\d+): the loss is (nan|inf)"):
+        try:
+            fit(
+                Z, y, optimizer="sgd", learning_rate=1e30, epochs=20, batch_size=10,
+                callback=lambda e, p, r: good.append((e, p)), progress=False,
+            )  # fmt: skip
+        except TrainingDiverged as e:
+            assert e.epoch == len(good) + 1
+            last = good[-1][1] if good else None
+            if last is not None:
+                np.testing.assert_array_equal(e.params["W"], last["W"])
+            assert np.isfinite(np.asarray(e.params["W"])).all()
+            assert len(e.history["epoch"]) == len(good)
+            raise
+
+
+@pytest.mark.parametrize(
+    "Z, y, exc, match",
+    [
+        (
+            [[0.0, np.nan], [1, 1]],
+            [0, 1],
+            ValueError,
+            r"`Z` must be finite, got nan at index \(0, 1\)",
+        ),
+        ([[0.0, np.inf], [1, 1]], [0, 1], ValueError, r"`Z` must be finite, got inf"),
+        (np.zeros((0, 3)), np.zeros(0, int), ValueError, r"at least one sample"),
+        ([[0.0], [1.0], [2.0]], [0, 1], ValueError, r"`y` must have shape \(N,\) = \(3,\)"),
+        ([[0.0], [1.0]], [1, 1], ValueError, r"at least 2 classes .* only class 1"),
+        ([[0.0], [1.0]], [0.0, 1.0], TypeError, r"`y` must hold integer class indices"),
+        ([[0.0], [1.0]], [0, -1], ValueError, r"`y` must be >= 0, got -1 at index 1"),
+        ([0.0, 1.0], [0, 1], ValueError, r"`Z` must have shape \(N, D\)"),
+    ],
+)
+def test_bad_data(Z, y, exc, match):
+    with pytest.raises(exc, match=match):
+        fit(np.asarray(Z), np.asarray(y), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(optimizer="adamax"), ValueError, r"`optimizer` must be .* got 'adamax'"),
+        (
+            dict(optimizer="lbfgs", batch_size=1),
+            ValueError,
+            r"`batch_size` must be None .* 'lbfgs'",
+        ),
+        (
+            dict(optimizer="newton-cg", learning_rate=0.1),
+            ValueError,
+            r"`learning_rate` must be None",
+        ),
+        (
+            dict(optimizer=optax.sgd(0.1), learning_rate=0.1),
+            ValueError,
+            r"only used with an optimizer name",
+        ),
+        (dict(tol=1e-6), ValueError, r"`tol` applies to the full-batch solvers only"),
+        (dict(l2=-1.0), ValueError, r"`l2` must be a finite float >= 0, got -1.0"),
+        (dict(learning_rate=-1.0), ValueError, r"`learning_rate` must be a positive finite"),
+        (dict(batch_size=0), ValueError, r"`batch_size` must be a positive integer, got 0"),
+        (dict(epochs=-1), ValueError, r"`epochs` must be a non-negative integer"),
+        (dict(num_classes=2, y=[0, 2]), ValueError, r"< num_classes = 2, got 2 at index 1"),
+        (dict(sample_weight=[1.0, -1.0]), ValueError, r"`sample_weight` must be >= 0"),
+        (dict(sample_weight=[0.0, 0.0]), ValueError, r"`sample_weight` must have a positive sum"),
+        (dict(mesh="m"), ValueError, r"`mesh=` .* not supported yet"),
+        (dict(device="tpu"), ValueError, r"`device` 'tpu' is not available"),
+        (
+            dict(eval_data=(np.ones((2, 3)), [0, 1])),
+            ValueError,
+            r"`eval_data\[0\]` must have D = 1",
+        ),
+        (
+            dict(init_params={"W": np.zeros((2, 2))}),
+            ValueError,
+            r"`init_params\['W'\]` must have shape",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    y = kwargs.pop("y", [0, 1])
+    kwargs = {"epochs": 1, "progress": False, **kwargs}
+    with pytest.raises(exc, match=match):
+        fit(np.array([[0.0], [1.0]]), np.asarray(y), **kwargs)
