@@ -1,0 +1,204 @@
+"""SoftmaxRegression: scikit-learn's estimator checks, the same optimum as LogisticRegression, the
+two-class correspondence, weights, labels and bad input."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import check_estimator
+
+from softmax_jax._estimator import SoftmaxRegression, _bucket_samples
+
+
+def sklearn_objective(coef, intercept, X, y, C, sample_weight=None):
+    """½‖coef‖² + C Σ s_i NLL_i in float64, for softmax (K, D) coefficients."""
+    A = X @ coef.T + intercept
+    m = A.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(A - m).sum(axis=1, keepdims=True)))[:, 0]
+    nll = lse - A[np.arange(len(y)), y]
+    s = np.ones(len(y)) if sample_weight is None else sample_weight
+    return 0.5 * np.sum(coef**2) + C * np.sum(s * nll)
+
+
+def binary_objective(coef, intercept, X, y, C):
+    """sklearn's binary objective ½‖w‖² + C Σ log(1 + exp(−ỹ_i (wᵀx_i + c))), ỹ = ±1."""
+    margin = X @ coef[0] + intercept[0]
+    return 0.5 * np.sum(coef**2) + C * np.sum(np.logaddexp(0.0, -(2 * y - 1) * margin))
+
+
+def sklearn_reference(X, y, C, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=C, tol=1e-10, max_iter=100_000, **kw).fit(X, y)
+
+
+def test_check_estimator():
+    # pandas is not a dependency: the checks that need it are skipped (on_skip=None: no warning)
+    results = check_estimator(SoftmaxRegression(), on_fail=None, on_skip=None)
+    failed = [(r["check_name"], r["exception"]) for r in results if r["status"] == "failed"]
+    assert not failed
+    assert sum(r["status"] == "passed" for r in results) > 50
+
+
+@pytest.mark.parametrize(
+    "dataset, C",
+    [("iris", 1.0), ("iris", 100.0), ("digits-standardized", 0.01)],
+)
+def test_same_optimum_as_sklearn(dataset, C):
+    X, y = (load_iris if dataset == "iris" else load_digits)(return_X_y=True)
+    if dataset != "iris":
+        X = StandardScaler().fit_transform(X)
+    ours = SoftmaxRegression(C=C).fit(X, y)  # default settings
+    ref = sklearn_reference(X, y, C)
+    f_ours = sklearn_objective(ours.coef_, ours.intercept_, X, y, C)
+    f_ref = sklearn_objective(ref.coef_, ref.intercept_, X, y, C)
+    assert (f_ours - f_ref) / abs(f_ref) <= 1e-6
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+
+
+# LogisticRegression(C=1.0, tol=1e-10, max_iter=100000) on the raw digits (sklearn 1.9.1, float64):
+# 4463 lbfgs iterations and ~4 minutes on this machine's CPUs, too slow for the test suite. The
+# optimum value of a strictly convex problem does not depend on the solver.
+SKLEARN_RAW_DIGITS_C1 = 17.032352407251288
+
+
+def test_same_optimum_as_sklearn_on_raw_digits():
+    X, y = load_digits(return_X_y=True)
+    ours = SoftmaxRegression(C=1.0).fit(X, y)
+    f_ours = sklearn_objective(ours.coef_, ours.intercept_, X, y, 1.0)
+    assert (f_ours - SKLEARN_RAW_DIGITS_C1) / SKLEARN_RAW_DIGITS_C1 <= 1e-6
+
+
+def test_lbfgs_solver_reaches_the_optimum_on_iris():
+    X, y = load_iris(return_X_y=True)
+    ours = SoftmaxRegression(C=1.0, solver="lbfgs", max_iter=1000).fit(X, y)
+    ref = sklearn_reference(X, y, 1.0)
+    f_ours = sklearn_objective(ours.coef_, ours.intercept_, X, y, 1.0)
+    f_ref = sklearn_objective(ref.coef_, ref.intercept_, X, y, 1.0)
+    assert (f_ours - f_ref) / abs(f_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_two_classes_match_sklearn_binary_with_twice_C(fit_intercept):
+    # Softmax with W = [w0, w1] only sees u = w1 - w0; its penalty is smallest at w1 = -w0 = u/2,
+    # where ½(‖w0‖² + ‖w1‖²) = ¼‖u‖². So ½‖W‖² + C Σ NLL = ½ (½‖u‖² + 2C Σ NLL): sklearn's binary
+    # objective with 2C. coef_ reports u = w1 - w0, like sklearn's binary coef_.
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    C = 0.05
+    ours = SoftmaxRegression(C=C, fit_intercept=fit_intercept).fit(X, y)
+    ref = sklearn_reference(X, y, 2 * C, fit_intercept=fit_intercept)
+    assert ours.coef_.shape == ref.coef_.shape == (1, 30)
+    # sklearn's binary objective: ours is at least as low (sklearn's lbfgs stops on its ftol
+    # with max|grad| ~ 1e-6, ours at 1e-10), and the solutions agree to sklearn's accuracy
+    f_ours = binary_objective(ours.coef_, ours.intercept_, X, y, 2 * C)
+    f_ref = binary_objective(ref.coef_, ref.intercept_, X, y, 2 * C)
+    assert f_ours <= f_ref * (1 + 1e-12)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
+    np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=1e-5)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    # and the symmetric softmax weights W = [-u/2, u/2] minimise the softmax objective
+    W, b = ours._softmax_params()
+    np.testing.assert_allclose(W[:, 0], -W[:, 1])
+    f_sym = sklearn_objective(W.T, b, X, y, C)
+    W_shift = W + 0.01  # the same u, a larger penalty
+    assert sklearn_objective(W_shift.T, b, X, y, C) > f_sym
+    # the same C in sklearn's binary model is a different (less regularised) optimum
+    same_c = sklearn_reference(X, y, C, fit_intercept=fit_intercept)
+    assert np.linalg.norm(same_c.coef_) < np.linalg.norm(ours.coef_)
+
+
+def test_sample_and_class_weights():
+    X, y = load_iris(return_X_y=True)
+    rng = np.random.default_rng(0)
+    sw = rng.integers(0, 4, size=len(y)).astype(float)
+    weighted = SoftmaxRegression(C=0.5).fit(X, y, sample_weight=sw)
+    repeated = SoftmaxRegression(C=0.5).fit(
+        np.repeat(X, sw.astype(int), 0), np.repeat(y, sw.astype(int))
+    )
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(weighted.intercept_, repeated.intercept_, rtol=1e-7, atol=1e-9)
+    # class_weight multiplies the sample weights, as in sklearn
+    cw = {0: 2.0, 1: 0.5, 2: 1.0}
+    a = SoftmaxRegression(class_weight=cw).fit(X, y)
+    b = SoftmaxRegression().fit(X, y, sample_weight=np.array([cw[c] for c in y]))
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-8, atol=1e-10)
+    ref = sklearn_reference(X, y, 1.0, class_weight="balanced")
+    ours = SoftmaxRegression(class_weight="balanced").fit(X, y)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+
+
+def test_string_labels_methods_and_pickle():
+    X, y = load_iris(return_X_y=True)
+    names = np.array(["setosa", "versicolor", "virginica"])[y]
+    est = SoftmaxRegression(C=10.0).fit(X, names)
+    np.testing.assert_array_equal(est.classes_, ["setosa", "versicolor", "virginica"])
+    assert est.predict(X).dtype.kind == "U" and est.score(X, names) > 0.95
+    proba = est.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(np.exp(est.predict_log_proba(X)), proba, rtol=1e-12)
+    assert est.decision_function(X).shape == (150, 3)
+    np.testing.assert_array_equal(est.predict(X), est.classes_[proba.argmax(axis=1)])
+    np.testing.assert_allclose(est.intercept_.sum(), 0.0, atol=1e-10)
+    clone = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(clone.predict_proba(X), proba)
+    assert est.n_features_in_ == 4 and est.n_iter_.shape == (1,)
+
+
+def test_warm_start_and_no_intercept():
+    X, y = load_iris(return_X_y=True)
+    est = SoftmaxRegression(warm_start=True).fit(X, y)
+    first = est.n_iter_[0]
+    est.fit(X, y)
+    assert est.n_iter_[0] <= 1 < first
+    est = SoftmaxRegression(fit_intercept=False).fit(X, y)
+    np.testing.assert_array_equal(est.intercept_, 0.0)
+
+
+def test_x64_is_local_to_the_fit():
+    X, y = load_iris(return_X_y=True)
+    with jax.enable_x64(False):
+        est = SoftmaxRegression().fit(X, y)
+        assert not jax.config.jax_enable_x64
+    assert est.coef_.dtype == np.float64
+
+
+def test_max_iter_warns():
+    X, y = load_digits(return_X_y=True)
+    with pytest.warns(ConvergenceWarning, match="did not converge: max_iter = 2 reached"):
+        SoftmaxRegression(max_iter=2).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "X, y, kwargs, match",
+    [
+        ([[0.0, np.nan], [1, 1]], [0, 1], {}, "Input X contains NaN"),
+        ([[0.0, np.inf], [1, 1]], [0, 1], {}, "Input X contains infinity"),
+        (np.zeros((0, 2)), [], {}, "0 sample"),
+        ([[0.0], [1.0], [2.0]], [0, 1], {}, "inconsistent numbers of samples"),
+        ([[0.0], [1.0]], [1, 1], {}, "at least 2 classes .* only one class: 1"),
+        ([[0.0], [1.0]], [0, 1], {"C": 0.0}, r"`C` must be a float > 0"),
+        ([[0.0], [1.0]], [0, 1], {"solver": "sag"}, r"`solver` must be one of"),
+        ([[0.0], [1.0]], [0, 1], {"max_iter": 0}, r"`max_iter` must be an integer >= 1"),
+        ([[0.0], [1.0]], [0, 1], {"tol": -1.0}, r"`tol` must be a float >= 0"),
+        ([[0.0], [1.0]], [0.5, 1.5], {}, "Unknown label type"),
+    ],
+)
+def test_bad_input(X, y, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SoftmaxRegression(**kwargs).fit(np.asarray(X), np.asarray(y))
+
+
+def test_sample_buckets():
+    assert [_bucket_samples(n) for n in (1, 16, 17, 1024, 1025, 200_000)] == [
+        16, 16, 32, 1024, 1056, 200_704,
+    ]  # fmt: skip
