@@ -1,0 +1,173 @@
+"""Checkpoint and resume for :func:`softmax_jax.fit`, with orbax-checkpoint's ``CheckpointManager``.
+
+Layout: ``<dir>/<epoch>/state`` (the training state pytree: parameters, optimizer state, RNG key)
+and ``<dir>/<epoch>/meta`` (JSON: a fingerprint of the run's configuration, the epoch, the
+history). orbax writes each step into a temporary directory and renames it when complete, so a
+process killed at any moment leaves only complete checkpoints (plus a temporary directory that is
+cleaned up on the next start). Saves are synchronous, so a kill loses at most the epoch in
+flight.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import jax
+
+__all__ = ["CheckpointError", "Checkpointer"]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be resumed from (the message names the directory)."""
+
+
+class Checkpointer:
+    """Saves and restores the training state of one run in ``directory``.
+
+    Args:
+      directory: where checkpoints live (created if missing).
+      fingerprint: JSON-able description of the run (data shape, optimizer, seed, ...). A
+        checkpoint whose fingerprint differs is refused with :class:`CheckpointError`.
+      max_to_keep: number of most recent checkpoints kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, fingerprint: dict, max_to_keep: int = 3):
+        try:
+            import orbax.checkpoint as ocp
+        except ImportError as e:  # pragma: no cover - orbax is in the [cli] extra
+            raise ImportError(
+                "checkpoint_dir= needs orbax-checkpoint: pip install 'softmax-jax[cli]'"
+            ) from e
+        if max_to_keep < 1:
+            raise ValueError(f"`max_to_keep` must be >= 1, got {max_to_keep}")
+        self._ocp = ocp
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"checkpoint directory {self.directory} is not a directory")
+        self.fingerprint = {"format": FORMAT_VERSION, **fingerprint}
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            # Synchronous: when fit moves on to the next epoch the previous one is on disk, so a
+            # kill loses at most the epoch in flight. The state of a linear model is small.
+            enable_async_checkpointing=False,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta")
+            )
+        except Exception as e:  # noqa: BLE001 - any orbax failure is reported with the directory
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
+
+    def steps(self) -> list[int]:
+        """The complete checkpoints present, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def _restore_meta(self, step: int) -> dict:
+        ocp = self._ocp
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out.meta
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+        """Restores the newest readable checkpoint into the structure of ``target``.
+
+        Returns ``(epoch, state, history)``, or ``None`` when the directory holds no checkpoint.
+        An unreadable newest checkpoint falls back to the previous one with a ``UserWarning``.
+
+        Raises:
+          CheckpointError: the checkpoints were written by a different configuration, or none of
+            them can be read.
+        """
+        ocp = self._ocp
+        steps = self.steps()
+        if not steps:
+            return None
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        errors = []
+        for step in reversed(steps):
+            try:
+                meta = self._restore_meta(step)
+            except Exception as e:  # noqa: BLE001 - corrupt JSON, missing files, ...
+                errors.append(f"epoch {step}: {type(e).__name__}: {e}")
+                continue
+            self._check_fingerprint(meta, step)
+            try:
+                out = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
+                )
+                state = out.state
+                if jax.tree.structure(state) != jax.tree.structure(target):
+                    raise ValueError("the saved state has a different structure")
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"epoch {step}: {type(e).__name__}: {e}")
+                continue
+            if errors:
+                moved = self._set_aside([s for s in steps if s > step])
+                warnings.warn(
+                    f"checkpoint directory {self.directory}: could not read "
+                    f"{'; '.join(errors)}; resuming from epoch {step} instead (the unreadable "
+                    f"checkpoints were moved to {', '.join(moved)})",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return int(meta["epoch"]), state, meta["history"]
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} (refusing to start over silently; "
+            f"delete the directory to restart): {'; '.join(errors)}"
+        )
+
+    def _set_aside(self, bad_steps: list[int]) -> list[str]:
+        """Renames unreadable step directories out of orbax's way (kept for inspection)."""
+        moved = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in bad_steps:
+            src = os.path.join(self.directory, str(step))
+            dst = os.path.join(self.directory, f"unreadable-{step}-{stamp}")
+            os.replace(src, dst)
+            moved.append(dst)
+        self._manager.reload()
+        return moved
+
+    def _check_fingerprint(self, meta: Any, step: int) -> None:
+        saved = meta.get("fingerprint") if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} was not written by softmax_jax.fit "
+                "(no fingerprint); use another checkpoint_dir"
+            )
+        diff = {
+            key: (saved.get(key), self.fingerprint.get(key))
+            for key in sorted(set(saved) | set(self.fingerprint))
+            if saved.get(key) != self.fingerprint.get(key)
+        }
+        if diff:
+            details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} belongs to a different run ({details}); "
+                "use another checkpoint_dir or the same settings"
+            )
+
+    def save(self, epoch: int, state: Any, history: dict) -> None:
+        """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns)."""
+        ocp = self._ocp
+        meta = {"fingerprint": self.fingerprint, "epoch": int(epoch), "history": history}
+        self._manager.save(
+            int(epoch),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,176 @@
+"""Checkpoint and resume with orbax: same parameters as an uninterrupted run, corrupt and
+incompatible checkpoints, divergence, and a real training process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from softmax_jax._checkpoint import CheckpointError
+from softmax_jax._train import TrainingDiverged, fit
+
+# The console script `softmax-jax`, run by this interpreter.
+CLI = [sys.executable, "-c", "import sys; from softmax_jax._cli import main; sys.exit(main())"]
+
+
+def blobs(n=96, d=4, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    X = 2.0 * rng.normal(size=(k, d))[y] + rng.normal(size=(n, d))
+    return X, y.astype(np.int32)
+
+
+def steps(directory) -> list[int]:
+    """Complete checkpoints: orbax's temporary directories are not plain integers."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+KW = dict(optimizer="adam", batch_size=20, l2=1e-3, seed=5, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        KW,
+        dict(optimizer="newton-cg", l2=1e-2, progress=False),
+        dict(optimizer="lbfgs", l2=1e-2, progress=False),
+    ],
+    ids=["adam", "newton-cg", "lbfgs"],
+)
+def test_resume_ends_with_the_same_params_as_an_uninterrupted_run(tmp_path, kw):
+    Z, y = blobs()
+    full, h_full = fit(Z, y, epochs=6, **kw)
+    ckpt = tmp_path / "ckpt"
+    fit(Z, y, epochs=3, checkpoint_dir=ckpt, **kw)
+    assert steps(ckpt) == [1, 2, 3]
+    resumed, h = fit(Z, y, epochs=6, checkpoint_dir=ckpt, **kw)
+    np.testing.assert_array_equal(resumed["W"], full["W"])
+    np.testing.assert_array_equal(resumed["b"], full["b"])
+    assert h["epoch"] == [1, 2, 3, 4, 5, 6] and h["loss"] == h_full["loss"]
+    assert steps(ckpt) == [4, 5, 6]  # max_to_keep=3
+    # a finished run resumes to the same result without training
+    again, h2 = fit(Z, y, epochs=6, checkpoint_dir=ckpt, **kw)
+    np.testing.assert_array_equal(again["W"], full["W"])
+    assert h2["epoch"] == h["epoch"]
+
+
+def test_checkpoint_every_and_max_to_keep(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=7, checkpoint_dir=tmp_path, checkpoint_every=3, max_to_keep=2, **KW)
+    assert steps(tmp_path) == [6, 7]  # every 3rd epoch and the last one, 2 kept
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_directory(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=1, checkpoint_dir=tmp_path, **KW)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} belongs to a different run.*seed"):
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "seed": 6})
+    with pytest.raises(CheckpointError, match=r"optimizer: saved 'adam\(lr=0.01\)', now"):
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "learning_rate": 0.02})
+    with pytest.raises(CheckpointError, match=r"n_samples: saved 96, now 95"):
+        fit(Z[:95], y[:95], epochs=2, checkpoint_dir=tmp_path, **KW)
+
+
+def _corrupt(step_dir) -> None:
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+
+
+# orbax logs through absl; a corrupt file makes tensorstore/orbax raise, which we turn into a
+# fallback warning, asserted below.
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    Z, y = blobs()
+    full, _ = fit(Z, y, epochs=6, **KW)
+    fit(Z, y, epochs=4, checkpoint_dir=tmp_path, **KW)
+    _corrupt(tmp_path / "4" / "state")
+    with pytest.warns(
+        UserWarning, match=rf"{tmp_path}: could not read epoch 4.*resuming from epoch 3"
+    ):
+        resumed, h = fit(Z, y, epochs=6, checkpoint_dir=tmp_path, **KW)
+    np.testing.assert_array_equal(resumed["W"], full["W"])
+    assert h["epoch"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    for s in steps(tmp_path):
+        _corrupt(tmp_path / str(s))
+    with pytest.raises(CheckpointError, match=rf"no readable checkpoint in {tmp_path}"):
+        fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    Z, y = blobs()
+    Z = (Z * 1e4).astype(np.float32)
+    kw = dict(optimizer="sgd", learning_rate=1e30, batch_size=8, progress=False)
+    with pytest.raises(TrainingDiverged, match=rf"epoch (\d+).*checkpoint in {tmp_path}") as e:
+        fit(Z, y, epochs=30, checkpoint_dir=tmp_path, **kw)
+    good = e.value.epoch - 1
+    assert steps(tmp_path)[-1:] == ([good] if good else [])
+
+
+def test_kill_a_real_training_process_and_resume(tmp_path):
+    """SIGKILL a `softmax-jax train` process mid-run; restarting it with the same checkpoint
+    directory ends with exactly the parameters of a run never interrupted."""
+    rng = np.random.default_rng(0)
+    n, d, k = 3000, 16, 5
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(k, d))[y] + rng.normal(size=(n, d))
+    np.savez(tmp_path / "data.npz", X=X, y=y)
+    ckpt = tmp_path / "ckpt"
+    epochs = 30
+
+    def cmd(out, *extra):
+        return [
+            *CLI, "train", "--data", str(tmp_path / "data.npz"),
+            "--epochs", str(epochs), "--batch-size", "64", "--no-progress", "--save", str(out),
+            *extra,
+        ]  # fmt: skip
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        cmd(tmp_path / "killed.npz", "--checkpoint-dir", str(ckpt)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not steps(ckpt)[-1:] or steps(ckpt)[-1] < 3:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = steps(ckpt)
+    assert 3 <= done[-1] < epochs and not (tmp_path / "killed.npz").exists()
+
+    # the resumed and an uninterrupted run, side by side
+    runs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for c in (
+            cmd(tmp_path / "resumed.npz", "--checkpoint-dir", str(ckpt)),
+            cmd(tmp_path / "straight.npz"),
+        )
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "straight.npz")
+    np.testing.assert_array_equal(a["W"], b["W"])
+    np.testing.assert_array_equal(a["b"], b["b"])
+    assert steps(ckpt)[-1] == epochs
