@@ -63,10 +63,10 @@ def check_labels_values(labels: jax.Array, num_classes: int, name: str = "labels
     """Labels must lie in ``[0, K)``: checked only when the values are concrete."""
     if not is_concrete(labels) or labels.size == 0:
         return
-    lo = int(jnp.min(labels))
-    hi = int(jnp.max(labels))
+    # NumPy, not jnp: under an outer jax.jit, jnp ops on a closed-over concrete array are traced.
+    bad = np.asarray(labels)
+    lo, hi = int(bad.min()), int(bad.max())
     if lo < 0 or hi >= num_classes:
-        bad = np.asarray(labels)
         idx = int(np.flatnonzero((bad < 0) | (bad >= num_classes))[0])
         raise ValueError(
             f"`{name}` must lie in [0, K) = [0, {num_classes}), got {int(bad.flat[idx])} "

@@ -147,3 +147,12 @@ def test_shape_errors_raise_under_jit():
     f = jax.jit(lambda W, Z, y: sj.loss(W, Z, y))
     with pytest.raises(ValueError, match="feature dimension"):
         f(jnp.zeros((4, 4)), Z3, y3)
+
+
+def test_concrete_labels_closed_over_in_jit(getkey):
+    """Labels captured by a jitted closure are concrete: checked with NumPy, not traced ops."""
+    W, Z, y, _ = problem(getkey(), 6, 3, 4, "integer")
+    np.testing.assert_allclose(jax.jit(lambda w: sj.loss(w, Z, y))(W), sj.loss(W, Z, y))
+    bad = y.at[0].set(9)
+    with pytest.raises(ValueError, match=r"got 9 at index 0"):
+        jax.jit(lambda w: sj.loss(w, Z, bad))(W)
