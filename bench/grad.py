@@ -239,10 +239,16 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = None) -> dict:
+def run(
+    quick: bool = False,
+    *,
+    tiny: bool | None = None,
+    rounds: int | None = None,
+    shapes: list[tuple[int, int, int]] | None = None,
+) -> dict:
     """Runs the suite, prints the table, writes ``grad.json``; returns the results."""
     tiny = C.tiny_mode() if tiny is None else tiny
-    shapes = TINY_SHAPES if tiny else QUICK_SHAPES if quick else SHAPES
+    shapes = shapes or (TINY_SHAPES if tiny else QUICK_SHAPES if quick else SHAPES)
     rounds = rounds or (3 if tiny else 5 if quick else 9)
     rows = []
     with C.NumpyGemmFloor() as numpy_floor:
@@ -345,9 +351,16 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of all methods")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="N,D,K",
+        help="benchmark this shape instead of the standard ones (repeatable)",
+    )
     args = parser.parse_args(argv)
-    run(args.quick, rounds=args.rounds)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else None
+    run(args.quick, rounds=args.rounds, shapes=shapes)
     return 0
 
 
