@@ -165,17 +165,18 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 W0, b0 = self._softmax_params()
 
         m, dp = _bucket_samples(n), _bucket_features(d)
-        Xp = np.zeros((m, dp))
-        Xp[:n, :d] = X
         if dp > d:
             W0 = np.concatenate([W0, np.zeros((dp - d, k))])
-        yp = np.zeros(m, np.int32)
-        yp[:n] = y_enc
-        sp = np.zeros(m)
-        sp[:n] = sw
         with jax.enable_x64(True):
             data = _place(
-                Xp, yp, sp, fit_intercept=self.fit_intercept, dtype=np.float64, device=None
+                X,
+                y_enc,
+                sw,
+                fit_intercept=self.fit_intercept,
+                dtype=np.float64,
+                device=None,
+                shape=(m, dp),
+                hessian_f32=self.solver == "newton-cg",
             )
             params = {"W": jax.numpy.asarray(W0)}
             if self.fit_intercept:
