@@ -472,6 +472,45 @@ def make_optimizer(
         return OPTIMIZERS[optimizer][0](lr)
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def permutation(key: jax.Array, n: int, *, rounds: int = 8) -> jax.Array:
+    """A pseudo-random permutation of ``range(n)`` (int32), keyed by ``key``, without sorting.
+
+    ``jax.random.permutation`` sorts random keys, several rounds of an O(N log N) sort that on a
+    CPU cost more than the epoch's GEMMs (0.17 s at N = 200k against 0.1 s for the two GEMMs). This
+    is an 8-round keyed Feistel network on the smallest ``2^{2h} >= n`` (a bijection for any round
+    function; the round function is a hash of the half-block with a per-round key drawn from
+    ``key``), restricted to ``[0, n)`` by cycle walking: O(N) elementwise work, 8 ms at N = 200k.
+    The position of each element is uniform to sampling noise (tested).
+    """
+    if n >= 2**31:
+        raise ValueError(f"`n` must be < 2**31 for the shuffling permutation, got {n}")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = jnp.uint32((1 << half) - 1)
+    keys = jax.random.bits(key, (rounds,), jnp.uint32)
+
+    def encrypt(x):
+        left, right = x >> half, x & mask
+        for i in range(rounds):
+            left, right = right, left ^ (_mix32(right ^ keys[i]) & mask)
+        return (left << half) | right
+
+    x = lax.while_loop(
+        lambda x: jnp.any(x >= n),
+        lambda x: jnp.where(x >= n, encrypt(x), x),
+        encrypt(jnp.arange(n, dtype=jnp.uint32)),
+    )
+    return x.astype(jnp.int32)
+
+
 def _batch(data: _Data, idx: jax.Array, weights: jax.Array) -> _Data:
     """Gathers one minibatch. With a data-parallel mesh this is where the batch would be laid out
     over the ``"data"`` axis (``lax.with_sharding_constraint``); today data live on one device."""
@@ -480,7 +519,8 @@ def _batch(data: _Data, idx: jax.Array, weights: jax.Array) -> _Data:
 
 @functools.partial(jax.jit, static_argnames=("opt", "batch_size"))
 def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size: int):
-    """One epoch in one compiled call: a permutation from ``key``, ``lax.scan`` over the batches.
+    """One epoch in one compiled call: a :func:`permutation` from ``key``, ``lax.scan`` over the
+    batches.
 
     The last, partial batch is filled with index 0 at weight zero, so each batch is the weighted
     mean over its real samples. Returns the new ``(params, opt_state)`` and the epoch's running
@@ -489,7 +529,7 @@ def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size
     n = data.y.shape[0]
     nb = -(-n // batch_size)
     dtype = params["W"].dtype
-    perm = jax.random.permutation(key, n)
+    perm = permutation(key, n)
     idx_all = jnp.concatenate([perm, jnp.zeros((nb * batch_size - n,), perm.dtype)])
     s_all = jnp.ones((n,), dtype) if data.s is None else data.s.astype(dtype)
     w_all = jnp.concatenate([jnp.take(s_all, perm), jnp.zeros((nb * batch_size - n,), dtype)])
@@ -665,8 +705,9 @@ def fit(
     gradient (eq. (6), on ``Z`` augmented with a ones column for the bias), never ``jax.grad``.
 
     Minibatch optimizers (any optax ``GradientTransformation``, schedules included, or a name in
-    :data:`OPTIMIZERS`): each epoch is one compiled call that draws a permutation from
-    ``fold_in(key(seed), epoch)`` and ``lax.scan``-s over the batches; the last partial batch is
+    :data:`OPTIMIZERS`): each epoch is one compiled call that draws a permutation (a keyed
+    Feistel network, :func:`permutation`) from ``fold_in(key(seed), epoch)`` and ``lax.scan``-s
+    over the batches; the last partial batch is
     padded with zero-weight samples, so every sample is seen once per epoch. Full-batch solvers
     (``"lbfgs"``: optax L-BFGS with its zoom line search; ``"newton-cg"``: truncated Newton with the
     analytic Hessian-vector product :func:`softmax_jax.hvp`) do one iteration per epoch and stop

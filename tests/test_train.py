@@ -41,9 +41,7 @@ def reference_epochs(Z, y, *, opt, epochs, batch_size, l2, seed):
     state = opt.init(params)
     Z1 = jnp.concatenate([jnp.asarray(Z), jnp.ones((n, 1))], axis=1)
     for epoch in range(1, epochs + 1):
-        perm = np.asarray(
-            jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
-        )
+        perm = np.asarray(_train.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n))
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]  # the last batch is partial
             W1 = jnp.concatenate([params["W"], params["b"][None]], axis=0)
@@ -132,6 +130,24 @@ def test_solvers_agree_with_sample_weights_as_repetitions():
         np.testing.assert_allclose(pw["W"], p["W"], rtol=1e-7, atol=1e-9)
         # b is unpenalised and softmax is shift-invariant: b is defined up to a constant
         np.testing.assert_allclose(pw["b"] - pw["b"].mean(), p["b"] - p["b"].mean(), atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_permutation_is_a_permutation(n):
+    p = np.asarray(_train.permutation(jax.random.key(n), n))
+    np.testing.assert_array_equal(np.sort(p), np.arange(n))
+    q = np.asarray(_train.permutation(jax.random.key(n + 1), n))
+    assert n < 3 or not np.array_equal(p, q)
+
+
+def test_permutation_positions_are_uniform():
+    # where each element lands, over 20000 keys: uniform up to multinomial noise
+    n, draws = 12, 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    P = np.asarray(jax.jit(jax.vmap(lambda k: _train.permutation(k, n)))(keys))
+    counts = np.stack([np.bincount(P[:, i], minlength=n) for i in range(n)]) / (draws / n)
+    noise = np.sqrt(n / draws)  # relative sd of one count
+    assert counts.std() < 1.5 * noise and np.abs(counts - 1).max() < 6 * noise
 
 
 # --- derivatives used by the solvers, against autodiff (float64) --------------------------------
