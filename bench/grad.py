@@ -11,8 +11,9 @@ At each (N, D, K), float32, integer labels, in one run with the methods interlea
 - ``xla_floor``   the two GEMMs alone, ``(Z @ W, Zᵀ M)`` in one jitted function with ``M`` an input:
                   what XLA needs for the matrix products eq. (6) cannot avoid;
 - ``xla_gemm1`` / ``xla_gemm2``  each GEMM jitted on its own;
-- ``proto_iota``  a prototype of ``_grad.py`` with the integer-label scatter replaced by a fused
-                  ``iota == y`` compare (kept here as the evidence for that change);
+- ``scatter``     the previous ``_grad.py`` formulation (before commit cd355ad): the label
+                  positions subtracted with a scatter-add on the materialised ``E / S``, a
+                  separate pass over (N, K); kept as the evidence for the fused compare;
 - ``numpy_floor`` NumPy's (OpenBLAS) ``Z @ W`` and ``Zᵀ M``, in a child process started with
                   ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` unset: the machine's real floor.
 
@@ -56,20 +57,15 @@ def _problem(n: int, d: int, k: int, seed: int = 0):
     return W, Z, y, M
 
 
-def _proto_iota_value_and_grad():
-    """``_grad._value_and_grad_impl`` (sum reduction, integer labels) with the scatter replaced.
-
-    The library subtracts ``c_i`` at ``(i, y_i)`` with a scatter-add on the materialised
-    ``E / S``: a separate pass over (N, K). Here the label positions are a compare
-    ``iota == y[:, None]`` that XLA fuses into the same loop that forms ``M`` -- no one-hot is
-    ever written to memory and the scatter pass disappears.
-    """
+def _scatter_value_and_grad():
+    """``_grad._value_and_grad_impl`` (sum reduction, integer labels) as it was before the fused
+    compare: ``M = E / S`` materialised, then ``-1`` scattered at ``(i, y_i)``."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
     @jax.jit
-    def proto(W, Z, y):
+    def scatter(W, Z, y):
         n, k = Z.shape[0], W.shape[1]
         A = jnp.dot(Z, W, preferred_element_type=jnp.float32)
         m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
@@ -80,12 +76,12 @@ def _proto_iota_value_and_grad():
         idx = jnp.clip(y, 0, k - 1).astype(jnp.int32)
         picked = jnp.take_along_axis(A, idx[:, None], axis=1)[:, 0]
         value = jnp.sum(lse - jnp.where(valid, picked, jnp.nan))
-        c = jnp.where(valid, jnp.ones((n,), A.dtype), jnp.nan)[:, None]
-        hit = lax.broadcasted_iota(jnp.int32, (n, k), 1) == y[:, None].astype(jnp.int32)
-        M = E * (c / S) - jnp.where(hit, c, 0)
+        c = jnp.where(valid, jnp.ones((n,), A.dtype), jnp.nan)
+        M = E * (c[:, None] / S)
+        M = M.at[jnp.arange(n), idx].add(-c, indices_are_sorted=True, unique_indices=True)
         return value, jnp.einsum("nd,nk->dk", Z, M, preferred_element_type=jnp.float32)
 
-    return proto
+    return scatter
 
 
 def _methods(W, Z, y, M) -> dict[str, tuple[Any, tuple]]:
@@ -102,7 +98,7 @@ def _methods(W, Z, y, M) -> dict[str, tuple[Any, tuple]]:
         "ours_jit": (jax.jit(sj.value_and_grad), (W, Z, y)),
         "autodiff": (jax.jit(jax.value_and_grad(sj.loss)), (W, Z, y)),
         "optax": (jax.jit(jax.value_and_grad(optax_loss)), (W, Z, y)),
-        "proto_iota": (_proto_iota_value_and_grad(), (W, Z, y)),
+        "scatter": (_scatter_value_and_grad(), (W, Z, y)),
         "xla_floor": (jax.jit(lambda Z, W, M: (Z @ W, Z.T @ M)), (Z, W, M)),
         "xla_gemm1": (jax.jit(lambda Z, W: Z @ W), (Z, W)),
         "xla_gemm2": (jax.jit(lambda Z, M: Z.T @ M), (Z, M)),
@@ -115,7 +111,7 @@ def _agreement(methods: dict[str, tuple[Any, tuple]]) -> dict[str, float]:
 
     ref_v, ref_g = methods["ours"][0](*methods["ours"][1])
     out = {}
-    for name in ("ours_jit", "autodiff", "optax", "proto_iota"):
+    for name in ("ours_jit", "autodiff", "optax", "scatter"):
         v, g = methods[name][0](*methods[name][1])
         dv = float(jnp.abs(v - ref_v) / jnp.maximum(jnp.abs(ref_v), 1e-30))
         dg = float(jnp.max(jnp.abs(g - ref_g)) / jnp.maximum(jnp.max(jnp.abs(ref_g)), 1e-30))
@@ -126,7 +122,7 @@ def _agreement(methods: dict[str, tuple[Any, tuple]]) -> dict[str, float]:
 def _hlo_facts(methods: dict[str, tuple[Any, tuple]], n: int, k: int) -> dict[str, Any]:
     """What the compiled module does over (N, K): passes and whether a scatter is left."""
     facts = {}
-    for name in ("ours_jit", "autodiff", "proto_iota"):
+    for name in ("ours_jit", "autodiff", "scatter"):
         fn, args = methods[name]
         compiled = fn.lower(*args).compile()
         text = compiled.as_text()
@@ -203,7 +199,7 @@ def bench_shape(n: int, d: int, k: int, *, rounds: int, numpy_floor: C.NumpyGemm
     ratios = {
         f"{a}/{b}": _paired(samples, a, b)
         for a in names
-        for b in ("xla_floor", "numpy_floor", "autodiff", "optax")
+        for b in ("xla_floor", "numpy_floor", "autodiff", "optax", "scatter")
         if b in samples and a != b and not a.startswith("numpy")
     }
     return {
@@ -227,7 +223,7 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
     """Pass/fail of each target, on the median per-round ratio and on the best/best ratio."""
     r = row["ratios"]
     out = {}
-    for ours in ("ours", "ours_jit", "proto_iota"):
+    for ours in ("ours", "ours_jit"):
         out[ours] = {}
         for stat in ("median", "best"):
             checks = {
@@ -270,7 +266,7 @@ def run(
                 "ours jit": 1e3 * t["ours_jit"],
                 "autodiff": 1e3 * t["autodiff"],
                 "optax": 1e3 * t["optax"],
-                "proto": 1e3 * t["proto_iota"],
+                "scatter": 1e3 * t["scatter"],
                 "XLA 2-GEMM": 1e3 * t["xla_floor"],
                 "NumPy 2-GEMM": 1e3 * t["numpy_floor"],
                 "NumPy thr": 1 if row["numpy_floor_is"] == "numpy_1thread" else "all",
@@ -284,8 +280,8 @@ def run(
             ("ours_jit", "optax"),
             ("ours_jit", "xla_floor"),
             ("ours", "xla_floor"),
-            ("proto_iota", "xla_floor"),
-            ("proto_iota", "autodiff"),
+            ("scatter", "xla_floor"),
+            ("ours_jit", "scatter"),
             ("autodiff", "xla_floor"),
             ("optax", "xla_floor"),
             ("ours_jit", "numpy_floor"),
@@ -302,7 +298,7 @@ def run(
                     "q75": x["q75"],
                     "best/best": x["best"],
                     "target": f"<= {target}"
-                    if a.startswith(("ours", "proto")) and b != "numpy_floor"
+                    if a.startswith("ours") and b not in ("numpy_floor", "scatter")
                     else "",
                 }
             )
@@ -339,7 +335,7 @@ def run(
                 stat: all(row["targets"][ours][stat]["all"] for row in rows)
                 for stat in ("median", "best")
             }
-            for ours in ("ours", "ours_jit", "proto_iota")
+            for ours in ("ours", "ours_jit")
         },
         "table": table,
         "table_text": text,

@@ -17,7 +17,7 @@ GRAD_METHODS = {
     "ours_jit",
     "autodiff",
     "optax",
-    "proto_iota",
+    "scatter",
     "xla_floor",
     "numpy_floor",
 }
