@@ -9,10 +9,11 @@ by default), is the weighted *mean* of eq. (2) plus an L2 penalty on ``W`` (neve
     \qquad \ell_i = \log \sum_k e^{a_{ik}} - a_{i y_i}, \quad a_i = z_i W + b.
 
 The mean makes learning rates independent of ``N``; scikit-learn's ``C`` is ``λ = 1 / (C Σ s_i)``
-(see :class:`softmax_jax.SoftmaxRegression`). Every gradient is the hand-written eq. (6): the bias is
-handled by appending a column of ones to ``Z`` (so ``[W; b]`` is a ``(D+1, K)`` weight matrix for
-eq. (2) and ``∂f/∂b = Σ_i c_i (ŷ_i − y_i)`` is its last row), and the Hessian-vector products of
-Newton-CG are :func:`softmax_jax.hvp`'s analytic formula on the same augmented problem.
+(see :class:`softmax_jax.SoftmaxRegression`). Every gradient is the hand-written eq. (6),
+assembled from the core's pieces with a bias (:func:`_vg_sum`): ``∂f/∂W = Zᵀ M`` and
+``∂f/∂b = Σ_i c_i (ŷ_i − y_i)``, the column sums of the same residual ``M``. The Hessian-vector
+products of Newton-CG are :func:`softmax_jax.hvp`'s analytic formula on ``Z`` augmented with a
+column of ones (``[W; b]`` is then a ``(D+1, K)`` weight matrix of eq. (2)). No autodiff anywhere.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._grad import _dW, _hvp_impl, _value_and_grad_impl
-from ._loss import logits, logsumexp_rows, mean_scale, target_term
+from ._grad import _dW, _hvp_impl, _residual
+from ._loss import logits, logsumexp_rows, mean_scale, reduce_losses, target_term
 from ._validate import check_training_data, compute_dtype
 
 __all__ = ["FULL_BATCH_SOLVERS", "OPTIMIZERS", "TrainingDiverged", "fit", "make_optimizer"]
@@ -79,14 +80,22 @@ class TrainingDiverged(FloatingPointError):
 
 
 class _Data(NamedTuple):
-    """Training data on device: ``Z`` (N, D+1) with the ones column when there is a bias (else
-    (N, D)), integer labels ``y`` (N,), optional weights ``s`` (N,), and optionally ``Zh``, a
-    float32 copy of ``Z`` for Newton-CG's Hessian products (see :func:`_hessian_vp`)."""
+    """Training data on device.
+
+    Attributes:
+      Z: features ``(N, D)`` in the compute dtype.
+      y: integer labels ``(N,)``.
+      s: optional sample weights ``(N,)``.
+      Zh: Newton-CG only: ``Z`` with a column of ones appended when there is a bias
+        (``(N, D+1)``), in float32: the operand of the Hessian products (:func:`_hessian_vp`).
+      Zsq: Newton-CG only: ``Zh ⊙ Zh``, for the Jacobi preconditioner (:func:`_hessian_diag`).
+    """
 
     Z: jax.Array
     y: jax.Array
     s: jax.Array | None
     Zh: jax.Array | None = None
+    Zsq: jax.Array | None = None
 
 
 def _stack(params: Params) -> jax.Array:
@@ -102,51 +111,73 @@ def _unstack(G: jax.Array, like: Params) -> Params:
     return {"W": G}
 
 
-#: Full-batch passes over more than 4 chunks of this many rows run chunk by chunk: each chunk of
-#: ``Z`` is still in cache for the second GEMM of eq. (6) (about 25% faster at N = 200k).
+def _vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
+    r"""Eq. (2) summed over the rows of ``Z`` (weights ``s``) and its hand-written gradient.
+
+    The core's eq. (6) with a bias: logits ``A = Z W + b``, ``M = diag(s)(Ŷ − Y)``,
+    ``∂/∂W = Zᵀ M`` and ``∂/∂b = Σ_i M_i`` (the column sums of ``M``), assembled from the pieces
+    of :func:`softmax_jax.value_and_grad` (``logits``, ``logsumexp_rows``, ``_residual``, ``_dW``)
+    so that no ones column has to be appended to ``Z``. Also returns the logits ``A`` (N, K).
+    """
+    W = params["W"]
+    A = logits(W, Z)
+    if "b" in params:
+        A = A + params["b"].astype(A.dtype)
+    lse, E, S = logsumexp_rows(A)
+    value = reduce_losses(lse - target_term(A, y, True), s, "sum")
+    M = _residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
+    g = {"W": _dW(Z, M, W.dtype)}
+    if "b" in params:
+        g["b"] = jnp.sum(M, axis=0).astype(params["b"].dtype)
+    return value, g, A
+
+
+#: Full-batch passes over at least 4 chunks of this many rows run chunk by chunk: each chunk of
+#: ``Z`` is still in cache for the second GEMM of eq. (6) (about 15-25% faster at N = 200k).
 CHUNK_ROWS = 4096
 
 
 def chunk_rows(n: int) -> int | None:
-    """The chunk size used for ``n`` rows (a power of two dividing ``n``), or ``None``."""
-    c = CHUNK_ROWS
-    while c >= 1024:
-        if n % c == 0 and n >= 4 * c:
-            return c
-        c //= 2
-    return None
+    """The chunk size for a pass over ``n`` rows, or ``None`` for a single pass."""
+    return CHUNK_ROWS if n >= 4 * CHUNK_ROWS else None
 
 
-def _data_vg(W1: jax.Array, data: _Data) -> tuple[jax.Array, jax.Array]:
-    """Weighted mean of eq. (2) over ``data`` and its hand-written gradient (eq. (6))."""
+def _data_vg(params: Params, data: _Data) -> tuple[jax.Array, Params]:
+    """Weighted mean of eq. (2) over ``data`` and its hand-written gradient, in chunks of
+    :data:`CHUNK_ROWS` rows (a loop over the whole chunks, then the remainder) for large N."""
     n = data.Z.shape[0]
+    dt = params["W"].dtype
     c = chunk_rows(n)
     if c is None:
-        return _value_and_grad_impl(W1, data.Z, data.y, data.s, reduction="mean", int_labels=True)
-    s = jnp.ones((n,), W1.dtype) if data.s is None else data.s.astype(W1.dtype)
+        value, g, _ = _vg_sum(params, data.Z, data.y, data.s)
+    else:
 
-    def body(i, acc):
-        def cut(x):
-            return lax.dynamic_slice_in_dim(x, i * c, c)
+        def body(i, acc):
+            def cut(x):
+                return None if x is None else lax.dynamic_slice_in_dim(x, i * c, c)
 
-        v, G = _value_and_grad_impl(
-            W1, cut(data.Z), cut(data.y), cut(s), reduction="sum", int_labels=True
-        )
-        return acc[0] + v, acc[1] + G
+            v, g, _ = _vg_sum(params, cut(data.Z), cut(data.y), cut(data.s))
+            return acc[0] + v, jax.tree.map(jnp.add, acc[1], g)
 
-    zero = (jnp.zeros((), W1.dtype), jnp.zeros_like(W1))
-    value, G = lax.fori_loop(0, n // c, body, zero)
-    total = jnp.sum(s)
+        full = n // c
+        zero = (jnp.zeros((), dt), jax.tree.map(jnp.zeros_like, params))
+        value, g = lax.fori_loop(0, full, body, zero)
+        if n > full * c:
+            tail = slice(full * c, n)
+            s_tail = None if data.s is None else data.s[tail]
+            v, g_tail, _ = _vg_sum(params, data.Z[tail], data.y[tail], s_tail)
+            value, g = value + v, jax.tree.map(jnp.add, g, g_tail)
+    total = jnp.asarray(n, dt) if data.s is None else jnp.sum(data.s.astype(dt))
     total = jnp.where(total > 0, total, 1)
-    return value / total, G / total
+    return value / total, jax.tree.map(lambda x: x / total, g)
 
 
 def _objective_vg(params: Params, data: _Data, l2) -> tuple[jax.Array, Params]:
-    """``f`` and ``∇f`` with the hand-written eq. (6) (mean reduction) plus the L2 term."""
+    """``f`` and ``∇f``: the weighted mean of eq. (2) with its hand-written gradient (eq. (6)),
+    plus the L2 term on ``W``."""
     W = params["W"]
-    value, G = _data_vg(_stack(params), data)
-    g = _unstack(G, params)
-    g["W"] = g["W"] + l2 * W
+    value, g = _data_vg(params, data)
+    g = {**g, "W": g["W"] + l2 * W}
     return value + 0.5 * l2 * jnp.vdot(W, W), g
 
 
@@ -171,11 +202,12 @@ _objective.defvjp(_objective_fwd, _objective_bwd)
 def _hessian_vp(params: Params, V: Params, data: _Data, l2) -> Params:
     """``∇²f · V`` with the analytic HVP of eq. (2) (:func:`softmax_jax.hvp`) plus ``λ V_W``.
 
-    With ``data.Zh`` (float32) the product runs in float32 at half the memory traffic: it only
-    steers Newton's direction, which conjugate gradients solve to a relative accuracy far coarser
-    than float32's; the gradient, the objective and so the optimum stay in ``Z``'s dtype.
+    The bias enters through the ones column of ``data.Zh``. The product runs in float32
+    (``data.Zh``) at half the memory traffic of float64: it only steers Newton's direction, which
+    conjugate gradients solve to a relative accuracy far coarser than float32's; the gradient, the
+    objective and so the optimum stay in ``Z``'s dtype.
     """
-    Zh = data.Z if data.Zh is None else data.Zh
+    Zh = data.Zh
     dt = params["W"].dtype
     W1, V1 = _stack(params).astype(Zh.dtype), _stack(V).astype(Zh.dtype)
     H = _hvp_impl(W1, Zh, V1, data.s, reduction="mean").astype(dt)
@@ -186,7 +218,9 @@ def _hessian_vp(params: Params, V: Params, data: _Data, l2) -> Params:
 
 def _predict_stats(params: Params, data: _Data) -> tuple[jax.Array, jax.Array]:
     """``(Σ s_i ℓ_i, Σ s_i [argmax a_i = y_i])`` without the penalty."""
-    A = logits(_stack(params), data.Z)
+    A = logits(params["W"], data.Z)
+    if "b" in params:
+        A = A + params["b"].astype(A.dtype)
     lse, _, _ = logsumexp_rows(A)
     per = lse - target_term(A, data.y, True)
     correct = (jnp.argmax(A, axis=1) == data.y).astype(A.dtype)
@@ -249,14 +283,15 @@ def _newton_init(params, data, l2) -> _FBState:
 
 
 def _hessian_diag(params: Params, data: _Data, l2) -> Params:
-    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one GEMM
-    (``(Z⊙Z)ᵀ M``); the Jacobi preconditioner of Newton-CG."""
-    Zh = data.Z if data.Zh is None else data.Zh
+    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, two
+    GEMMs (the logits and ``(Z⊙Z)ᵀ M``, with ``Z⊙Z`` computed once); the Jacobi preconditioner of
+    Newton-CG, in the precision of the Hessian products."""
+    Zh = data.Zh
     W1 = _stack(params).astype(Zh.dtype)
     _, E, S = logsumexp_rows(logits(W1, Zh))
     P = E / S
     c = mean_scale(data.s, P.shape[0], P.dtype, "mean")
-    D1 = _dW(Zh * Zh, P * (1 - P) * c[:, None], params["W"].dtype)
+    D1 = _dW(data.Zsq, P * (1 - P) * c[:, None], params["W"].dtype)
     diag = _unstack(D1, params)
     diag["W"] = diag["W"] + l2
     return diag
@@ -540,15 +575,19 @@ def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size
         idx = lax.dynamic_slice(idx_all, (i * batch_size,), (batch_size,))
         w = lax.dynamic_slice(w_all, (i * batch_size,), (batch_size,))
         batch = _batch(data, idx, w)
-        value, g = _objective_vg(params, batch, l2)
-        # The same Z W as inside value_and_grad: XLA merges the two (one GEMM).
-        hit = jnp.argmax(logits(_stack(params), batch.Z), axis=1) == batch.y
+        wsum = jnp.sum(w)
+        scale = 1 / jnp.where(wsum > 0, wsum, 1)  # the batch's weighted mean
+        value, g, A = _vg_sum(params, batch.Z, batch.y, w)
+        W = params["W"]
+        value = value * scale + 0.5 * l2 * jnp.vdot(W, W)
+        g = jax.tree.map(lambda x: x * scale, g)
+        g["W"] = g["W"] + l2 * W
+        hit = jnp.argmax(A, axis=1) == batch.y
         kw = {}
         if extra:
             kw = dict(value=value, grad=g, value_fn=lambda p: _objective(p, batch, l2))
         updates, opt_state = opt.update(g, opt_state, params, **kw)
         params = optax.apply_updates(params, updates)
-        wsum = jnp.sum(w)
         return (params, opt_state, tot + value * wsum, correct + jnp.sum(w * hit)), None
 
     zero = jnp.zeros((), dtype)
@@ -587,6 +626,15 @@ def _resolve_device(device: Any) -> jax.Device:
     raise TypeError(f"`device` must be None, 'cpu', 'gpu' or a jax.Device, got {device!r}")
 
 
+@functools.partial(jax.jit, static_argnames=("fit_intercept", "dtype"))
+def _hessian_operands(Z: jax.Array, *, fit_intercept: bool, dtype) -> tuple[jax.Array, jax.Array]:
+    """``Zh = [Z, 1]`` (or ``Z``) in ``dtype`` and ``Zh ⊙ Zh``, built on the device."""
+    Zh = Z.astype(dtype)
+    if fit_intercept:
+        Zh = jnp.concatenate([Zh, jnp.ones((Z.shape[0], 1), dtype)], axis=1)
+    return Zh, Zh * Zh
+
+
 def _place(
     Z: np.ndarray,
     y: np.ndarray,
@@ -596,31 +644,32 @@ def _place(
     dtype,
     device,
     shape: tuple[int, int] | None = None,
-    hessian_f32: bool = False,
+    hessian_dtype=None,
 ) -> _Data:
-    """Puts the data on ``device`` once, with one host copy: ``Z`` cast to ``dtype``, padded with
-    zeros to ``shape = (rows, features)`` when given (padded rows get weight 0), and the ones
-    column of the bias appended. ``hessian_f32`` adds a float32 copy for Hessian products."""
+    """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
+    when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
+    with ``hessian_dtype`` the operands of Newton-CG's Hessian products."""
     n, d = Z.shape
     rows, cols = (n, d) if shape is None else shape
-    buf = np.zeros((rows, cols + int(fit_intercept)), dtype) if shape else None
-    if buf is None:
-        buf = np.empty((n, d + int(fit_intercept)), dtype)
-    buf[:n, :d] = Z
-    if fit_intercept:
-        buf[:, -1] = 1
+    if (rows, cols) == (n, d):
+        Zp = np.asarray(Z, dtype)
+    else:
+        Zp = np.zeros((rows, cols), dtype)
+        Zp[:n, :d] = Z
     yb = np.zeros(rows, np.int32)
     yb[:n] = y
+    sb = None
     if rows > n or s is not None:
         sb = np.zeros(rows, dtype)
         sb[:n] = 1 if s is None else s
-    else:
-        sb = None
     put = functools.partial(jax.device_put, device=device)
-    Zh = None
-    if hessian_f32 and np.dtype(dtype) != np.float32:
-        Zh = put(buf.astype(np.float32))
-    return _Data(put(buf), put(yb), None if sb is None else put(sb), Zh)
+    Zd = put(Zp)
+    Zh = Zsq = None
+    if hessian_dtype is not None:
+        Zh, Zsq = _hessian_operands(
+            Zd, fit_intercept=fit_intercept, dtype=np.dtype(hessian_dtype).name
+        )
+    return _Data(Zd, put(yb), None if sb is None else put(sb), Zh, Zsq)
 
 
 def _init_params(init_params, d: int, k: int, fit_intercept: bool, dtype) -> Params:
@@ -807,10 +856,6 @@ def fit(
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         batch_size = int(min(batch_size, n))
     dev = _resolve_device(device)
-    rows = n
-    if full_batch and n >= 4 * 1024:  # whole chunks for the chunked passes (weight-0 padding)
-        c = CHUNK_ROWS if n >= 4 * CHUNK_ROWS else 1024
-        rows = -(-n // c) * c
     data = _place(
         Zh,
         yh,
@@ -818,8 +863,7 @@ def fit(
         fit_intercept=fit_intercept,
         dtype=dtype,
         device=dev,
-        shape=(rows, d),
-        hessian_f32=optimizer == "newton-cg",
+        hessian_dtype=np.float32 if optimizer == "newton-cg" else None,
     )
     eval_dev = None
     if eval_data is not None:

@@ -199,6 +199,6 @@ def test_bad_input(X, y, kwargs, match):
 
 
 def test_sample_buckets():
-    assert [_bucket_samples(n) for n in (1, 16, 17, 1024, 1025, 200_000)] == [
-        16, 16, 32, 1024, 1056, 200_704,
+    assert [_bucket_samples(n) for n in (1, 16, 17, 1024, 1025, 65536, 200_000)] == [
+        16, 16, 32, 1024, 1056, 65536, 200_000,
     ]  # fmt: skip

@@ -132,6 +132,25 @@ def test_solvers_agree_with_sample_weights_as_repetitions():
         np.testing.assert_allclose(pw["b"] - pw["b"].mean(), p["b"] - p["b"].mean(), atol=1e-8)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_pass_with_remainder_matches_one_pass(getkey, monkeypatch, weighted):
+    monkeypatch.setattr(_train, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and a remainder of 5
+    n, d, k = 45, 3, 4
+    W1 = jax.random.normal(getkey(), (d, k))
+    Z = jax.random.normal(getkey(), (n, d))
+    y = jax.random.randint(getkey(), (n,), 0, k)
+    s = jax.random.uniform(getkey(), (n,)) if weighted else None
+    b = jax.random.normal(getkey(), (k,))
+    assert _train.chunk_rows(n) == 8
+    v, g = _train._data_vg({"W": W1, "b": b}, _train._Data(Z, y, s))
+    # reference: sj.value_and_grad on Z augmented with ones, [W; b]
+    Z1, Wb = jnp.concatenate([Z, jnp.ones((n, 1))], 1), jnp.concatenate([W1, b[None]], 0)
+    ref_v, ref_G = sj.value_and_grad(Wb, Z1, y, weights=s, reduction="mean")
+    assert float(v) == pytest.approx(float(ref_v), rel=1e-13)
+    np.testing.assert_allclose(g["W"], ref_G[:-1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g["b"], ref_G[-1], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
 def test_permutation_is_a_permutation(n):
     p = np.asarray(_train.permutation(jax.random.key(n), n))
@@ -178,7 +197,9 @@ def test_objective_gradient_hvp_and_diagonal_with_bias_match_autodiff(getkey):
     Z = jax.random.normal(getkey(), (n, d))
     y = jax.random.randint(getkey(), (n,), 0, k)
     s = jax.random.uniform(getkey(), (n,))
-    data = _train._Data(jnp.concatenate([Z, jnp.ones((n, 1))], 1), y, s)
+    # float64 Hessian operands here (fit and the estimator use float32 ones)
+    Zh = jnp.concatenate([Z, jnp.ones((n, 1))], 1)
+    data = _train._Data(Z, y, s, Zh, Zh * Zh)
 
     @jax.jit
     def ours(params, V, data):
