@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 
 from ._grad import _dW, _hvp_impl, _residual
 from ._loss import logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._parallel import DataParallel, data_parallel, pad_batches
 from ._validate import check_training_data, compute_dtype
 
 __all__ = ["FULL_BATCH_SOLVERS", "OPTIMIZERS", "TrainingDiverged", "fit", "make_optimizer"]
@@ -546,19 +547,20 @@ def permutation(key: jax.Array, n: int, *, rounds: int = 8) -> jax.Array:
     return x.astype(jnp.int32)
 
 
-def _batch(data: _Data, idx: jax.Array, weights: jax.Array) -> _Data:
-    """Gathers one minibatch. With a data-parallel mesh this is where the batch would be laid out
-    over the ``"data"`` axis (``lax.with_sharding_constraint``); today data live on one device."""
-    return _Data(jnp.take(data.Z, idx, axis=0), jnp.take(data.y, idx), weights)
+def _batch(data: _Data, idx: jax.Array, weights: jax.Array, dp: DataParallel | None) -> _Data:
+    """Gathers one minibatch; with a data-parallel layout ``dp``, split over its ``"data"`` axis."""
+    batch = _Data(jnp.take(data.Z, idx, axis=0), jnp.take(data.y, idx), weights)
+    return batch if dp is None else jax.tree.map(dp.split_rows, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("opt", "batch_size"))
-def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("opt", "batch_size", "dp"))
+def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size: int, dp=None):
     """One epoch in one compiled call: a :func:`permutation` from ``key``, ``lax.scan`` over the
     batches.
 
     The last, partial batch is filled with index 0 at weight zero, so each batch is the weighted
-    mean over its real samples. Returns the new ``(params, opt_state)`` and the epoch's running
+    mean over its real samples. With ``dp`` each batch is split over the devices of its
+    ``"data"`` axis, padded with zero-weight samples to a multiple of their number. Returns the new ``(params, opt_state)`` and the epoch's running
     metrics: weighted mean objective and accuracy over the batches as they were seen.
     """
     n = data.y.shape[0]
@@ -569,12 +571,15 @@ def _minibatch_epoch(params, opt_state, data: _Data, l2, key, *, opt, batch_size
     s_all = jnp.ones((n,), dtype) if data.s is None else data.s.astype(dtype)
     w_all = jnp.concatenate([jnp.take(s_all, perm), jnp.zeros((nb * batch_size - n,), dtype)])
     extra = isinstance(opt, optax.GradientTransformationExtraArgs)
+    if dp is not None:
+        idx_all, w_all = pad_batches(idx_all, w_all, batch_size, dp.padded(batch_size))
+        batch_size = dp.padded(batch_size)
 
     def body(carry, i):
         params, opt_state, tot, correct = carry
         idx = lax.dynamic_slice(idx_all, (i * batch_size,), (batch_size,))
         w = lax.dynamic_slice(w_all, (i * batch_size,), (batch_size,))
-        batch = _batch(data, idx, w)
+        batch = _batch(data, idx, w, dp)
         wsum = jnp.sum(w)
         scale = 1 / jnp.where(wsum > 0, wsum, 1)  # the batch's weighted mean
         value, g, A = _vg_sum(params, batch.Z, batch.y, w)
@@ -645,10 +650,13 @@ def _place(
     device,
     shape: tuple[int, int] | None = None,
     hessian_dtype=None,
+    split_rows: bool = False,
 ) -> _Data:
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
-    with ``hessian_dtype`` the operands of Newton-CG's Hessian products."""
+    with ``hessian_dtype`` the operands of Newton-CG's Hessian products. ``device`` may be a
+    :class:`DataParallel` layout: the data are then replicated on its mesh, or with ``split_rows``
+    their rows split over its ``"data"`` axis."""
     n, d = Z.shape
     rows, cols = (n, d) if shape is None else shape
     if (rows, cols) == (n, d):
@@ -662,7 +670,10 @@ def _place(
     if rows > n or s is not None:
         sb = np.zeros(rows, dtype)
         sb[:n] = 1 if s is None else s
-    put = functools.partial(jax.device_put, device=device)
+    if isinstance(device, DataParallel):
+        put = device.put_rows if split_rows else device.replicate
+    else:
+        put = functools.partial(jax.device_put, device=device)
     Zd = put(Zp)
     Zh = Zsq = None
     if hessian_dtype is not None:
@@ -797,7 +808,11 @@ def fit(
       callback: ``callback(epoch, params, record)`` after each epoch; returning ``True`` stops.
       device: ``"cpu"``, ``"gpu"`` or a ``jax.Device`` (default: JAX's default device); the data
         are placed there once.
-      mesh: reserved for data-parallel training (must be ``None`` for now).
+      mesh: a ``jax.sharding.Mesh`` with an axis ``"data"`` (over the devices of every process
+        after ``jax.distributed.initialize()``): data-parallel training. Each minibatch is split
+        over ``"data"`` (padded with zero-weight samples to a multiple of its size), ``W`` and
+        ``b`` are replicated, and the gradient is summed across devices by XLA; the full-batch
+        solvers split all rows. Same result as one device, to rounding. Excludes ``device``.
 
     Returns:
       ``(params, history)``: ``params = {"W": (D, K), "b": (K,)}`` and ``history``, a dict of
@@ -820,11 +835,9 @@ def fit(
       >>> params["W"].shape, len(history["loss"])
       ((5, 2), 5)
     """
-    if mesh is not None:
-        raise ValueError(
-            "`mesh=` (data-parallel sharding over a 'data' axis) is not supported yet; "
-            f"pass mesh=None to train on one device, got {mesh!r}"
-        )
+    dp = data_parallel(mesh)
+    if dp is not None and device is not None:
+        raise ValueError(f"`device` must be None when `mesh` is given, got {device!r}")
     if not isinstance(epochs, int | np.integer) or epochs < 0:
         raise ValueError(f"`epochs` must be a non-negative integer, got {epochs!r}")
     if not (isinstance(l2, int | float | np.floating) and l2 >= 0 and math.isfinite(l2)):
@@ -855,7 +868,8 @@ def fit(
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         batch_size = int(min(batch_size, n))
-    dev = _resolve_device(device)
+    dev = _resolve_device(device) if dp is None else dp
+    put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
     data = _place(
         Zh,
         yh,
@@ -864,6 +878,9 @@ def fit(
         dtype=dtype,
         device=dev,
         hessian_dtype=np.float32 if optimizer == "newton-cg" else None,
+        # Full batch on a mesh: the rows split over "data", padded with zero-weight rows.
+        shape=(dp.padded(n), d) if dp is not None and full_batch else None,
+        split_rows=dp is not None and full_batch,
     )
     eval_dev = None
     if eval_data is not None:
@@ -871,7 +888,7 @@ def fit(
             raise TypeError("`eval_data` must be a pair (Z_eval, y_eval)")
         Ze, ye, _, _ = _check_eval(eval_data, d, k)
         eval_dev = _place(Ze, ye, None, fit_intercept=fit_intercept, dtype=dtype, device=dev)
-    params = jax.device_put(_init_params(init_params, d, k, fit_intercept, dtype), dev)
+    params = put(_init_params(init_params, d, k, fit_intercept, dtype))
     l2_dev = jnp.asarray(l2, dtype)
     base_key = jax.random.key(seed)
 
@@ -881,7 +898,7 @@ def fit(
         state = (params, opt.init(params))
     # Committed to the device and strongly typed like the epoch's outputs, so that epoch 2 does
     # not compile again.
-    state = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state), dev)
+    state = put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
     history: History = {
         "epoch": [],
         "loss": [],
@@ -915,7 +932,7 @@ def fit(
         restored = ckpt.restore_latest(target)
         if restored is not None:
             start, tree, history = restored
-            state = jax.device_put(tree["state"], dev)
+            state = put(tree["state"])
             base_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
 
     def current_params() -> Params:
@@ -932,7 +949,7 @@ def fit(
             else:
                 key = jax.random.fold_in(base_key, epoch)
                 p, o, loss, acc = _minibatch_epoch(
-                    state[0], state[1], data, l2_dev, key, opt=opt, batch_size=batch_size
+                    state[0], state[1], data, l2_dev, key, opt=opt, batch_size=batch_size, dp=dp
                 )
                 new_state = (p, o)
                 loss, acc = float(loss), float(acc)

@@ -326,7 +326,7 @@ def test_bad_data(Z, y, exc, match):
         (dict(num_classes=2, y=[0, 2]), ValueError, r"< num_classes = 2, got 2 at index 1"),
         (dict(sample_weight=[1.0, -1.0]), ValueError, r"`sample_weight` must be >= 0"),
         (dict(sample_weight=[0.0, 0.0]), ValueError, r"`sample_weight` must have a positive sum"),
-        (dict(mesh="m"), ValueError, r"`mesh=` .* not supported yet"),
+        (dict(mesh="m"), TypeError, r"`mesh` must be a jax.sharding.Mesh or None, got str"),
         (dict(device="tpu"), ValueError, r"`device` 'tpu' is not available"),
         (
             dict(eval_data=(np.ones((2, 3)), [0, 1])),
