@@ -4,10 +4,11 @@ Run by ``tests/test_parallel.py`` as ``python tests/_dist_worker.py MODE ...`` w
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set in the environment before jax is
 imported. Every mode prints one JSON line (prefixed ``RESULT ``) that the test asserts on:
 
-- ``sharded``: the class-sharded head on 1, 2, 4, 8 devices (and a 2 x 4 data x model mesh)
-  against a single-device unfused float64 reference; input errors; compiled memory per device.
+- ``devices``: the class-sharded head on 1, 2, 4, 8 devices (and a 2 x 4 data x model mesh)
+  against a single-device unfused float64 reference, its input errors and compiled memory per
+  device; data-parallel ``fit(mesh=...)`` against the single-device fit, and its input errors.
 - ``process ID PORT NPROC``: one of NPROC processes joined by ``jax.distributed`` on
-  127.0.0.1:PORT, running data-parallel steps over the global mesh.
+  127.0.0.1:PORT, training data-parallel with ``fit(mesh=...)`` over the global mesh.
 """
 
 from __future__ import annotations
@@ -110,13 +111,14 @@ def sharded() -> dict:
     t0 = time.perf_counter()
     for p in (1, 2, 4, 8):
         mesh = Mesh(np.array(devs[:p]), ("model",))
-        # Every option at once; N = 13 rows in chunks of 5 (not a multiple).
-        Z, W, b, y, s = case(f"all_options_p{p}", mesh, 13, 6, 24, reduction="mean",
-                             ls=0.1, zl=1e-3, chunk=5, jit=p != 1, primal=p == 8)  # fmt: skip
+        # Every option at once; N = 13 rows in chunks of 5 (not a multiple). On 2 devices the
+        # "sum" reduction, called eagerly (its own jit, inputs moved from one device).
+        red = "sum" if p == 2 else "mean"
+        Z, W, b, y, s = case(f"all_options_{red}_p{p}", mesh, 13, 6, 24, reduction=red,
+                             ls=0.1, zl=1e-3, chunk=5, jit=p != 2, primal=p == 8)  # fmt: skip
         if p == 4:
             case("none_nobias_p4", mesh, 13, 6, 24, reduction="none", ls=0.2, zl=0.0,
-                 chunk=4, bias=False, jit=True, primal=True)  # fmt: skip
-            case("sum_eager_p4", mesh, 13, 6, 24, reduction="sum", ls=0.0, zl=0.0, chunk=None)
+                 chunk=None, bias=False, jit=True, primal=True)  # fmt: skip
             # The compiled program never gathers W.
             hlo = jax.jit(jax.grad(lambda W: slce(Z, W, y, mesh=mesh, bias=b, chunk_size=5)))
             out["all_gather_in_hlo"] = "all-gather" in hlo.lower(W).compile().as_text()
@@ -171,6 +173,85 @@ def sharded() -> dict:
     return out
 
 
+def _fit():
+    try:
+        import softmax_jax as sj
+
+        return sj.fit
+    except AttributeError:  # not re-exported yet
+        from softmax_jax._train import fit
+
+        return fit
+
+
+def _fit_problem(n=250, d=5, k=3, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.integers(0, k, n), rng.uniform(0.0, 2.0, n)
+
+
+def data_parallel_fit() -> dict:
+    """``fit(mesh=...)`` against the same fit on one device, for several meshes and options."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from jax.sharding import Mesh
+
+    fit = _fit()
+    devs = jax.devices()
+    Z, y, sw = _fit_problem()
+    out: dict = {"cases": {}, "errors": {}}
+    cases = {
+        # N = 250: the last batch is partial in every case.
+        # 30 and 20 rows are not multiples of 4 and 8 devices: padded with zero-weight rows.
+        "adam_b30_weights_eval_p4": (
+            4,
+            dict(
+                optimizer="adam",
+                epochs=3,
+                batch_size=30,
+                sample_weight=sw,
+                eval_data=(Z[:40], y[:40]),
+            ),
+        ),
+        "sgd_b20_p8": (8, dict(optimizer="sgd", epochs=2, batch_size=20, l2=1e-2)),
+        # Full batch: the 250 rows split over 4 devices, padded to 252.
+        "lbfgs_p4": (4, dict(optimizer="lbfgs", epochs=4)),
+    }
+    for name, (p, kw) in cases.items():
+        mesh = Mesh(np.array(devs[:p]), ("data",))
+        got, hist = fit(Z, y, mesh=mesh, progress=False, seed=3, **kw)
+        ref, ref_hist = fit(Z, y, progress=False, seed=3, **kw)
+        out["cases"][name] = {
+            "err": max(rel_err(got[x], ref[x]) for x in ("W", "b")),
+            "loss_err": rel_err(hist["loss"], ref_hist["loss"]),
+            "W_spec": str(got["W"].sharding.spec),
+            "W_devices": len(got["W"].sharding.device_set),
+        }
+    # jax.make_mesh gives axes of explicit type: accepted.
+    got, _ = fit(Z, y, mesh=jax.make_mesh((2,), ("data",), devices=devs[:2]), progress=False,
+                 epochs=2, batch_size=64)  # fmt: skip
+    ref, _ = fit(Z, y, progress=False, epochs=2, batch_size=64)
+    out["cases"]["adam_b64_make_mesh_p2"] = {
+        "err": max(rel_err(got[x], ref[x]) for x in ("W", "b"))
+    }
+
+    def error(name, **kw):
+        try:
+            fit(Z, y, progress=False, epochs=1, **kw)
+        except (ValueError, TypeError) as e:
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+        else:
+            out["errors"][name] = None
+
+    error("no_data_axis", mesh=Mesh(np.array(devs[:2]), ("model",)))
+    error("not_a_mesh", mesh=devs[:2])
+    error("mesh_and_device", mesh=Mesh(np.array(devs[:2]), ("data",)), device="cpu")
+    return out
+
+
 def process(pid: int, port: int, nproc: int) -> dict:
     import jax
 
@@ -180,64 +261,45 @@ def process(pid: int, port: int, nproc: int) -> dict:
         f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
     )
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import softmax_jax as sj
+    from jax.sharding import Mesh
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    Z, y, W0 = _dp_problem()
-
-    def put(x, spec):
-        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
-
-    Zs, ys, W = put(Z, P("data", None)), put(y, P("data")), put(W0, P())
-    for _ in range(_DP_STEPS):
-        _, g = sj.value_and_grad(W, Zs, ys, reduction="mean")
-        W = W - _DP_LR * g
+    params, hist = _fit()(*_fit_problem()[:2], mesh=mesh, **MP_FIT)
     result = {
         "pid": pid,
         "process_count": jax.process_count(),
         "devices": jax.device_count(),
         "local_devices": jax.local_device_count(),
-        "W": np.asarray(W).tolist(),
+        "W": np.asarray(params["W"]).tolist(),
+        "b": np.asarray(params["b"]).tolist(),
+        "loss": hist["loss"],
     }
     jax.distributed.shutdown()
     return result
 
 
-_DP_STEPS, _DP_LR = 5, 0.5
+# 250 rows over 4 devices in batches of 30 (padded to 32), with a partial last batch.
+MP_FIT = dict(optimizer="adam", epochs=3, batch_size=30, seed=5, progress=False)
 
 
-def _dp_problem():
+def single_process_reference() -> dict:
+    """The fit of ``process`` on one device (run in the caller's interpreter)."""
     import numpy as np
 
-    rng = np.random.default_rng(1)
-    Z = rng.normal(size=(32, 5))
-    y = rng.integers(0, 4, 32).astype(np.int32)
-    return Z, y, np.zeros((5, 4))
-
-
-def single_process_reference() -> list:
-    """The same steps on one device, for comparison with ``process``."""
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    import softmax_jax as sj
-
-    Z, y, W = _dp_problem()
-    for _ in range(_DP_STEPS):
-        _, g = sj.value_and_grad(W, Z, y, reduction="mean")
-        W = W - _DP_LR * g
-    import numpy as np
-
-    return np.asarray(W).tolist()
+    Z, y, _ = _fit_problem()
+    params, hist = _fit()(Z, y, **MP_FIT)
+    return {"W": np.asarray(params["W"]), "b": np.asarray(params["b"]), "loss": hist["loss"]}
 
 
 def main(argv: list[str]) -> None:
     mode = argv[1]
-    if mode == "sharded":
-        emit(sharded())
+    if mode == "devices":
+        t0 = time.perf_counter()
+        result = {"sharded": sharded()}
+        t1 = time.perf_counter()
+        result["fit"] = data_parallel_fit()
+        result["seconds"] = {"sharded": t1 - t0, "fit": time.perf_counter() - t1}
+        emit(result)
     elif mode == "process":
         emit(process(int(argv[2]), int(argv[3]), int(argv[4])))
     else:
