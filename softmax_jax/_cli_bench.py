@@ -98,12 +98,18 @@ def run_cli(args: argparse.Namespace) -> int:
             raise CLIError(
                 f"--only: unknown suite {', '.join(unknown)}; available: {', '.join(available)}"
             )
+    out = args.out
+    if out is None and bench_dir.parent == Path(__file__).resolve().parent:
+        # The suites shipped inside an installed wheel: write beside the user, not into
+        # site-packages.
+        out = Path.cwd() / "bench_results"
+        print(f"softmax-jax bench: results go to {out} (use --out DIR to choose)")
     statuses = runner.run_suites(
         names,
         quick=args.quick,
         tiny=args.tiny,
         device=args.device,
-        out_dir=args.out,
+        out_dir=out,
         bench_dir=bench_dir,
     )
     failed = [name for name, st in statuses.items() if not st["ok"]]
