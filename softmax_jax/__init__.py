@@ -9,20 +9,40 @@ from ._check import GradCheckReport, check_grad
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._head import linear_cross_entropy
 from ._loss import loss
+from ._parallel import sharded_linear_cross_entropy
+from ._train import TrainingDiverged, fit
 
 try:
     __version__ = version("softmax-jax")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+
+def __getattr__(name: str):
+    # The estimator needs scikit-learn (the `cli` extra); import it only when asked for.
+    if name == "SoftmaxRegression":
+        try:
+            from ._estimator import SoftmaxRegression
+        except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
+            raise ImportError(
+                "softmax_jax.SoftmaxRegression needs scikit-learn: pip install 'softmax-jax[cli]'"
+            ) from e
+        return SoftmaxRegression
+    raise AttributeError(f"module 'softmax_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "GradCheckReport",
+    "SoftmaxRegression",
+    "TrainingDiverged",
     "check_grad",
     "DerivationTerms",
     "derivation_terms",
+    "fit",
     "grad",
     "hvp",
     "linear_cross_entropy",
     "loss",
+    "sharded_linear_cross_entropy",
     "value_and_grad",
 ]
