@@ -6,7 +6,9 @@ of ``sj.fit`` (adam, minibatches of 256) as N grows over two decades at fixed D,
 over two decades at fixed N, D; it fits ``log t = a + s·log x`` and reports the slope ``s``
 over all points and over the upper half (where fixed per-call costs no longer dominate). A slope
 near 1 says the implementation is linear; well above 1 says something scales worse than the
-math.
+math. At small K the time is not proportional to K even in principle: both GEMMs must read all of
+``Z`` (``N·D`` floats) whatever K is, so the slope in K approaches 1 only once the ``N·D·K``
+arithmetic outweighs that read (the upper half of the K sweep).
 
 Run: ``python bench/scaling.py [--quick]`` or ``softmax-jax bench --only scaling``.
 """
