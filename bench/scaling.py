@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
+    from softmax_jax._cli_bench import import_bench_package
+
+    import_bench_package(Path(__file__).resolve().parent)
 
 from bench import _common as C
 
