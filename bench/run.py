@@ -34,20 +34,10 @@ def load_bench_package(bench_dir: Path = BENCH_DIR):
     """Imports ``bench_dir`` as the package ``bench`` whatever the folder is called or where it
     lies (a source tree, or a copy shipped inside the wheel), so ``from bench import _common``
     works in every suite."""
-    existing = sys.modules.get("bench")
-    if existing is not None and Path(getattr(existing, "__file__", "")).parent == bench_dir:
-        return existing
-    spec = importlib.util.spec_from_file_location(
-        "bench", bench_dir / "__init__.py", submodule_search_locations=[str(bench_dir)]
-    )
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import the benchmark package from {bench_dir}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
-    for name in [m for m in sys.modules if m.startswith("bench.")]:
-        del sys.modules[name]
-    spec.loader.exec_module(module)
-    return module
+    from softmax_jax._cli_bench import import_bench_package
+
+    import_bench_package(bench_dir)
+    return sys.modules["bench"]
 
 
 def available_suites(bench_dir: Path = BENCH_DIR) -> list[str]:

@@ -56,6 +56,8 @@ def import_bench_package(bench_dir: str | os.PathLike) -> None:
         raise ImportError(f"cannot import the benchmark package from {bench_dir}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module
+    for name in [m for m in sys.modules if m.startswith("bench.")]:  # a previous bench/
+        del sys.modules[name]
     spec.loader.exec_module(module)
 
 

@@ -24,7 +24,7 @@ from jax.typing import ArrayLike
 from ._validate import (
     as_array,
     check_float,
-    check_rank,
+    check_linear,
     check_reduction,
     check_weights,
     compute_dtype,
@@ -399,19 +399,9 @@ def _check_head(Z, W, labels, bias, weights, reduction, chunk_size, label_smooth
         raise ValueError(f"`label_smoothing` must lie in [0, 1), got {ls}")
     if not zl >= 0.0:
         raise ValueError(f"`z_loss` must be >= 0, got {zl}")
-    Z, W, labels = as_array(Z, "Z"), as_array(W, "W"), as_array(labels, "labels")
-    check_rank(Z, "Z", 2, "(N, D)")
-    check_rank(W, "W", 2, "(D, K)")
-    check_float(Z, "Z")
-    check_float(W, "W")
-    (n, d), (d_w, k) = Z.shape, W.shape
-    if d != d_w:
-        raise ValueError(
-            f"`Z` and `W` must agree on the feature dimension D: `Z` has shape {tuple(Z.shape)} "
-            f"(D={d}) but `W` has shape {tuple(W.shape)} (D={d_w})"
-        )
-    if k < 1:
-        raise ValueError(f"`W` must have at least one class column, got shape {tuple(W.shape)}")
+    Z, W = check_linear(Z, W)
+    labels = as_array(labels, "labels")
+    n, k = Z.shape[0], W.shape[1]
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"`labels` must have an integer dtype, got {labels.dtype}")
     if labels.shape != (n,):

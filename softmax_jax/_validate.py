@@ -108,21 +108,14 @@ def check_finite(x: jax.Array, name: str) -> None:
         )
 
 
-def check_problem(W: Any, Z: Any, Y: Any, weights: Any, reduction: str, *, allow_none: bool = True):
-    """Validates the ``(W, Z, Y, weights, reduction)`` arguments of eq. (2).
-
-    Returns ``(W, Z, Y, weights, int_labels)`` as arrays, where ``int_labels`` says whether ``Y``
-    holds (N,) integer labels (True) or (N, K) targets (False).
-    """
-    check_reduction(reduction, allow_none=allow_none)
-    W = as_array(W, "W")
-    Z = as_array(Z, "Z")
-    Y = as_array(Y, "Y")
-    check_rank(W, "W", 2, "(D, K)")
+def check_linear(Z: Any, W: Any) -> tuple[jax.Array, jax.Array]:
+    """Features ``Z`` (N, D) and weights ``W`` (D, K): floating, agreeing on D, with K >= 1."""
+    Z, W = as_array(Z, "Z"), as_array(W, "W")
     check_rank(Z, "Z", 2, "(N, D)")
-    check_float(W, "W")
+    check_rank(W, "W", 2, "(D, K)")
     check_float(Z, "Z")
-    (n, d), (d_w, k) = Z.shape, W.shape
+    check_float(W, "W")
+    (_, d), (d_w, k) = Z.shape, W.shape
     if d != d_w:
         raise ValueError(
             f"`Z` and `W` must agree on the feature dimension D: `Z` has shape {tuple(Z.shape)} "
@@ -130,6 +123,19 @@ def check_problem(W: Any, Z: Any, Y: Any, weights: Any, reduction: str, *, allow
         )
     if k < 1:
         raise ValueError(f"`W` must have at least one class column, got shape {tuple(W.shape)}")
+    return Z, W
+
+
+def check_problem(W: Any, Z: Any, Y: Any, weights: Any, reduction: str, *, allow_none: bool = True):
+    """Validates the ``(W, Z, Y, weights, reduction)`` arguments of eq. (2).
+
+    Returns ``(W, Z, Y, weights, int_labels)`` as arrays, where ``int_labels`` says whether ``Y``
+    holds (N,) integer labels (True) or (N, K) targets (False).
+    """
+    check_reduction(reduction, allow_none=allow_none)
+    Z, W = check_linear(Z, W)
+    Y = as_array(Y, "Y")
+    n, k = Z.shape[0], W.shape[1]
     if Y.ndim == 1:
         if not jnp.issubdtype(Y.dtype, jnp.integer):
             raise TypeError(
