@@ -1,7 +1,8 @@
 """Benchmark: training to scikit-learn's optimum, and the minibatch epoch against the GEMM floor.
 
-1. Time to optimum. For each dataset (scikit-learn's digits, standardised, 75/25 split; a
-   synthetic softmax problem, N=200000, D=256, K=20 drawn from a random "teacher" softmax model),
+1. Time to optimum. For each dataset (scikit-learn's digits, standardised and raw -- pixels
+   0..16, ill-conditioned --, 75/25 split; a synthetic softmax problem, N=200000, D=256, K=20
+   drawn from a random "teacher" softmax model),
    every method minimises ``½‖W‖² + C Σ_i NLL_i`` with ``C = 1`` (sklearn's objective) in float64:
 
    - ``sklearn-lbfgs``  ``LogisticRegression(C=1, tol=t)``;
@@ -12,8 +13,9 @@
 
    The full-batch methods are run from scratch with ``tol`` = 1e-2, 3e-3, 1e-3, ... until the
    objective is within 1e-6 (relative) of the optimum ``f*`` (the lowest objective any method
-   reached); the loosest such ``tol`` is then timed (median of 3 runs, methods interleaved round
-   by round): the *time to optimum*. The *time to accuracy* is timed likewise at the loosest
+   reached); the loosest such ``tol`` is then timed again (3 rounds, methods interleaved round by
+   round; the table shows the best of the 4 runs, the JSON also the median): the *time to
+   optimum*. The *time to accuracy* is timed likewise at the loosest
    ``tol`` whose test accuracy is within 0.5 points of the accuracy at ``f*``. Our times are warm
    (the solver is compiled once per shape; the compile time is reported apart). scikit-learn runs in a child
    process started with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset (they pin OpenBLAS to
@@ -40,8 +42,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
+    from softmax_jax._cli_bench import import_bench_package
+
+    import_bench_package(Path(__file__).resolve().parent)
 
 import numpy as np
 
@@ -76,10 +80,10 @@ def synthetic(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 def dataset(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X_train, y_train, X_test, y_test)`` in float64 for a spec from :func:`specs`."""
-    if spec["kind"] == "digits":
+    if spec["kind"] in ("digits", "digits-raw"):
         from softmax_jax._data import load_digits
 
-        ds = load_digits(test_size=0.25, seed=0, standardize=True)
+        ds = load_digits(test_size=0.25, seed=0, standardize=spec["kind"] == "digits")
         return ds.X_train, ds.y_train, ds.X_test, ds.y_test
     n, t = spec["n_train"], spec["n_test"]
     X, y = synthetic(n + t, spec["d"], spec["k"], seed=spec.get("seed", 0))
@@ -88,11 +92,12 @@ def dataset(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 def specs(quick: bool, tiny: bool) -> list[dict]:
     digits = {"name": "digits", "kind": "digits"}
+    raw = {"name": "digits-raw", "kind": "digits-raw"}  # pixels 0..16: ill-conditioned
     if tiny:
         return [{"name": "synthetic", "kind": "synthetic", "n_train": 2000, "n_test": 500, "d": 16, "k": 4}]  # fmt: skip
     if quick:
         return [digits, {"name": "synthetic", "kind": "synthetic", "n_train": 20000, "n_test": 5000, "d": 64, "k": 10}]  # fmt: skip
-    return [digits, {"name": "synthetic", "kind": "synthetic", "n_train": 200000, "n_test": 50000, "d": 256, "k": 20}]  # fmt: skip
+    return [digits, raw, {"name": "synthetic", "kind": "synthetic", "n_train": 200000, "n_test": 50000, "d": 256, "k": 20}]  # fmt: skip
 
 
 def objective(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
@@ -336,6 +341,7 @@ def _fit(method: str, tol: float, sk: SklearnProcess, data) -> dict:
 def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict, list[dict]]:
     """Time to optimum / to accuracy on one dataset: explore the tolerances, then time the
     loosest sufficient one of each method ``rounds`` times, methods interleaved."""
+    load_before = C.load_average()
     data = dataset(spec)
     Xtr, ytr, Xte, yte = data
     name = spec["name"]
@@ -373,14 +379,21 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
                     m[f"times_{which}"].append(_fit(method, tol, sk, data)["seconds"])
     for method, m in methods.items():
         for which in ("optimum", "accuracy"):
-            times = m[f"times_{which}"]
-            m[f"time_to_{which}_s"] = statistics.median(times) if times else None
+            # all timed runs at the chosen tolerance, the exploring one included; the minimum is
+            # the table's number: other work on a shared machine only ever adds time, and hits
+            # the BLAS threads of scikit-learn (which spin-wait) much harder than XLA's
+            tol = m[f"tol_{which}"]
+            times = m[f"times_{which}"] + [r["seconds"] for r in m["explore"] if r["tol"] == tol]
+            m[f"times_{which}"] = times
+            m[f"time_to_{which}_s"] = min(times) if times else None
+            m[f"median_time_to_{which}_s"] = statistics.median(times) if times else None
         chosen = [r for r in m["explore"] if r["tol"] == m["tol_optimum"]]
         m["iterations_to_optimum"] = chosen[0]["n_iter"] if chosen else None
         if method.startswith("ours-"):
             m["compile_s"] = compile_s[method.removeprefix("ours-")]
-    epochs = 30 if spec["kind"] == "digits" else (5 if C.tiny_mode() else 15)
-    batch = 64 if spec["kind"] == "digits" else BATCH
+    small = spec["kind"] != "synthetic"
+    epochs = 30 if small else (5 if C.tiny_mode() else 15)
+    batch = 64 if small else BATCH
     adam = run_adam(Xtr, ytr, Xte, yte, epochs=epochs, batch=batch)
     hit = [t for t, a in zip(adam["cumulative_seconds"], adam["test_accuracy"]) if a >= acc_target]
     adam.update(
@@ -417,6 +430,7 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
         "accuracy_target": acc_target,
         "default_fit": default,
         "methods": methods,
+        "load_average_before_after": [load_before, C.load_average()],
     }
     return result, rows
 
@@ -441,7 +455,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         ["dataset", "method", "t_opt_s", "iters", "vs_sklearn", "t_acc_s", "acc_vs_sklearn", "compile_s"],
         title=f"time to sklearn's optimum (rel. objective <= {TARGET_REL:g}, C={C_REG}) and to "
         f"test accuracy within {ACC_SLACK * 100:g} points of the optimum's; float64; warm; "
-        f"median of {rounds}",
+        f"best of {rounds + 1}",
     )  # fmt: skip
     spec = specs(quick, tiny)[-1]  # throughput on the largest synthetic problem
     Xtr, ytr, _, _ = dataset(spec)

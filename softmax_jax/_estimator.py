@@ -72,8 +72,15 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     ``sklearn.linear_model.LogisticRegression(C=C)`` for three or more classes. For two classes
     ``coef_`` is ``w_1 − w_0`` and equals ``LogisticRegression(C=2*C).coef_`` (derivation in the
     module docstring). Gradients are the hand-written eq. (6); ``solver="newton-cg"`` uses the
-    analytic Hessian-vector product, ``"lbfgs"`` optax's L-BFGS with a zoom line search. The
-    whole solve is one compiled call; prediction runs in NumPy.
+    analytic Hessian-vector product with a Jacobi preconditioner, ``"lbfgs"`` optax's L-BFGS with
+    a zoom line search. The objective, gradients and line searches run in float64 (x64 is switched
+    on only inside ``fit``); Newton-CG's Hessian products, which only steer the search direction,
+    run in float32. The whole solve is one compiled call (compiled once per data shape; small
+    data are padded with zero-weight rows to shared sizes); prediction runs in NumPy.
+
+    Newton-CG is the default because it is robust to ill-conditioning: on the raw (unscaled)
+    digits it reaches the optimum in about 20 iterations where L-BFGS (ours or scikit-learn's)
+    needs thousands.
 
     Args:
       C: inverse penalty strength, ``> 0`` (``np.inf``: no penalty).
