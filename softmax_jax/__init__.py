@@ -6,6 +6,7 @@ The public API is re-exported here; the code lives in private modules.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._check import GradCheckReport, check_grad
+from ._checkpoint import CheckpointError
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._head import linear_cross_entropy
 from ._loss import loss
@@ -32,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CheckpointError",
     "GradCheckReport",
     "SoftmaxRegression",
     "TrainingDiverged",

@@ -45,23 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     _check.add_arguments(p_check)
     p_check.set_defaults(run=_check.run_cli)
 
-    try:
-        from . import _cli_train
-    except ImportError:  # pragma: no cover - only while the module is being written
-        _cli_train = None
-    if _cli_train is not None:
-        p_train = sub.add_parser("train", help="train softmax regression (default: sklearn digits)")
-        _cli_train.add_arguments(p_train)
-        p_train.set_defaults(run=_cli_train.run_cli)
+    from . import _cli_bench, _cli_train
 
-    try:
-        from . import _cli_bench
-    except ImportError:  # pragma: no cover
-        _cli_bench = None
-    if _cli_bench is not None:
-        p_bench = sub.add_parser("bench", help="run the benchmark suite of bench/")
-        _cli_bench.add_arguments(p_bench)
-        p_bench.set_defaults(run=_cli_bench.run_cli)
+    p_train = sub.add_parser("train", help="train softmax regression (default: sklearn digits)")
+    _cli_train.add_arguments(p_train)
+    p_train.set_defaults(run=_cli_train.run_cli)
+
+    p_bench = sub.add_parser("bench", help="run the benchmark suite of bench/")
+    _cli_bench.add_arguments(p_bench)
+    p_bench.set_defaults(run=_cli_bench.run_cli)
     return parser
 
 
@@ -80,4 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m softmax_jax._cli` runs this file as __main__, a second copy of the module whose
+    # CLIError the subcommands do not raise: dispatch through the package's copy instead.
+    from softmax_jax._cli import main as _main
+
+    sys.exit(_main())
