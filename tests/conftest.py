@@ -16,7 +16,7 @@ jax.config.update("jax_enable_x64", True)
 settings.register_profile(
     "softmax_jax",
     deadline=None,
-    max_examples=25,
+    max_examples=15,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
     print_blob=True,
 )
