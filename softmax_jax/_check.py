@@ -218,7 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated input dtypes to check (default: float64,float32,bfloat16)",
     )
     parser.add_argument("--quick", action="store_true", help="only the two smallest sizes")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -29,6 +29,16 @@ def _select_device(name: str | None) -> None:
     jax.config.update("jax_default_device", devices[0])
 
 
+def _add_device_argument(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    """``--device cpu|gpu``, shared by every subcommand and applied by :func:`main`."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help=f"JAX device to run on (default: JAX's default){extra}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softmax-jax",
@@ -43,16 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="cross-check the hand-written gradient against jax.grad, as a table"
     )
     _check.add_arguments(p_check)
+    _add_device_argument(p_check)
     p_check.set_defaults(run=_check.run_cli)
 
     from . import _cli_bench, _cli_train
 
     p_train = sub.add_parser("train", help="train softmax regression (default: sklearn digits)")
     _cli_train.add_arguments(p_train)
+    _add_device_argument(p_train)
     p_train.set_defaults(run=_cli_train.run_cli)
 
     p_bench = sub.add_parser("bench", help="run the benchmark suite of bench/")
     _cli_bench.add_arguments(p_bench)
+    _add_device_argument(p_bench, "; GPU results are saved as *_gpu.json")
     p_bench.set_defaults(run=_cli_bench.run_cli)
     return parser
 

@@ -73,12 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (and parallel where bench/parallel.py exists)",
     )
     parser.add_argument(
-        "--device",
-        choices=("cpu", "gpu"),
-        default=None,
-        help="JAX device to run on (default: JAX's default); GPU results are saved as *_gpu.json",
-    )
-    parser.add_argument(
         "--out",
         type=Path,
         default=None,

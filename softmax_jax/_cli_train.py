@@ -58,9 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--save", metavar="PATH", help="write the model to an .npz (W, b)")
     parser.add_argument("--plot", metavar="PNG", help="write loss/accuracy curves")
-    parser.add_argument(
-        "--device", choices=("cpu", "gpu"), default=None, help="JAX device (default: JAX's)"
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

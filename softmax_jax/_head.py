@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
@@ -24,11 +23,11 @@ from jax.typing import ArrayLike
 from ._validate import (
     as_array,
     check_float,
+    check_labels_values,
     check_linear,
     check_reduction,
     check_weights,
     compute_dtype,
-    is_concrete,
 )
 
 # Columns of a logits chunk handled per step of the inner (class) loops. The temporaries besides
@@ -365,21 +364,6 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size}")
 
 
-def _check_labels(labels: jax.Array, k: int) -> None:
-    """Labels in ``[0, K)`` when concrete. Read with NumPy: under an enclosing ``jax.jit`` a
-    closed-over concrete array stays concrete, but ``jnp`` reductions of it would be traced."""
-    if not is_concrete(labels) or labels.size == 0:
-        return
-    y = np.asarray(labels)
-    bad = (y < 0) | (y >= k)
-    if bad.any():
-        idx = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"`labels` must lie in [0, K) = [0, {k}), got {int(y[idx])} at index {idx} "
-            f"(min {int(y.min())}, max {int(y.max())})"
-        )
-
-
 def _static_float(x, name: str) -> float:
     try:
         return float(x)
@@ -409,7 +393,7 @@ def _check_head(Z, W, labels, bias, weights, reduction, chunk_size, label_smooth
             f"`labels` must have shape (N,) = ({n},) to match `Z` {tuple(Z.shape)}, "
             f"got {tuple(labels.shape)}"
         )
-    _check_labels(labels, k)
+    check_labels_values(labels, k, "labels")
     if bias is not None:
         bias = as_array(bias, "bias")
         check_float(bias, "bias")
