@@ -1,7 +1,8 @@
-"""Test configuration: float64 on for the whole session, seeded keys, hypothesis profile.
+"""Test configuration: JAX's default (float32) configuration, scoped x64, seeded keys, hypothesis.
 
-x64 is switched on once, before any test runs, so exactness checks can use float64; tests that
-want float32/bfloat16 create those dtypes explicitly.
+Tests run in JAX's default configuration, as users do. A test that needs float64 asks for it with
+the ``x64`` marker (``@pytest.mark.x64`` or a module-level ``pytestmark``): x64 is switched on for
+that test only and restored afterwards, even when the test fails.
 """
 
 import zlib
@@ -10,7 +11,6 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-jax.config.update("jax_enable_x64", True)
 
 # Every new shape drawn by hypothesis compiles a new XLA program: no per-example deadline.
 settings.register_profile(
@@ -21,6 +21,25 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("softmax_jax")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "x64: run this test with jax_enable_x64 on (restored after)")
+
+
+@pytest.fixture(autouse=True)
+def _scoped_x64(request):
+    """Turns x64 on for tests marked ``x64``; checks that no test leaks a global x64 change."""
+    before = jax.config.jax_enable_x64
+    if request.node.get_closest_marker("x64") is not None:
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+    after = jax.config.jax_enable_x64
+    if after != before:
+        jax.config.update("jax_enable_x64", before)
+        pytest.fail(f"the test left jax_enable_x64={after} (was {before})")
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ from helpers import problem
 import softmax_jax as sj
 from softmax_jax import _check, _cli
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 
 @pytest.mark.parametrize("dtype", (jnp.float64, jnp.float32, jnp.bfloat16))
 @pytest.mark.parametrize("labels", ("integer", "soft", "unnormalised"))

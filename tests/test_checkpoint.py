@@ -15,6 +15,9 @@ import pytest
 from softmax_jax._checkpoint import CheckpointError
 from softmax_jax._train import TrainingDiverged, fit
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 # The console script `softmax-jax`, run by this interpreter.
 CLI = [sys.executable, "-c", "import sys; from softmax_jax._cli import main; sys.exit(main())"]
 

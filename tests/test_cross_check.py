@@ -14,6 +14,9 @@ from jax.test_util import check_grads
 
 import softmax_jax as sj
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 LABELS = ("integer", "one-hot", "soft", "unnormalised")
 
 

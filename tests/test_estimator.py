@@ -17,6 +17,9 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from softmax_jax._estimator import SoftmaxRegression, _bucket_samples
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 
 def sklearn_objective(coef, intercept, X, y, C, sample_weight=None):
     """½‖coef‖² + C Σ s_i NLL_i in float64, for softmax (K, D) coefficients."""

@@ -17,6 +17,9 @@ from jax.test_util import check_grads
 from softmax_jax import _head
 from softmax_jax._head import linear_cross_entropy
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 # The gradients must equal the unfused reference to 1e-10 relative in float64 (the bar);
 # they agree to ~1e-15, so the helper's float64 tolerance (1e-12) is used where nothing says more.
 RTOL64 = 1e-10

@@ -9,6 +9,9 @@ from helpers import problem
 
 import softmax_jax as sj
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 
 def numpy_loss(W, Z, Y, s=None):
     """Eq. (2) in plain float64 NumPy, per sample (no weights applied when s is None)."""

@@ -29,6 +29,9 @@ from jax.sharding import Mesh
 from softmax_jax._head import linear_cross_entropy
 from softmax_jax._parallel import sharded_linear_cross_entropy
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TIMEOUT = 240  # seconds per worker process: generous for a loaded 2-core machine
 

@@ -5,6 +5,9 @@ import re
 
 import pytest
 
+# TODO(issue 10): float64 NumPy input warns under the default configuration; until fixed, x64.
+pytestmark = pytest.mark.x64
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 

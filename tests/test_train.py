@@ -15,6 +15,9 @@ import softmax_jax as sj
 from softmax_jax import _train
 from softmax_jax._train import TrainingDiverged, fit, make_optimizer
 
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
 
 def blobs(n=90, d=4, k=3, seed=0, dtype=np.float64, sep=2.0):
     """Gaussian blobs, one per class: an easy, non-separable problem."""
