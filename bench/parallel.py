@@ -50,9 +50,9 @@ def _api(name: str):
 
     if hasattr(sj, name):
         return getattr(sj, name)
-    from softmax_jax import _head, _parallel, _train
+    from softmax_jax import _fit, _head, _parallel
 
-    for mod in (_parallel, _head, _train):
+    for mod in (_parallel, _head, _fit):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise AttributeError(name)

@@ -243,7 +243,7 @@ def run_default(Xtr, ytr) -> dict:
 
 def run_adam(Xtr, ytr, Xte, yte, *, epochs: int, batch: int) -> dict:
     """Adam minibatches in float32: cumulative training seconds and test accuracy per epoch."""
-    from softmax_jax._train import fit
+    from softmax_jax import fit
 
     n = Xtr.shape[0]
     kw = dict(optimizer="adam", batch_size=min(batch, n), l2=1.0 / (C_REG * n), progress=False)
@@ -266,13 +266,13 @@ def throughput(X: np.ndarray, y: np.ndarray, k: int, *, rounds: int, batch: int)
     import jax
     import jax.numpy as jnp
 
-    from softmax_jax import _train
+    from softmax_jax import _minibatch, _placement
 
     n, d = X.shape
     dev = C.default_device()
     Xf = X.astype(np.float32)
-    data = _train._place(Xf, y, None, fit_intercept=True, dtype=np.float32, device=dev)
-    opt = _train.make_optimizer("adam")
+    data = _placement.place(Xf, y, None, fit_intercept=True, dtype=np.float32, device=dev)
+    opt = _minibatch.make_optimizer("adam")
     params = jax.device_put(
         {"W": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}, dev
     )
@@ -281,7 +281,7 @@ def throughput(X: np.ndarray, y: np.ndarray, k: int, *, rounds: int, batch: int)
     key = jax.random.key(0)
 
     def epoch():
-        return _train._minibatch_epoch(params, state, data, l2, key, opt=opt, batch_size=batch)
+        return _minibatch.minibatch_epoch(params, state, data, l2, key, opt=opt, batch_size=batch)
 
     Z = jax.device_put(Xf, dev)
     W = jnp.zeros((d, k), jnp.float32)

@@ -7,11 +7,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._check import GradCheckReport, check_grad
 from ._checkpoint import CheckpointError
+from ._fit import TrainingDiverged, fit
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._head import linear_cross_entropy
 from ._loss import loss
 from ._parallel import sharded_linear_cross_entropy
-from ._train import TrainingDiverged, fit
 
 try:
     __version__ = version("softmax-jax")

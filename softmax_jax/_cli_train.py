@@ -14,7 +14,8 @@ import sys
 import numpy as np
 
 from ._cli import CLIError
-from ._train import FULL_BATCH_SOLVERS, OPTIMIZERS
+from ._minibatch import OPTIMIZERS
+from ._solvers import FULL_BATCH_SOLVERS
 
 DEFAULT_EPOCHS = 30
 DEFAULT_BATCH_SIZE = 64
@@ -144,7 +145,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     from ._check import check_grad
     from ._checkpoint import CheckpointError
-    from ._train import TrainingDiverged, fit
+    from ._fit import TrainingDiverged, fit
 
     full = args.optimizer in FULL_BATCH_SOLVERS
     batch_size = args.batch_size if args.batch_size is not None else None

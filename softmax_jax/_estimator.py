@@ -1,4 +1,4 @@
-r"""``SoftmaxRegression``: a scikit-learn classifier on the full-batch solvers of ``_train``.
+r"""``SoftmaxRegression``: a scikit-learn classifier on the full-batch solvers of ``_solvers``.
 
 Objective: with ``C`` as in :class:`sklearn.linear_model.LogisticRegression` (scikit-learn ≥ 1.5,
 multinomial loss, L2 penalty) and sample weights ``s_i`` (``sample_weight`` times
@@ -41,7 +41,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._train import _SOLVERS, _place, solve
+from ._placement import place
+from ._solvers import SOLVERS, solve
 
 __all__ = ["SoftmaxRegression"]
 
@@ -129,8 +130,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> None:
         if not isinstance(self.C, numbers.Real) or not self.C > 0:
             raise ValueError(f"`C` must be a float > 0 (np.inf for no penalty), got {self.C!r}")
-        if self.solver not in _SOLVERS:
-            raise ValueError(f"`solver` must be one of {sorted(_SOLVERS)}, got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {self.solver!r}")
         if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise ValueError(f"`max_iter` must be an integer >= 1, got {self.max_iter!r}")
         if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
@@ -180,7 +181,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         if m == n and np.all(sw == 1):
             sw = None  # unit weights: the unweighted passes are cheaper
         with jax.enable_x64(True):
-            data = _place(
+            data = place(
                 X,
                 y_enc,
                 sw,

@@ -179,7 +179,7 @@ def _fit():
 
         return sj.fit
     except AttributeError:  # not re-exported yet
-        from softmax_jax._train import fit
+        from softmax_jax import fit
 
         return fit
 

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from softmax_jax import TrainingDiverged, fit
 from softmax_jax._checkpoint import CheckpointError
-from softmax_jax._train import TrainingDiverged, fit
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64

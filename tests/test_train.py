@@ -12,8 +12,16 @@ import optax
 import pytest
 
 import softmax_jax as sj
-from softmax_jax import _train
-from softmax_jax._train import TrainingDiverged, fit, make_optimizer
+from softmax_jax import TrainingDiverged, _objective, fit
+from softmax_jax._minibatch import make_optimizer, permutation
+from softmax_jax._objective import (
+    TrainData,
+    chunk_rows,
+    data_vg,
+    hessian_diag,
+    hessian_vp,
+    objective_vg,
+)
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64
@@ -44,7 +52,7 @@ def reference_epochs(Z, y, *, opt, epochs, batch_size, l2, seed):
     state = opt.init(params)
     Z1 = jnp.concatenate([jnp.asarray(Z), jnp.ones((n, 1))], axis=1)
     for epoch in range(1, epochs + 1):
-        perm = np.asarray(_train.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n))
+        perm = np.asarray(permutation(jax.random.fold_in(jax.random.key(seed), epoch), n))
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]  # the last batch is partial
             W1 = jnp.concatenate([params["W"], params["b"][None]], axis=0)
@@ -137,15 +145,15 @@ def test_solvers_agree_with_sample_weights_as_repetitions():
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_chunked_pass_with_remainder_matches_one_pass(getkey, monkeypatch, weighted):
-    monkeypatch.setattr(_train, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and a remainder of 5
+    monkeypatch.setattr(_objective, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and a remainder of 5
     n, d, k = 45, 3, 4
     W1 = jax.random.normal(getkey(), (d, k))
     Z = jax.random.normal(getkey(), (n, d))
     y = jax.random.randint(getkey(), (n,), 0, k)
     s = jax.random.uniform(getkey(), (n,)) if weighted else None
     b = jax.random.normal(getkey(), (k,))
-    assert _train.chunk_rows(n) == 8
-    v, g = _train._data_vg({"W": W1, "b": b}, _train._Data(Z, y, s))
+    assert chunk_rows(n) == 8
+    v, g = data_vg({"W": W1, "b": b}, TrainData(Z, y, s))
     # reference: sj.value_and_grad on Z augmented with ones, [W; b]
     Z1, Wb = jnp.concatenate([Z, jnp.ones((n, 1))], 1), jnp.concatenate([W1, b[None]], 0)
     ref_v, ref_G = sj.value_and_grad(Wb, Z1, y, weights=s, reduction="mean")
@@ -156,9 +164,9 @@ def test_chunked_pass_with_remainder_matches_one_pass(getkey, monkeypatch, weigh
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
 def test_permutation_is_a_permutation(n):
-    p = np.asarray(_train.permutation(jax.random.key(n), n))
+    p = np.asarray(permutation(jax.random.key(n), n))
     np.testing.assert_array_equal(np.sort(p), np.arange(n))
-    q = np.asarray(_train.permutation(jax.random.key(n + 1), n))
+    q = np.asarray(permutation(jax.random.key(n + 1), n))
     assert n < 3 or not np.array_equal(p, q)
 
 
@@ -166,7 +174,7 @@ def test_permutation_positions_are_uniform():
     # where each element lands, over 20000 keys: uniform up to multinomial noise
     n, draws = 12, 20000
     keys = jax.random.split(jax.random.key(0), draws)
-    P = np.asarray(jax.jit(jax.vmap(lambda k: _train.permutation(k, n)))(keys))
+    P = np.asarray(jax.jit(jax.vmap(lambda k: permutation(k, n)))(keys))
     counts = np.stack([np.bincount(P[:, i], minlength=n) for i in range(n)]) / (draws / n)
     noise = np.sqrt(n / draws)  # relative sd of one count
     assert counts.std() < 1.5 * noise and np.abs(counts - 1).max() < 6 * noise
@@ -202,14 +210,14 @@ def test_objective_gradient_hvp_and_diagonal_with_bias_match_autodiff(getkey):
     s = jax.random.uniform(getkey(), (n,))
     # float64 Hessian operands here (fit and the estimator use float32 ones)
     Zh = jnp.concatenate([Z, jnp.ones((n, 1))], 1)
-    data = _train._Data(Z, y, s, Zh, Zh * Zh)
+    data = TrainData(Z, y, s, Zh, Zh * Zh)
 
     @jax.jit
     def ours(params, V, data):
-        value, grad = _train._objective_vg(params, data, l2)
-        auto = jax.grad(_train._objective)(params, data, l2)  # custom_vjp: the hand-written grad
-        hv = _train._hessian_vp(params, V, data, l2)
-        return value, grad, auto, hv, _train._hessian_diag(params, data, l2)
+        value, grad = objective_vg(params, data, l2)
+        auto = jax.grad(_objective.objective)(params, data, l2)  # custom_vjp: the hand-written grad
+        hv = hessian_vp(params, V, data, l2)
+        return value, grad, auto, hv, hessian_diag(params, data, l2)
 
     @jax.jit
     def reference(params, V):

@@ -1,0 +1,373 @@
+"""``fit``: softmax regression trained with optax minibatches or a full-batch solver."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
+from ._objective import Params, evaluate
+from ._placement import data_parallel, place, resolve_device
+from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
+from ._validate import check_training_data, compute_dtype
+
+__all__ = ["TrainingDiverged", "fit"]
+
+History = dict[str, list]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite.
+
+    Attributes:
+      epoch: the epoch (1-based) whose loss was not finite.
+      params: the parameters after the last good epoch (the initial ones if it was the first).
+      history: the metrics of the good epochs.
+    """
+
+    def __init__(self, message: str, *, epoch: int, params: Params, history: History):
+        super().__init__(message)
+        self.epoch = epoch
+        self.params = params
+        self.history = history
+
+
+def _init_params(init_params, d: int, k: int, fit_intercept: bool, dtype) -> Params:
+    if init_params is None:
+        params = {"W": jnp.zeros((d, k), dtype)}
+        if fit_intercept:
+            params["b"] = jnp.zeros((k,), dtype)
+        return params
+    if not isinstance(init_params, dict) or "W" not in init_params:
+        raise TypeError(f"`init_params` must be a dict with 'W' (and 'b'), got {init_params!r}")
+    W = jnp.asarray(init_params["W"], dtype)
+    if W.shape != (d, k):
+        raise ValueError(f"`init_params['W']` must have shape (D, K) = {(d, k)}, got {W.shape}")
+    params = {"W": W}
+    if fit_intercept:
+        b = jnp.asarray(init_params.get("b", np.zeros(k)), dtype)
+        if b.shape != (k,):
+            raise ValueError(f"`init_params['b']` must have shape (K,) = ({k},), got {b.shape}")
+        params["b"] = b
+    return params
+
+
+def _describe_optimizer(optimizer, learning_rate) -> str:
+    if isinstance(optimizer, str):
+        lr = learning_rate
+        if lr is None and optimizer in OPTIMIZERS:
+            lr = OPTIMIZERS[optimizer][1]
+        return optimizer if lr is None else f"{optimizer}(lr={lr if not callable(lr) else 'fn'})"
+    return f"custom {type(optimizer).__name__}"
+
+
+def _output(params: Params, k: int) -> Params:
+    out = {"W": params["W"]}
+    out["b"] = params["b"] if "b" in params else jnp.zeros((k,), params["W"].dtype)
+    return out
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar without it
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="epoch", dynamic_ncols=True)
+
+
+def fit(
+    Z: ArrayLike,
+    y: ArrayLike,
+    *,
+    optimizer: str | optax.GradientTransformation = "adam",
+    learning_rate: float | optax.Schedule | None = None,
+    epochs: int = 10,
+    batch_size: int | None = None,
+    l2: float = 0.0,
+    fit_intercept: bool = True,
+    sample_weight: ArrayLike | None = None,
+    num_classes: int | None = None,
+    init_params: Params | None = None,
+    seed: int = 0,
+    tol: float | None = None,
+    eval_data: tuple[ArrayLike, ArrayLike] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    max_to_keep: int = 3,
+    progress: bool = True,
+    callback: Callable[[int, Params, dict], bool | None] | None = None,
+    device: str | jax.Device | None = None,
+    mesh: Any = None,
+) -> tuple[Params, History]:
+    r"""Trains softmax regression with optax and the hand-written gradient of eq. (6).
+
+    Minimises the weighted mean negative log-likelihood plus an L2 penalty on ``W``:
+
+    .. math::
+
+        f(W, b) = \frac{\sum_i s_i \big(\log \sum_k e^{a_{ik}} - a_{i y_i}\big)}{\sum_i s_i}
+                  + \frac{\lambda}{2} \|W\|_F^2, \qquad a_i = z_i W + b
+
+    (``λ`` = ``l2``; the bias is not penalised). Each step calls the hand-written value and
+    gradient (eq. (6), on ``Z`` augmented with a ones column for the bias), never ``jax.grad``.
+
+    Minibatch optimizers (any optax ``GradientTransformation``, schedules included, or a name in
+    :data:`OPTIMIZERS`): each epoch is one compiled call that draws a permutation (a keyed
+    Feistel network, :func:`permutation`) from ``fold_in(key(seed), epoch)`` and ``lax.scan``-s
+    over the batches; the last partial batch is
+    padded with zero-weight samples, so every sample is seen once per epoch. Full-batch solvers
+    (``"lbfgs"``: optax L-BFGS with its zoom line search; ``"newton-cg"``: truncated Newton with the
+    analytic Hessian-vector product :func:`softmax_jax.hvp`) do one iteration per epoch and stop
+    early when ``max |∇f| <= tol``.
+
+    With ``checkpoint_dir`` the state (parameters, optimizer state, epoch, RNG key, history) is
+    saved with orbax-checkpoint after every ``checkpoint_every`` epochs (atomically; the last
+    ``max_to_keep`` are kept), and a call with the same directory resumes from the latest
+    checkpoint, ending with the same parameters as an uninterrupted run. A checkpoint written by a
+    different configuration raises :class:`softmax_jax._checkpoint.CheckpointError`; an unreadable
+    one falls back to the previous one with a warning.
+
+    Args:
+      Z: features ``(N, D)``, finite. float64 stays float64 when x64 is enabled; bfloat16/float16
+        are trained in float32.
+      y: integer class indices ``(N,)`` in ``[0, K)``, at least two distinct classes.
+      optimizer: an optax transformation or one of ``"sgd"``, ``"momentum"``, ``"nesterov"``,
+        ``"adam"``, ``"adamw"``, ``"nadam"``, ``"adabelief"``, ``"adagrad"``, ``"rmsprop"``,
+        ``"lion"``, ``"lbfgs"``, ``"newton-cg"``.
+      learning_rate: float or optax schedule for a named optimizer (default per optimizer, see
+        :data:`OPTIMIZERS`); ``None`` for the full-batch solvers (line searches choose the step).
+      epochs: total number of epochs (iterations for the full-batch solvers), counting those
+        restored from a checkpoint.
+      batch_size: minibatch size (default 256; ``>= N`` means one batch); ``None`` for the
+        full-batch solvers.
+      l2: ``λ >= 0``, the penalty on ``W``.
+      fit_intercept: learn the bias ``b`` (otherwise ``b = 0``).
+      sample_weight: ``(N,)`` non-negative weights ``s``.
+      num_classes: ``K`` (default ``max(y) + 1``).
+      init_params: starting ``{"W": (D, K), "b": (K,)}`` (default zeros).
+      seed: seeds the shuffling.
+      tol: full-batch solvers only: stop when ``max |∇f| <= tol``.
+      eval_data: ``(Z_eval, y_eval)`` evaluated after every epoch.
+      checkpoint_dir: directory for orbax checkpoints; resumes from it if it holds one.
+      checkpoint_every: save every this many epochs (and after the last one).
+      max_to_keep: number of checkpoints kept.
+      progress: show a tqdm progress bar (``tqdm.auto``: a widget in notebooks).
+      callback: ``callback(epoch, params, record)`` after each epoch; returning ``True`` stops.
+      device: ``"cpu"``, ``"gpu"`` or a ``jax.Device`` (default: JAX's default device); the data
+        are placed there once.
+      mesh: a ``jax.sharding.Mesh`` with an axis ``"data"`` (over the devices of every process
+        after ``jax.distributed.initialize()``): data-parallel training. Each minibatch is split
+        over ``"data"`` (padded with zero-weight samples to a multiple of its size), ``W`` and
+        ``b`` are replicated, and the gradient is summed across devices by XLA; the full-batch
+        solvers split all rows. Same result as one device, to rounding. Excludes ``device``.
+
+    Returns:
+      ``(params, history)``: ``params = {"W": (D, K), "b": (K,)}`` and ``history``, a dict of
+      per-epoch lists: ``epoch``, ``loss`` (the objective ``f``; for minibatches the running mean
+      over the epoch's batches), ``train_accuracy`` (likewise), ``eval_loss``/``eval_accuracy``
+      (mean NLL and accuracy on ``eval_data``, ``None`` without it), ``seconds`` (wall time of the
+      epoch's computation) and, for full-batch solvers, ``grad_max``.
+
+    Raises:
+      ValueError / TypeError: bad data (NaN/inf, empty, mismatched lengths, one class, labels out
+        of range) or arguments, naming the argument.
+      TrainingDiverged: the loss became NaN/inf; the message names the epoch, the exception holds
+        the last good parameters and the checkpoint directory keeps the last good checkpoint.
+
+    Examples:
+      >>> import numpy as np, softmax_jax as sj
+      >>> rng = np.random.default_rng(0)
+      >>> Z = rng.normal(size=(200, 5)).astype(np.float32); y = (Z[:, 0] > 0).astype(np.int32)
+      >>> params, history = sj.fit(Z, y, epochs=5, batch_size=32, progress=False)
+      >>> params["W"].shape, len(history["loss"])
+      ((5, 2), 5)
+    """
+    dp = data_parallel(mesh)
+    if dp is not None and device is not None:
+        raise ValueError(f"`device` must be None when `mesh` is given, got {device!r}")
+    if not isinstance(epochs, int | np.integer) or epochs < 0:
+        raise ValueError(f"`epochs` must be a non-negative integer, got {epochs!r}")
+    if not (isinstance(l2, int | float | np.floating) and l2 >= 0 and math.isfinite(l2)):
+        raise ValueError(f"`l2` must be a finite float >= 0, got {l2!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"`checkpoint_every` must be >= 1, got {checkpoint_every}")
+    Zh, yh, sw, k = check_training_data(Z, y, sample_weight=sample_weight, num_classes=num_classes)
+    n, d = Zh.shape
+    dtype = compute_dtype(Zh.dtype)
+    full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_SOLVERS
+    if full_batch:
+        if batch_size is not None and batch_size < n:
+            raise ValueError(
+                f"`batch_size` must be None (or >= N = {n}) for the full-batch solver "
+                f"{optimizer!r}, got {batch_size}"
+            )
+        if learning_rate is not None:
+            raise ValueError(
+                f"`learning_rate` must be None for {optimizer!r}: its line search picks the "
+                f"step, got {learning_rate!r}"
+            )
+        opt = None
+    else:
+        if tol is not None:
+            raise ValueError(f"`tol` applies to the full-batch solvers only, got tol={tol}")
+        opt = make_optimizer(optimizer, learning_rate)
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        batch_size = int(min(batch_size, n))
+    dev = resolve_device(device) if dp is None else dp
+    put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
+    data = place(
+        Zh,
+        yh,
+        sw,
+        fit_intercept=fit_intercept,
+        dtype=dtype,
+        device=dev,
+        hessian_dtype=np.float32 if optimizer == "newton-cg" else None,
+        # Full batch on a mesh: the rows split over "data", padded with zero-weight rows.
+        shape=(dp.padded(n), d) if dp is not None and full_batch else None,
+        split_rows=dp is not None and full_batch,
+    )
+    eval_dev = None
+    if eval_data is not None:
+        if not (isinstance(eval_data, tuple | list) and len(eval_data) == 2):
+            raise TypeError("`eval_data` must be a pair (Z_eval, y_eval)")
+        Ze, ye, _, _ = _check_eval(eval_data, d, k)
+        eval_dev = place(Ze, ye, None, fit_intercept=fit_intercept, dtype=dtype, device=dev)
+    params = put(_init_params(init_params, d, k, fit_intercept, dtype))
+    l2_dev = jnp.asarray(l2, dtype)
+    base_key = jax.random.key(seed)
+
+    if full_batch:
+        state: Any = jax.jit(SOLVERS[optimizer][0])(params, data, l2_dev)
+    else:
+        state = (params, opt.init(params))
+    # Committed to the device and strongly typed like the epoch's outputs, so that epoch 2 does
+    # not compile again.
+    state = put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
+    history: History = {
+        "epoch": [],
+        "loss": [],
+        "train_accuracy": [],
+        "eval_loss": [],
+        "eval_accuracy": [],
+        "seconds": [],
+    }
+    if full_batch:
+        history["grad_max"] = []
+
+    ckpt = None
+    start = 0
+    if checkpoint_dir is not None:
+        from ._checkpoint import Checkpointer
+
+        fingerprint = {
+            "n_samples": n,
+            "n_features": d,
+            "n_classes": k,
+            "fit_intercept": bool(fit_intercept),
+            "optimizer": _describe_optimizer(optimizer, learning_rate),
+            "batch_size": None if full_batch else batch_size,
+            "l2": float(l2),
+            "seed": int(seed),
+            "dtype": np.dtype(dtype).name,
+            "weighted": sw is not None,
+        }
+        ckpt = Checkpointer(checkpoint_dir, fingerprint=fingerprint, max_to_keep=max_to_keep)
+        target = {"state": state, "rng": jax.random.key_data(base_key)}
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            start, tree, history = restored
+            state = put(tree["state"])
+            base_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+
+    def current_params() -> Params:
+        return state.params if full_batch else state[0]
+
+    bar = _progress_bar(progress, epochs, min(start, epochs))
+    try:
+        for epoch in range(start + 1, epochs + 1):
+            t0 = time.perf_counter()
+            if full_batch:
+                new_state, acc, gmax = full_batch_epoch(state, data, l2_dev, solver=optimizer)
+                loss = float(new_state.value)
+                acc, gmax = float(acc), float(gmax)
+            else:
+                key = jax.random.fold_in(base_key, epoch)
+                p, o, loss, acc = minibatch_epoch(
+                    state[0], state[1], data, l2_dev, key, opt=opt, batch_size=batch_size, dp=dp
+                )
+                new_state = (p, o)
+                loss, acc = float(loss), float(acc)
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                where = "" if ckpt is None else f" and the checkpoint in {ckpt.directory}"
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}: the loss is {loss}; the returned "
+                    f"parameters{where} are from epoch {epoch - 1}, the last good one "
+                    "(try a smaller learning rate)",
+                    epoch=epoch,
+                    params=_output(current_params(), k),
+                    history=history,
+                )
+            state = new_state
+            record = {"epoch": epoch, "loss": loss, "train_accuracy": acc, "seconds": seconds}
+            record["eval_loss"] = record["eval_accuracy"] = None
+            if eval_dev is not None:
+                el, ea = evaluate(current_params(), eval_dev)
+                record["eval_loss"], record["eval_accuracy"] = float(el), float(ea)
+            if full_batch:
+                record["grad_max"] = gmax
+            for key_, value in record.items():
+                history[key_].append(value)
+            stop = (
+                bool(callback(epoch, _output(current_params(), k), record)) if callback else False
+            )
+            converged = full_batch and tol is not None and gmax <= tol
+            stalled = full_batch and bool(state.stalled)
+            last = epoch == epochs or stop or converged or stalled
+            if ckpt is not None and (epoch % checkpoint_every == 0 or last):
+                ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
+            if bar is not None:
+                post = {"loss": f"{loss:.4f}", "acc": f"{acc:.3f}"}
+                if record["eval_accuracy"] is not None:
+                    post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if last:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    return _output(current_params(), k), history
+
+
+def _check_eval(eval_data, d: int, k: int):
+    Ze, ye, _, _ = check_training_data(
+        eval_data[0],
+        eval_data[1],
+        num_classes=k,
+        min_classes=1,
+        z_name="eval_data[0]",
+        y_name="eval_data[1]",
+    )
+    if Ze.shape[1] != d:
+        raise ValueError(
+            f"`eval_data[0]` must have D = {d} features like `Z`, got shape {Ze.shape}"
+        )
+    return Ze, ye, None, k
