@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +195,87 @@ def fit(
       ((5, 2), 5)
     """
     dp = data_parallel(mesh)
+    _check_fit_args(device, dp, epochs, l2, checkpoint_every)
+    Zh, yh, sw, k = check_training_data(Z, y, sample_weight=sample_weight, num_classes=num_classes)
+    n, d = Zh.shape
+    dtype = compute_dtype(Zh.dtype)
+    plan = _plan(optimizer, learning_rate, batch_size, tol, n)
+    dev = resolve_device(device) if dp is None else dp
+    put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
+    data = place(
+        Zh,
+        yh,
+        sw,
+        fit_intercept=fit_intercept,
+        dtype=dtype,
+        device=dev,
+        hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
+        # Full batch on a mesh: the rows split over "data", padded with zero-weight rows.
+        shape=(dp.padded(n), d) if dp is not None and plan.full_batch else None,
+        split_rows=dp is not None and plan.full_batch,
+    )
+    eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
+    params = put(_init_params(init_params, d, k, fit_intercept, dtype))
+    l2_dev = jnp.asarray(l2, dtype)
+    state = _initial_state(plan, params, data, l2_dev, put)
+    base_key = jax.random.key(seed)
+    history = _new_history(plan.full_batch)
+
+    ckpt, start = None, 0
+    if checkpoint_dir is not None:
+        fingerprint = {
+            "n_samples": n,
+            "n_features": d,
+            "n_classes": k,
+            "fit_intercept": bool(fit_intercept),
+            "optimizer": _describe_optimizer(optimizer, learning_rate),
+            "batch_size": None if plan.full_batch else plan.batch_size,
+            "l2": float(l2),
+            "seed": int(seed),
+            "dtype": np.dtype(dtype).name,
+            "weighted": sw is not None,
+        }
+        ckpt, restored = _open_checkpoint(checkpoint_dir, fingerprint, max_to_keep, state, base_key)
+        if restored is not None:
+            start, state, base_key, history = restored
+            state = put(state)
+
+    bar = _progress_bar(progress, epochs, min(start, epochs))
+    try:
+        for epoch in range(start + 1, epochs + 1):
+            t0 = time.perf_counter()
+            new_state, loss, acc, gmax = _run_epoch(plan, state, data, l2_dev, base_key, epoch, dp)
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise _diverged(epoch, loss, _output(plan.params(state), k), history, ckpt)
+            state = new_state
+            record = _record(plan, state, epoch, loss, acc, gmax, seconds, eval_dev)
+            for key_, value in record.items():
+                history[key_].append(value)
+            stop = (
+                bool(callback(epoch, _output(plan.params(state), k), record)) if callback else False
+            )
+            converged = plan.full_batch and tol is not None and gmax <= tol
+            stalled = plan.full_batch and bool(state.stalled)
+            last = epoch == epochs or stop or converged or stalled
+            if ckpt is not None and (epoch % checkpoint_every == 0 or last):
+                ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
+            _update_bar(bar, record)
+            if last:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    return _output(plan.params(state), k), history
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of fit.
+
+
+def _check_fit_args(device, dp, epochs, l2, checkpoint_every) -> None:
     if dp is not None and device is not None:
         raise ValueError(f"`device` must be None when `mesh` is given, got {device!r}")
     if not isinstance(epochs, int | np.integer) or epochs < 0:
@@ -203,11 +284,25 @@ def fit(
         raise ValueError(f"`l2` must be a finite float >= 0, got {l2!r}")
     if checkpoint_every < 1:
         raise ValueError(f"`checkpoint_every` must be >= 1, got {checkpoint_every}")
-    Zh, yh, sw, k = check_training_data(Z, y, sample_weight=sample_weight, num_classes=num_classes)
-    n, d = Zh.shape
-    dtype = compute_dtype(Zh.dtype)
-    full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_SOLVERS
-    if full_batch:
+
+
+class _Plan(NamedTuple):
+    """How the epochs run: a full-batch ``solver``, or minibatches of ``opt`` of ``batch_size``."""
+
+    solver: str | None
+    opt: optax.GradientTransformation | None
+    batch_size: int | None
+
+    @property
+    def full_batch(self) -> bool:
+        return self.solver is not None
+
+    def params(self, state) -> Params:
+        return state.params if self.full_batch else state[0]
+
+
+def _plan(optimizer, learning_rate, batch_size, tol, n: int) -> _Plan:
+    if isinstance(optimizer, str) and optimizer in FULL_BATCH_SOLVERS:
         if batch_size is not None and batch_size < n:
             raise ValueError(
                 f"`batch_size` must be None (or >= N = {n}) for the full-batch solver "
@@ -218,143 +313,97 @@ def fit(
                 f"`learning_rate` must be None for {optimizer!r}: its line search picks the "
                 f"step, got {learning_rate!r}"
             )
-        opt = None
+        return _Plan(optimizer, None, None)
+    if tol is not None:
+        raise ValueError(f"`tol` applies to the full-batch solvers only, got tol={tol}")
+    opt = make_optimizer(optimizer, learning_rate)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    return _Plan(None, opt, int(min(batch_size, n)))
+
+
+def _place_eval(eval_data, d: int, k: int, *, fit_intercept: bool, dtype, device):
+    if eval_data is None:
+        return None
+    if not (isinstance(eval_data, tuple | list) and len(eval_data) == 2):
+        raise TypeError("`eval_data` must be a pair (Z_eval, y_eval)")
+    Ze, ye, _, _ = _check_eval(eval_data, d, k)
+    return place(Ze, ye, None, fit_intercept=fit_intercept, dtype=dtype, device=device)
+
+
+def _initial_state(plan: _Plan, params: Params, data, l2, put):
+    """The solver's state, or ``(params, opt_state)``; committed to the device and strongly typed
+    like the epoch's outputs, so that epoch 2 does not compile again."""
+    if plan.full_batch:
+        state: Any = jax.jit(SOLVERS[plan.solver][0])(params, data, l2)
     else:
-        if tol is not None:
-            raise ValueError(f"`tol` applies to the full-batch solvers only, got tol={tol}")
-        opt = make_optimizer(optimizer, learning_rate)
-        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        batch_size = int(min(batch_size, n))
-    dev = resolve_device(device) if dp is None else dp
-    put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
-    data = place(
-        Zh,
-        yh,
-        sw,
-        fit_intercept=fit_intercept,
-        dtype=dtype,
-        device=dev,
-        hessian_dtype=np.float32 if optimizer == "newton-cg" else None,
-        # Full batch on a mesh: the rows split over "data", padded with zero-weight rows.
-        shape=(dp.padded(n), d) if dp is not None and full_batch else None,
-        split_rows=dp is not None and full_batch,
+        state = (params, plan.opt.init(params))
+    return put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
+
+
+def _new_history(full_batch: bool) -> History:
+    keys = ["epoch", "loss", "train_accuracy", "eval_loss", "eval_accuracy", "seconds"]
+    return {key: [] for key in keys + (["grad_max"] if full_batch else [])}
+
+
+def _open_checkpoint(directory, fingerprint: dict, max_to_keep: int, state, base_key):
+    """The :class:`Checkpointer` of ``directory`` and, if it holds a checkpoint of this run,
+    ``(epoch, state, key, history)`` restored from it (else ``None``)."""
+    from ._checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, fingerprint=fingerprint, max_to_keep=max_to_keep)
+    restored = ckpt.restore_latest({"state": state, "rng": jax.random.key_data(base_key)})
+    if restored is None:
+        return ckpt, None
+    start, tree, history = restored
+    key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+    return ckpt, (start, tree["state"], key, history)
+
+
+def _run_epoch(plan: _Plan, state, data, l2, base_key, epoch: int, dp):
+    """One epoch: ``(new_state, loss, train_accuracy, max|∇f| or None)`` as Python floats."""
+    if plan.full_batch:
+        new_state, acc, gmax = full_batch_epoch(state, data, l2, solver=plan.solver)
+        return new_state, float(new_state.value), float(acc), float(gmax)
+    key = jax.random.fold_in(base_key, epoch)
+    p, o, loss, acc = minibatch_epoch(
+        state[0], state[1], data, l2, key, opt=plan.opt, batch_size=plan.batch_size, dp=dp
     )
-    eval_dev = None
-    if eval_data is not None:
-        if not (isinstance(eval_data, tuple | list) and len(eval_data) == 2):
-            raise TypeError("`eval_data` must be a pair (Z_eval, y_eval)")
-        Ze, ye, _, _ = _check_eval(eval_data, d, k)
-        eval_dev = place(Ze, ye, None, fit_intercept=fit_intercept, dtype=dtype, device=dev)
-    params = put(_init_params(init_params, d, k, fit_intercept, dtype))
-    l2_dev = jnp.asarray(l2, dtype)
-    base_key = jax.random.key(seed)
+    return (p, o), float(loss), float(acc), None
 
-    if full_batch:
-        state: Any = jax.jit(SOLVERS[optimizer][0])(params, data, l2_dev)
-    else:
-        state = (params, opt.init(params))
-    # Committed to the device and strongly typed like the epoch's outputs, so that epoch 2 does
-    # not compile again.
-    state = put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
-    history: History = {
-        "epoch": [],
-        "loss": [],
-        "train_accuracy": [],
-        "eval_loss": [],
-        "eval_accuracy": [],
-        "seconds": [],
-    }
-    if full_batch:
-        history["grad_max"] = []
 
-    ckpt = None
-    start = 0
-    if checkpoint_dir is not None:
-        from ._checkpoint import Checkpointer
+def _diverged(epoch: int, loss: float, params: Params, history: History, ckpt) -> TrainingDiverged:
+    where = "" if ckpt is None else f" and the checkpoint in {ckpt.directory}"
+    return TrainingDiverged(
+        f"training diverged at epoch {epoch}: the loss is {loss}; the returned "
+        f"parameters{where} are from epoch {epoch - 1}, the last good one "
+        "(try a smaller learning rate)",
+        epoch=epoch,
+        params=params,
+        history=history,
+    )
 
-        fingerprint = {
-            "n_samples": n,
-            "n_features": d,
-            "n_classes": k,
-            "fit_intercept": bool(fit_intercept),
-            "optimizer": _describe_optimizer(optimizer, learning_rate),
-            "batch_size": None if full_batch else batch_size,
-            "l2": float(l2),
-            "seed": int(seed),
-            "dtype": np.dtype(dtype).name,
-            "weighted": sw is not None,
-        }
-        ckpt = Checkpointer(checkpoint_dir, fingerprint=fingerprint, max_to_keep=max_to_keep)
-        target = {"state": state, "rng": jax.random.key_data(base_key)}
-        restored = ckpt.restore_latest(target)
-        if restored is not None:
-            start, tree, history = restored
-            state = put(tree["state"])
-            base_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
 
-    def current_params() -> Params:
-        return state.params if full_batch else state[0]
+def _record(plan: _Plan, state, epoch, loss, acc, gmax, seconds, eval_dev) -> dict:
+    record = {"epoch": epoch, "loss": loss, "train_accuracy": acc, "seconds": seconds}
+    record["eval_loss"] = record["eval_accuracy"] = None
+    if eval_dev is not None:
+        el, ea = evaluate(plan.params(state), eval_dev)
+        record["eval_loss"], record["eval_accuracy"] = float(el), float(ea)
+    if plan.full_batch:
+        record["grad_max"] = gmax
+    return record
 
-    bar = _progress_bar(progress, epochs, min(start, epochs))
-    try:
-        for epoch in range(start + 1, epochs + 1):
-            t0 = time.perf_counter()
-            if full_batch:
-                new_state, acc, gmax = full_batch_epoch(state, data, l2_dev, solver=optimizer)
-                loss = float(new_state.value)
-                acc, gmax = float(acc), float(gmax)
-            else:
-                key = jax.random.fold_in(base_key, epoch)
-                p, o, loss, acc = minibatch_epoch(
-                    state[0], state[1], data, l2_dev, key, opt=opt, batch_size=batch_size, dp=dp
-                )
-                new_state = (p, o)
-                loss, acc = float(loss), float(acc)
-            seconds = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                where = "" if ckpt is None else f" and the checkpoint in {ckpt.directory}"
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch}: the loss is {loss}; the returned "
-                    f"parameters{where} are from epoch {epoch - 1}, the last good one "
-                    "(try a smaller learning rate)",
-                    epoch=epoch,
-                    params=_output(current_params(), k),
-                    history=history,
-                )
-            state = new_state
-            record = {"epoch": epoch, "loss": loss, "train_accuracy": acc, "seconds": seconds}
-            record["eval_loss"] = record["eval_accuracy"] = None
-            if eval_dev is not None:
-                el, ea = evaluate(current_params(), eval_dev)
-                record["eval_loss"], record["eval_accuracy"] = float(el), float(ea)
-            if full_batch:
-                record["grad_max"] = gmax
-            for key_, value in record.items():
-                history[key_].append(value)
-            stop = (
-                bool(callback(epoch, _output(current_params(), k), record)) if callback else False
-            )
-            converged = full_batch and tol is not None and gmax <= tol
-            stalled = full_batch and bool(state.stalled)
-            last = epoch == epochs or stop or converged or stalled
-            if ckpt is not None and (epoch % checkpoint_every == 0 or last):
-                ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
-            if bar is not None:
-                post = {"loss": f"{loss:.4f}", "acc": f"{acc:.3f}"}
-                if record["eval_accuracy"] is not None:
-                    post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if last:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    return _output(current_params(), k), history
+
+def _update_bar(bar, record: dict) -> None:
+    if bar is None:
+        return
+    post = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
+    if record["eval_accuracy"] is not None:
+        post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
 
 
 def _check_eval(eval_data, d: int, k: int):
