@@ -143,9 +143,7 @@ def check_weights(weights: Any, n: int, name: str = "weights") -> jax.Array | No
                 raise ValueError(f"`{name}` must be finite, got {found[1]} at index {found[0]}")
         found = _first_bad(weights, "negative")
         if found is not None:
-            raise ValueError(
-                f"`{name}` must be >= 0, got {float(found[1])} at index {found[0]}"
-            )
+            raise ValueError(f"`{name}` must be >= 0, got {float(found[1])} at index {found[0]}")
     return weights
 
 

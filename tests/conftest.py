@@ -11,7 +11,6 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-
 # Every new shape drawn by hypothesis compiles a new XLA program: no per-example deadline.
 settings.register_profile(
     "softmax_jax",

@@ -251,7 +251,7 @@ def test_low_precision_close_to_float64(getkey, dtype, scale, labels):
 BIG_N, BIG_D, BIG_K = 65536, 32, 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _big_problem(dtype_name, weighted):
     key = jax.random.PRNGKey(BIG_N)
     W, Z, y, s = problem(key, BIG_N, BIG_D, BIG_K, "integer", True, 0.01, "float32")
