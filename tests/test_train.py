@@ -97,8 +97,10 @@ def test_schedule_and_custom_transformation():
     p2, _ = fit(Z, y, optimizer=optax.sgd(sched), epochs=2, batch_size=30, progress=False)
     np.testing.assert_allclose(p1["W"], p2["W"], rtol=1e-12)
     chained = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
-    p3, h3 = fit(Z, y, optimizer=chained, epochs=3, batch_size=30, progress=False)
-    assert np.isfinite(h3["loss"]).all() and p3["b"].shape == (3,)
+    p3, _ = fit(Z, y, optimizer=chained, epochs=3, batch_size=30, l2=0.0, seed=0, progress=False)
+    ref = reference_epochs(Z, y, opt=chained, epochs=3, batch_size=30, l2=0.0, seed=0)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(p3[name], ref[name], rtol=1e-7, atol=1e-10)  # adam: 5e-9 seen
 
 
 def test_no_intercept_weights_and_l2():
