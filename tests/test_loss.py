@@ -1,5 +1,7 @@
 """sj.loss: eq. (2), its reductions, dtypes, transformations and input errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,22 @@ def test_concrete_labels_closed_over_in_jit(getkey):
     bad = y.at[0].set(9)
     with pytest.raises(ValueError, match=r"got 9 at index 0"):
         jax.jit(lambda w: sj.loss(w, Z, bad))(W)
+
+
+@pytest.mark.parametrize("x64", [False, pytest.param(True, marks=pytest.mark.x64)], ids=str)
+def test_plain_numpy_float64_input_does_not_warn(x64):
+    """What np.random.rand gives, passed to every public function: no warning, x64 on or off."""
+    rng = np.random.default_rng(0)
+    X, y, W = rng.random((40, 3)), np.arange(40) % 3, rng.random((3, 3))
+    expected = jnp.float64 if x64 else jnp.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sj.loss(W, X, y).dtype == expected
+        assert sj.grad(W, X, y).dtype == expected
+        sj.value_and_grad(W, X, y, weights=rng.random(40), reduction="mean")
+        sj.hvp(W, X, y, W)
+        sj.derivation_terms(W, X, y)
+        assert sj.check_grad(W, X, y).passed
+        sj.linear_cross_entropy(X, W, y)
+        params, _ = sj.fit(X, y, epochs=1, batch_size=20, progress=False)
+    assert params["W"].dtype == expected
