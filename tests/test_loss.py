@@ -183,3 +183,30 @@ def test_plain_numpy_float64_input_does_not_warn(x64):
         sj.linear_cross_entropy(X, W, y)
         params, _ = sj.fit(X, y, epochs=1, batch_size=20, progress=False)
     assert params["W"].dtype == expected
+
+
+def test_value_checks_bring_back_scalars_not_arrays(monkeypatch):
+    """Finite-target, label-range and weight checks reduce on the device: no implicit copy of
+    an input to the host, and each check's explicit transfer is a handful of scalars."""
+    n, k = 4096, 8
+    Y = jnp.full((n, k), 1.0 / k).at[3000, 5].set(jnp.nan)
+    moved = []
+    device_get = jax.device_get
+
+    def counting_device_get(x):
+        moved.extend(int(np.size(leaf)) for leaf in jax.tree.leaves(x))
+        return device_get(x)
+
+    monkeypatch.setattr(jax, "device_get", counting_device_get)
+    W, Z = jnp.zeros((3, k)), jnp.ones((n, 3))
+    with jax.transfer_guard_device_to_host("disallow"):
+        with pytest.raises(ValueError, match=r"`Y` must be finite, got nan at index \(3000, 5\)"):
+            sj.loss(W, Z, Y)
+        labels = jnp.zeros(n, jnp.int32).at[4000].set(k)
+        with pytest.raises(ValueError, match=rf"got {k} at index 4000 \(min 0, max {k}\)"):
+            sj.loss(W, Z, labels)
+        s = jnp.ones(n).at[17].set(-2.0)
+        with pytest.raises(ValueError, match=r"`weights` must be >= 0, got -2.0 at index 17"):
+            sj.loss(W, Z, labels.at[4000].set(0), weights=s)
+    # five scans (finite Y; labels; labels, finite and >= 0 weights) of five scalars each
+    assert max(moved) == 1 and sum(moved) == 5 * 5
