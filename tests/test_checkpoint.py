@@ -131,6 +131,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert np.isfinite(np.asarray(restored["W"])).all() and np.abs(restored["W"]).max() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_a_real_training_process_and_resume(tmp_path):
     """SIGKILL a `softmax-jax train` process mid-run; restarting it with the same checkpoint
     directory ends with exactly the parameters of a run never interrupted."""

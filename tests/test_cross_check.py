@@ -29,6 +29,7 @@ def autodiff_grad(W, Z, Y, weights=None, reduction="sum"):
 
 # Each drawn shape compiles three XLA programs (~0.3 s each): 12 examples keep this near 10 s;
 # the edge shapes (N=1, D=1, K=2, large K) are pinned in test_edge_shapes_and_large_k.
+@pytest.mark.slow
 @pytest.mark.x64
 @settings(max_examples=12)
 @given(
@@ -160,6 +161,7 @@ def test_finite_differences(getkey, labels, reduction):
 # ----------------------------------------------------------------------------------- invariants
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @settings(max_examples=10)
 @given(
