@@ -79,8 +79,8 @@ def _scan(x: jax.Array, kind: Literal["finite", "range", "negative"], bound: int
     flat = x.reshape(-1)
     if kind == "finite":
         bad = ~jnp.isfinite(flat)
-    elif kind == "range":
-        bad = (flat < 0) | (flat >= bound)
+    elif kind == "range":  # integers in [0, bound); the bound clipped to what the dtype holds
+        bad = (flat < 0) | (flat > min(bound - 1, int(jnp.iinfo(x.dtype).max)))
     else:
         bad = flat < 0
     idx = jnp.argmax(bad)
