@@ -103,6 +103,7 @@ def test_the_math_modules_do_not_import_the_cli():
         assert not {m for m in imported if m == "argparse" or m.startswith("_cli")}, name
 
 
+@pytest.mark.slow
 def test_cli_check_prints_table(capsys):
     assert _cli.main(["check", "--quick", "--dtypes", "float16,float64"]) == 0
     out = capsys.readouterr().out
