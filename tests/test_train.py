@@ -255,7 +255,11 @@ def test_callback_can_stop_and_device_placement():
     params, h = fit(Z, y, epochs=10, batch_size=30, callback=callback, device="cpu", progress=False)
     assert [e for e, _ in seen] == [1, 2] and h["epoch"] == [1, 2]
     assert params["W"].devices() == {jax.devices("cpu")[0]}
-    fit(Z, y, epochs=1, batch_size=30, device=jax.devices("cpu")[0], progress=False)
+    cpu = jax.devices("cpu")[0]
+    by_device, _ = fit(Z, y, epochs=1, batch_size=30, device=cpu, progress=False)
+    by_name, _ = fit(Z, y, epochs=1, batch_size=30, device="cpu", progress=False)
+    assert by_device["W"].devices() == {cpu}
+    np.testing.assert_array_equal(by_device["W"], by_name["W"])
 
 
 # --- divergence and bad input ------------------------------------------------------------------
