@@ -1,6 +1,6 @@
 """The ``softmax-jax`` command line: ``train``, ``check`` and ``bench``.
 
-Each subcommand lives in its own module (``_cli_train``, ``_check``, ``_cli_bench``), imported
+Each subcommand lives in its own module (``_cli_train``, ``_cli_check``, ``_cli_bench``), imported
 lazily so ``softmax-jax check`` does not pay for scikit-learn or matplotlib. Expected user errors
 (a missing file, bad data) print one line ``softmax-jax <cmd>: error: ...`` and exit with code 2.
 """
@@ -47,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,check,bench}")
     sub.required = True
 
-    from . import _check
+    from . import _cli_check
 
     p_check = sub.add_parser(
         "check", help="cross-check the hand-written gradient against jax.grad, as a table"
     )
-    _check.add_arguments(p_check)
+    _cli_check.add_arguments(p_check)
     _add_device_argument(p_check)
-    p_check.set_defaults(run=_check.run_cli)
+    p_check.set_defaults(run=_cli_check.run_cli)
 
     from . import _cli_bench, _cli_train
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import optax
 import pytest
 
 from softmax_jax import TrainingDiverged, fit
@@ -114,15 +115,24 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
-    Z, y = blobs()
-    Z = (Z * 1e4).astype(np.float32)
-    kw = dict(optimizer="sgd", learning_rate=1e30, batch_size=8, progress=False)
-    with pytest.raises(TrainingDiverged, match=rf"epoch (\d+).*checkpoint in {tmp_path}") as e:
+    """Three good epochs (checkpointed), then an infinite learning rate: the error names epoch 4,
+    the directory keeps epoch 3's checkpoint, and resuming from it gives the last good params."""
+    Z, y = blobs()  # N = 96: 12 steps of 8 per epoch
+    lr = [optax.constant_schedule(0.1), optax.constant_schedule(float("inf"))]
+    sgd = optax.sgd(optax.join_schedules(lr, [3 * 12]))
+    kw = dict(optimizer=sgd, batch_size=8, progress=False)
+    with pytest.raises(TrainingDiverged, match=rf"epoch 4.*checkpoint in {tmp_path}") as e:
         fit(Z, y, epochs=30, checkpoint_dir=tmp_path, **kw)
-    good = e.value.epoch - 1
-    assert steps(tmp_path)[-1:] == ([good] if good else [])
+    assert e.value.epoch == 4 and steps(tmp_path) == [1, 2, 3]
+    restored, h = fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **kw)  # nothing left to train
+    assert h["epoch"] == [1, 2, 3]
+    for name in ("W", "b"):
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(e.value.params[name]))
+    assert np.isfinite(np.asarray(restored["W"])).all() and np.abs(restored["W"]).max() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_a_real_training_process_and_resume(tmp_path):
     """SIGKILL a `softmax-jax train` process mid-run; restarting it with the same checkpoint
     directory ends with exactly the parameters of a run never interrupted."""

@@ -89,6 +89,7 @@ def fit_run(devices_run) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
     [
@@ -110,11 +111,13 @@ def test_sharded_head_matches_unfused_reference(sharded_run, case):
         assert got["dW_spec"] == "P(None, 'model')"
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_sharded_head_never_gathers_w(sharded_run):
     assert sharded_run["devices"] == 8
     assert sharded_run["all_gather_in_hlo"] is False
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_sharded_head_temporaries_shrink(sharded_run):
     """Compiled per-device temporaries of value_and_grad on 4 devices ≤ ¼ of 1 device × 1.1.
 
@@ -130,6 +133,7 @@ def test_sharded_head_temporaries_shrink(sharded_run):
     assert mem["chunk256_p8"] < mem["chunk256_p4"]
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "name, kind, match",
     [
@@ -189,6 +193,7 @@ def test_sharded_head_one_device_in_session(getkey):
 FIT_RTOL = 1e-9
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
     ["adam_b64_make_mesh_p2", "adam_b30_weights_eval_p4", "sgd_b20_p8", "lbfgs_p4"],
@@ -204,6 +209,7 @@ def test_data_parallel_fit_matches_one_device(fit_run, case):
         assert got["W_devices"] == int(case[-1])
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "name, kind, match",
     [
@@ -230,6 +236,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_two_processes_data_parallel_fit():
     """2 processes × 2 CPU devices joined by ``jax.distributed`` (gloo collectives): ``fit`` with
     the global 4-device ``"data"`` mesh ends with the same parameters and losses as the same fit

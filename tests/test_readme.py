@@ -5,12 +5,10 @@ import re
 
 import pytest
 
-# TODO(issue 10): float64 NumPy input warns under the default configuration; until fixed, x64.
-pytestmark = pytest.mark.x64
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 4, "the README lost its examples"
