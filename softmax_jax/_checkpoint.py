@@ -10,14 +10,16 @@ flight.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
 from typing import Any
 
 import jax
+import numpy as np
 
-__all__ = ["CheckpointError", "Checkpointer"]
+__all__ = ["CheckpointError", "Checkpointer", "data_digest"]
 
 FORMAT_VERSION = 1
 
@@ -148,6 +150,15 @@ class Checkpointer:
             for key in sorted(set(saved) | set(self.fingerprint))
             if saved.get(key) != self.fingerprint.get(key)
         }
+        if set(diff) == {"data_sha256"}:
+            saved_digest = saved.get("data_sha256")
+            was = "no digest" if saved_digest is None else f"SHA-256 {saved_digest[:12]}…"
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} was written for other training data (same "
+                f"shape and settings, different values: {was}, now "
+                f"{self.fingerprint['data_sha256'][:12]}…); use another checkpoint_dir, or delete "
+                "it to start over"
+            )
         if diff:
             details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(
@@ -171,3 +182,24 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def data_digest(*arrays: Any) -> str:
+    """SHA-256 (hex) of the training arrays (features, labels, weights; ``None`` skipped): their
+    dtypes, shapes and bytes, read in blocks of rows so a memory-mapped ``Z`` is never copied whole.
+
+    Part of the checkpoint fingerprint, so that a checkpoint directory of another dataset of the
+    same shape is refused rather than resumed from.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none;")
+            continue
+        a = np.asarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        rows = max(1, (64 << 20) // max(1, a[:1].nbytes))  # blocks of about 64 MiB
+        for i in range(0, max(a.shape[0], 1) if a.ndim else 1, rows):
+            block = a[i : i + rows] if a.ndim else a
+            h.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+    return h.hexdigest()
