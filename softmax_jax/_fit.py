@@ -250,7 +250,7 @@ def fit(
             start, state, base_key, history = restored
             state = put(state)
 
-    bar = _progress_bar(progress, epochs, min(start, epochs))
+    bar = _progress_bar(progress and start < epochs, epochs, start)
     try:
         for epoch in range(start + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -270,7 +270,7 @@ def fit(
             last = epoch == epochs or stop or converged or stalled
             if ckpt is not None and (epoch % checkpoint_every == 0 or last):
                 ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
-            _update_bar(bar, record)
+            _update_bar(bar, record, last)
             if last:
                 break
     finally:
@@ -434,14 +434,18 @@ def _record(plan: _Plan, state, epoch, loss, acc, gmax, seconds, eval_dev) -> di
     return record
 
 
-def _update_bar(bar, record: dict) -> None:
+def _update_bar(bar, record: dict, last: bool) -> None:
+    """Advances the bar; after the last epoch without drawing it: ``close`` draws it, once."""
     if bar is None:
         return
     post = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
     if record["eval_accuracy"] is not None:
         post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
     bar.set_postfix(post, refresh=False)
-    bar.update(1)
+    if last:
+        bar.n += 1
+    else:
+        bar.update(1)
 
 
 def _check_eval(eval_data, d: int, k: int):

@@ -249,6 +249,7 @@ class Model:
 
 
 def _provenance(info: dict | None) -> dict:
+    """``info`` with the softmax_jax version and the date (UTC) added where it has none."""
     from . import __version__
 
     out = {
@@ -278,8 +279,8 @@ def save_model(
       model: a :class:`Model`, or ``fit``'s params ``{"W": (D, K), "b": (K,)}``.
       classes: with params: the label of each class index ``(K,)`` (default ``0..K-1``).
       mean, std: with params: the standardisation applied to raw features before ``W`` ``(D,)``.
-      info: with params: provenance to record (optimizer, data shape, ...); the softmax_jax
-        version and the date are added.
+      info: with params: provenance to record (optimizer, data shape, ...). The softmax_jax
+        version and the date (UTC) are added to the provenance when it has none.
 
     Returns:
       The path written.
@@ -294,7 +295,7 @@ def save_model(
     if isinstance(model, Model):
         if any(v is not None for v in (classes, mean, std, info)):
             raise ValueError("`classes`, `mean`, `std` and `info` go with params, not a Model")
-        m = model
+        m = dataclasses.replace(model, info=_provenance(model.info))
     else:
         W, b = _check_params(model)
         W = np.asarray(W)
