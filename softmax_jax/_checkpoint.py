@@ -10,8 +10,11 @@ flight.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Any
@@ -26,6 +29,26 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be resumed from (the message names the directory)."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds a Ctrl-C (SIGINT) that arrives during a save until the save is complete, then
+    raises it: orbax writes from background threads, which an interrupted main thread would leave
+    running into interpreter shutdown (tracebacks instead of the one-line notice)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class Checkpointer:
@@ -167,9 +190,14 @@ class Checkpointer:
             )
 
     def save(self, epoch: int, state: Any, history: dict) -> None:
-        """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns)."""
-        ocp = self._ocp
+        """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns; a
+        Ctrl-C during the save is raised once it is)."""
         meta = {"fingerprint": self.fingerprint, "epoch": int(epoch), "history": history}
+        with _sigint_deferred():
+            self._save(epoch, state, meta)
+
+    def _save(self, epoch: int, state: Any, meta: dict) -> None:
+        ocp = self._ocp
         self._manager.save(
             int(epoch),
             args=ocp.args.Composite(
