@@ -183,7 +183,13 @@ class Checkpointer:
                 "it to start over"
             )
         if diff:
-            details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+
+            def short(key, value):  # a digest is told apart by its first 12 digits
+                return f"'{value[:12]}…'" if key == "data_sha256" and value else repr(value)
+
+            details = ", ".join(
+                f"{k}: saved {short(k, a)}, now {short(k, b)}" for k, (a, b) in diff.items()
+            )
             raise CheckpointError(
                 f"checkpoint directory {self.directory} belongs to a different run ({details}); "
                 "use another checkpoint_dir or the same settings"
