@@ -169,12 +169,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+#: The distribution that provides each optional module.
+PACKAGE_OF = {"sklearn": "scikit-learn", "orbax.checkpoint": "orbax-checkpoint"}
+
+
 def _require(module: str, what: str) -> None:
     """A missing optional dependency, named with the extra that installs it, before training."""
     try:
         importlib.import_module(module)
     except ImportError:
-        raise CLIError(f"{what} needs {module.split('.')[0]}, which is not installed: {EXTRA}")
+        package = PACKAGE_OF.get(module, module)
+        raise CLIError(f"{what} needs {package}, which is not installed: {EXTRA}") from None
 
 
 def _check_args(args: argparse.Namespace) -> None:

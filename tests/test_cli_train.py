@@ -235,9 +235,9 @@ def test_output_paths_are_written_as_reported(tmp_path, capsys, csv_file, monkey
 @pytest.mark.parametrize(
     "module, args, expected",
     [
-        ("sklearn", [], "training on the built-in digits (no --data) needs sklearn"),
+        ("sklearn", [], "training on the built-in digits (no --data) needs scikit-learn"),
         ("matplotlib", ["--plot", "c.png"], "--plot needs matplotlib"),
-        ("orbax.checkpoint", ["--checkpoint-dir", "ck"], "--checkpoint-dir needs orbax"),
+        ("orbax.checkpoint", ["--checkpoint-dir", "ck"], "--checkpoint-dir needs orbax-checkpoint"),
     ],
 )
 def test_missing_optional_dependency_is_named_before_training(
