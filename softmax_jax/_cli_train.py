@@ -153,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_fit_default("checkpoint_every"),
         metavar="N",
         help="with --checkpoint-dir: save every N epochs and after the last one; an interrupted "
-        f"run loses at most N epochs (default: {_fit_default('checkpoint_every')}, as fit)",
+        "run loses at most N epochs. A save is synchronous and can take longer than a short "
+        f"epoch: raise N for small data (default: {_fit_default('checkpoint_every')}, as fit)",
     )
     parser.add_argument(
         "--save",
