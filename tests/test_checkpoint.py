@@ -187,3 +187,58 @@ def test_kill_a_real_training_process_and_resume(tmp_path):
     np.testing.assert_array_equal(a["W"], b["W"])
     np.testing.assert_array_equal(a["b"], b["b"])
     assert steps(ckpt)[-1] == epochs
+
+
+def test_another_dataset_of_the_same_shape_is_refused_naming_the_directory(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    for other in (blobs(seed=1)[0], Z[::-1].copy(), -Z):  # other values, order, sign
+        with pytest.raises(CheckpointError) as e:
+            fit(other, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+        msg = str(e.value)
+        assert f"checkpoint directory {tmp_path} was written for other training data" in msg
+        assert "\n" not in msg
+    with pytest.raises(CheckpointError, match="other training data"):
+        fit(Z, y[::-1].copy(), epochs=3, checkpoint_dir=tmp_path, **KW)  # other labels
+    with pytest.raises(CheckpointError, match="weighted: saved False, now True"):
+        fit(Z, y, epochs=3, checkpoint_dir=tmp_path, sample_weight=np.ones(len(y)), **KW)
+    resumed, h = fit(Z.copy(), y, epochs=3, checkpoint_dir=tmp_path, **KW)  # same data
+    assert h["epoch"] == [1, 2, 3]
+
+
+def test_data_digest_tells_datasets_apart_and_reads_memmaps_in_blocks(tmp_path):
+    from softmax_jax._checkpoint import data_digest
+
+    Z, y = blobs()
+    assert data_digest(Z, y, None) == data_digest(Z.copy(), y.copy(), None)
+    changed = Z.copy()
+    changed[50, 2] = np.nextafter(changed[50, 2], np.inf)  # one ulp of one value
+    digests = {
+        data_digest(Z, y, None),
+        data_digest(changed, y, None),
+        data_digest(Z.astype(np.float32), y, None),
+        data_digest(Z, y, np.ones(len(y))),
+        data_digest(Z.reshape(48, 8), y, None),
+    }
+    assert len(digests) == 5
+    mm = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=Z.dtype, shape=Z.shape)
+    mm[:] = Z
+    assert data_digest(mm, y, None) == data_digest(Z, y, None)
+
+
+def test_resume_is_announced_and_fewer_epochs_than_saved_is_an_error(tmp_path, caplog, capsys):
+    import logging
+
+    Z, y = blobs()
+    fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+    with caplog.at_level(logging.INFO, logger="softmax_jax"):
+        fit(Z, y, epochs=4, checkpoint_dir=tmp_path, **KW)
+    assert f"resuming from epoch 3 of 4 (checkpoint directory {tmp_path})" in caplog.text
+    fit(Z, y, epochs=5, checkpoint_dir=tmp_path, **{**KW, "progress": True})
+    assert "resuming from epoch 4 of 5" in capsys.readouterr().err  # shown with the bar
+    with pytest.raises(CheckpointError) as e:
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    assert str(e.value) == (
+        f"checkpoint directory {tmp_path} holds epoch 5, more than the `epochs` = 2 asked for: "
+        "ask for `epochs` >= 5 to resume from it, or use another checkpoint_dir"
+    )
