@@ -276,14 +276,6 @@ def class_sharding(W, kaxis: int) -> tuple[Mesh, str] | None:
     return sharding.mesh, name
 
 
-def as_auto_mesh(mesh: Mesh) -> Mesh:
-    """The mesh with every axis of automatic type (what ``shard_map`` with explicit specs wants)."""
-    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-    if tuple(mesh.axis_types) == auto:
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
 def sharded_spec(p: _Prepared, mesh: Mesh, axis: str, *, split_rows: bool) -> _kernel.Spec:
     """The kernel spec for a class-sharded call over ``mesh.shape[axis]`` devices; the other axes
     split the rows when ``split_rows`` (the caller checked N), else hold replicas."""
@@ -291,7 +283,21 @@ def sharded_spec(p: _Prepared, mesh: Mesh, axis: str, *, split_rows: bool) -> _k
     nb = int(np.prod([mesh.shape[a] for a in batch], dtype=np.int64))
     kl = p.spec.k // mesh.shape[axis]
     chunk = rows_per_chunk(p.chunk_size, max(p.Z.shape[0] // max(nb, 1), 1), kl)
-    return p.spec._replace(chunk=chunk, mesh=as_auto_mesh(mesh), axis=axis, batch=batch)
+    return p.spec._replace(chunk=chunk, mesh=mesh, axis=axis, batch=batch)
+
+
+def dispatch(p: _Prepared, spec: _kernel.Spec):
+    """:func:`call`; an eager call with a mesh of explicit axes runs inside ``jax.set_mesh``
+    (JAX's explicit-sharding mode types the outputs from the mesh in context)."""
+    mesh = spec.mesh
+    explicit = mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    traced = any(isinstance(x, jax.core.Tracer) for x in (p.Z, p.W, p.labels))
+    if explicit and isinstance(mesh, Mesh) and not traced:
+        with jax.set_mesh(mesh):
+            return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
+                        ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
+    return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec, ignore_index=p.ignore_index,
+                lead=p.lead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,5 +459,4 @@ def linear_cross_entropy(
                 )
             others = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a != axis]))
             spec = sharded_spec(p, mesh, axis, split_rows=p.Z.shape[0] % others == 0)
-        return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
-                    ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
+        return dispatch(p, spec)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from ._head import CrossEntropyAux, call, prepare, sharded_spec
+from ._head import CrossEntropyAux, dispatch, prepare, sharded_spec
 
 # --------------------------------------------------------------------------------------------
 # Validation and the public wrapper.
@@ -132,8 +132,7 @@ def sharded_linear_cross_entropy(
                     z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
         _check_mesh(mesh, axis_name, p.Z.shape[0], p.spec.k)
         spec = sharded_spec(p, mesh, axis_name, split_rows=True)
-        return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
-                    ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
+        return dispatch(p, spec)
 
 
 # --------------------------------------------------------------------------------------------
