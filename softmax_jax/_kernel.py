@@ -32,9 +32,9 @@ from ._precision import acc_dtype, gemm, mean_normaliser, operand
 # logits, the temporaries are a few (chunk, K_BLOCK) and (D, K_BLOCK) blocks; 2048 keeps those
 # GEMMs large enough to run at full speed.
 K_BLOCK = 2048
-# A class shard is read in this many column blocks at least (so its residual blocks shrink with
-# the shard, and the temporaries scale as 1/P whatever P).
-_MIN_BLOCKS = 4
+# A class shard is read in this many column blocks, ``(chunk, K/P/4)`` each: its residual blocks
+# shrink with the shard, so the per-device temporaries scale as 1/P whatever P.
+_SHARD_BLOCKS = 4
 
 
 class Spec(NamedTuple):
@@ -221,7 +221,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     """
     (n, d), kl = Z.shape, W.shape[_kaxis(spec)]
     acc = acc_dtype(W.dtype)
-    kblock = min(spec.kblock, -(-kl // _MIN_BLOCKS)) if spec.axis else spec.kblock
+    kblock = -(-kl // _SHARD_BLOCKS) if spec.axis else spec.kblock
     kblock = max(1, min(kblock, kl))
     want_dZ, want_dW, want_db = wants
     want_grads = any(wants)
