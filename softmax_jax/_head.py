@@ -122,11 +122,13 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
     values are concrete; under tracing such a row's loss and gradients are NaN."""
     if not is_concrete(labels) or labels.size == 0:
         return
+    if weights is not None and not is_concrete(weights):
+        return  # which rows count is known only at run time: NaN rows there, as under jit
     y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
     bad = (y < 0) | (y >= k)
     if ignore_index is not None:
         bad &= y != ignore_index
-    if weights is not None and is_concrete(weights):
+    if weights is not None:
         bad &= np.asarray(weights).reshape(-1) != 0
     if bad.any():
         idx = int(np.flatnonzero(bad)[0])
@@ -156,7 +158,7 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
         )
     check_float(Z, "Z")
     check_float(W, "W")
-    d, k = (W.shape if weight_layout == "dk" else W.shape[::-1])
+    d, k = W.shape if weight_layout == "dk" else W.shape[::-1]
     if Z.shape[-1] != d:
         raise ValueError(
             f"`Z` and `W` must agree on the feature dimension D: `Z` has shape {tuple(Z.shape)} "
@@ -281,8 +283,8 @@ def sharded_spec(p: _Prepared, mesh: Mesh, axis: str, *, split_rows: bool) -> _k
     split the rows when ``split_rows`` (the caller checked N), else hold replicas."""
     batch = tuple(a for a in mesh.axis_names if a != axis) if split_rows else ()
     nb = int(np.prod([mesh.shape[a] for a in batch], dtype=np.int64))
-    kl = p.spec.k // mesh.shape[axis]
-    chunk = rows_per_chunk(p.chunk_size, max(p.Z.shape[0] // max(nb, 1), 1), kl)
+    # "auto" budgets the logits chunk of the whole K: each device holds 1/P of it.
+    chunk = rows_per_chunk(p.chunk_size, max(p.Z.shape[0] // max(nb, 1), 1), p.spec.k)
     return p.spec._replace(chunk=chunk, mesh=mesh, axis=axis, batch=batch)
 
 
@@ -296,8 +298,9 @@ def dispatch(p: _Prepared, spec: _kernel.Spec):
         with jax.set_mesh(mesh):
             return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
                         ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
-    return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec, ignore_index=p.ignore_index,
-                lead=p.lead)
+    return call(
+        p.Z, p.W, p.labels, p.bias, p.weights, spec=spec, ignore_index=p.ignore_index, lead=p.lead
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,8 +381,8 @@ def linear_cross_entropy(
         ``"sum"`` (``Σ s_i ℓ_i``) or ``"none"`` (``s_i ℓ_i``, shape ``(...)``).
       chunk_size: rows per chunk (a positive int), ``None`` for one chunk of all rows, or
         ``"auto"`` (the default): the largest power of two whose float32 logits chunk
-        ``(chunk, K)`` fits in 64 MiB (512 rows at ``K = 32768``; per device, ``K/P``, when
-        class-sharded).
+        ``(chunk, K)`` fits in 64 MiB (512 rows at ``K = 32768``; when class-sharded, each
+        device holds its ``(chunk, K/P)`` part).
       label_smoothing: ``ε`` in ``[0, 1)``, a static Python float.
       z_loss: ``λ_z ≥ 0``, the weight of the ``lse²`` penalty (PaLM), a static Python float.
       ignore_index: a label value that contributes nothing (loss, gradients, the mean's

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
@@ -229,7 +229,11 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
 
     def body(start, size, carry):
         per, lse_all, pred_all, dZ, dW, db = carry
-        Zc, yc, sc = _slice(Z, start, size, 0), _slice(labels, start, size, 0), _slice(s, start, size, 0)
+        Zc, yc, sc = (
+            _slice(Z, start, size, 0),
+            _slice(labels, start, size, 0),
+            _slice(s, start, size, 0),
+        )
         valid = (yc >= 0) & (yc < spec.k)
         yl = yc - offset
         A = _logits_chunk(Zc, W, spec, acc)
@@ -269,6 +273,13 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     return per, lse, pred, dZ, dW, db
 
 
+def _reshard(x, mesh, pspec):
+    have = getattr(jax.typeof(x), "sharding", None)
+    if isinstance(have, NamedSharding) and have.spec == pspec:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, pspec))
+
+
 def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
          wants=(False, False, False)):  # fmt: skip
     """:func:`_pass` on one device, or under ``jax.shard_map`` over ``spec.mesh`` (each device
@@ -301,6 +312,9 @@ def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
     out_specs = (P(rows), P(rows), P(rows), P(rows, None), wspec, P(model))
     # check_vma=False: the loops' carries carry no varying-axis types; every output declared
     # replicated over an axis is a psum/pmax over it, or computed from replicated inputs only.
+    if jax.sharding.AxisType.Explicit in tuple(spec.mesh.axis_types):
+        # Explicit axes: the inputs' types must carry the layouts shard_map is given.
+        args = [_reshard(x, spec.mesh, p) for x, p in zip(args, in_specs)]
     smap = jax.shard_map(f, mesh=spec.mesh, in_specs=tuple(in_specs), out_specs=out_specs,
                          check_vma=False)  # fmt: skip
     per, lse_, pred, dZ, dW, db = smap(*args)

@@ -101,7 +101,8 @@ def sharded_linear_cross_entropy(
     Args:
       Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss, ignore_index,
         softcap, weight_layout, return_aux: as :func:`softmax_jax.linear_cross_entropy`;
-        ``chunk_size`` counts rows per device, ``"auto"`` budgets the ``(chunk, K/P)`` logits.
+        ``chunk_size`` counts rows per device; ``"auto"`` picks it from the global K, so each
+        device's ``(chunk, K/P)`` logits are 1/P of the single-device budget.
         ``K`` must be divisible by the size of the class axis.
       mesh: a ``jax.sharding.Mesh`` with an axis named ``axis_name``.
       axis_name: the mesh axis that splits the classes, ``"model"`` by default.

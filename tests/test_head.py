@@ -46,7 +46,9 @@ def reference(
     k = Wd.shape[1]
     keep = jnp.ones(y.shape, bool) if ignore_index is None else y != ignore_index
     lse = jax.nn.logsumexp(A, axis=1)
-    T = optax.smooth_labels(jax.nn.one_hot(jnp.where(keep, y, 0), k, dtype=A.dtype), label_smoothing)
+    T = optax.smooth_labels(
+        jax.nn.one_hot(jnp.where(keep, y, 0), k, dtype=A.dtype), label_smoothing
+    )
     per = lse - jnp.sum(T * A, axis=1) + z_loss * lse**2
     s = jnp.ones_like(per) if weights is None else weights.reshape(-1).astype(per.dtype)
     s = jnp.where(keep, s, 0.0)
@@ -460,7 +462,7 @@ def test_leading_dims_equal_the_flattened_call(getkey):
 
 
 def test_kd_layout_makes_no_transposed_copy(getkey):
-    """"kd" reads W (K, D) through dot_general dimension numbers: no transpose in the program."""
+    """Layout "kd" reads W (K, D) through dot_general dimension numbers: no transpose."""
     Z, W, _, y, _ = make(getkey())
     E = W.T
 
@@ -579,8 +581,40 @@ def test_low_precision_mean_at_large_n(dtype):
     rZ, rW = jax.grad(head, (0, 1))(*up)
     assert rel_err(dZ, rZ) <= tol_dZ and rel_err(dW, rW) <= tol_dW
     # The core's hand-written gradient, and the autodiff cross-check at its own tolerance.
-    assert rel_err(sj.grad(W, Z, y, reduction="mean"), sj.grad(*up[::-1], y, reduction="mean")) <= tol_dW
+    assert (
+        rel_err(sj.grad(W, Z, y, reduction="mean"), sj.grad(*up[::-1], y, reduction="mean"))
+        <= tol_dW
+    )
     assert sj.check_grad(W, Z, y, reduction="mean").passed
+
+
+@pytest.mark.parametrize("layout", ("dk", "kd"))
+def test_memory_with_default_arguments(monkeypatch, layout):
+    """Compile only. Default arguments (chunk_size="auto": 512 rows at K = 32768) hold ≥ 15×
+    less than the unfused loss at N=16384, D=1024, K=32768; the tied (K, D) layout holds
+    within 1.25× of (D, K) (no transposed copy of W: that alone would be 128 MiB)."""
+    monkeypatch.setattr(_kernel, "K_BLOCK", 2048)
+    n, d, k = 16384, 1024, 32768
+    w_shape = (d, k) if layout == "dk" else (k, d)
+    specs = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct(w_shape, jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def head(Z, W, y):
+        return linear_cross_entropy(Z, W, y, weight_layout=layout)
+
+    def unfused(Z, W, y):
+        A = Z @ W if layout == "dk" else Z @ W.T
+        return optax.softmax_cross_entropy_with_integer_labels(A, y).mean()
+
+    fused = _temp_bytes(jax.value_and_grad(head, (0, 1)), *specs)
+    assert _temp_bytes(jax.value_and_grad(unfused, (0, 1)), *specs) / fused >= 15
+    if layout == "kd":
+        dk_specs = (specs[0], jax.ShapeDtypeStruct((d, k), jnp.float32), specs[2])
+        dk = _temp_bytes(jax.value_and_grad(linear_cross_entropy, (0, 1)), *dk_specs)
+        assert fused <= 1.25 * dk, f"kd {fused / 2**20:.1f} MiB vs dk {dk / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------------------------
