@@ -365,7 +365,9 @@ def linear_cross_entropy(
     time (a concrete array, or a mesh from ``jax.make_mesh`` with explicit axes), the
     class-sharded kernel of :func:`softmax_jax.sharded_linear_cross_entropy` runs (per-device
     logits ``(chunk, K/P)``, ``W`` never gathered). Inside ``jax.jit`` on an automatic-axis mesh
-    the sharding of ``W`` is not known at trace time: call the sharded head there.
+    the sharding of ``W`` is not known at trace time: call the sharded head there. With explicit
+    axes, differentiate under ``jax.jit`` or inside ``jax.set_mesh(mesh)``, as JAX's explicit
+    sharding mode asks of every function.
 
     Args:
       Z: features (the last hidden layer), shape ``(..., D)``, floating.

@@ -92,7 +92,8 @@ def sharded_linear_cross_entropy(
     ``Z``, ``labels`` and ``weights``: the gradients of ``W`` and ``b`` are then also summed over
     those axes, and the mean uses the global ``Σ s``. With a one-axis mesh, ``Z`` is replicated.
     Meshes of any axis type are accepted (``jax.sharding.Mesh``, ``jax.make_mesh``'s explicit
-    axes).
+    axes; with explicit axes, differentiate under ``jax.jit`` or inside ``jax.set_mesh(mesh)``, as
+    JAX's explicit sharding mode asks of every function).
 
     Design: an explicit ``jax.shard_map`` rather than sharding annotations under ``jit``, so the
     collectives are exactly those above and the per-device code is the head's kernel. The
