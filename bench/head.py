@@ -4,6 +4,7 @@
 float32, integer labels, for three methods:
 
 - ``head``     ``sj.linear_cross_entropy(Z, W, y, chunk_size=1024)``;
+- ``head_default`` ``sj.linear_cross_entropy(Z, W, y)`` (``chunk_size="auto"``);
 - ``unfused``  ``optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean()`` (autodiff);
 - ``jax_cce``  ``jax_cce.linear_cross_entropy(Z, Wt, y)`` (PyPI ``jax-cce``, vocabulary chunks of
                4096, its default), given ``Wt`` in its own ``(K, D)`` layout so no transpose is
@@ -45,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: this folder is the package ``b
 
 from bench import _common as C
 
-METHODS = ("head", "unfused", "jax_cce")
+METHODS = ("head", "head_default", "unfused", "jax_cce")
 CHUNK = 1024
 #: A smaller chunk, in the memory table and plot only: the knob for large K.
 SMALL_CHUNK = 256
@@ -93,6 +94,7 @@ def _losses(small_chunk: bool = False) -> dict[str, Any]:
     head = _head_fn()
     out = {
         "head": (lambda Z, W, y: head(Z, W, y, chunk_size=CHUNK), "DK"),
+        "head_default": (lambda Z, W, y: head(Z, W, y), "DK"),
         "unfused": (
             lambda Z, W, y: optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean(),
             "DK",
