@@ -9,7 +9,7 @@ from ._check import GradCheckReport, check_grad
 from ._checkpoint import CheckpointError
 from ._fit import TrainingDiverged, fit
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
-from ._head import linear_cross_entropy
+from ._head import CrossEntropyAux, linear_cross_entropy
 from ._loss import loss
 from ._model import Model, ModelFileError, load_model, predict, predict_proba, save_model
 from ._parallel import sharded_linear_cross_entropy
@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "CrossEntropyAux",
     "GradCheckReport",
     "SoftmaxRegression",
     "TrainingDiverged",
