@@ -103,7 +103,7 @@ def test_readme_blocks_run_as_shown(tmp_path):
     )
     cli = [sys.executable, "-m", "softmax_jax"]
     cli_env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
-    failures, xfails = [], []
+    failures = []
     try:
         for n, (lang, code) in enumerate(found):
             if lang == "python":
@@ -114,10 +114,6 @@ def test_readme_blocks_run_as_shown(tmp_path):
                 runner.stdin.flush()
                 result = _result(runner, n)
                 if result["ok"]:
-                    continue
-                if "sharded_linear_cross_entropy(h, W" in code and "reshape(2, 4)" in code:
-                    # The sharded-head block that issue 9 rewrites (undefined h, b; 8 devices).
-                    xfails.append(f"README block {n}: {result['error']}")
                     continue
                 failures.append(f"README block {n} (python) failed: {result['error']}\n{code}")
             elif lang == "bash":
@@ -145,8 +141,6 @@ def test_readme_blocks_run_as_shown(tmp_path):
     # The files the CLI examples promise, where the README says.
     for name in ("data.csv", "model.npz", "curves.png", "predictions.csv", "iris.npz"):
         assert (tmp_path / name).is_file(), name
-    if xfails:
-        pytest.xfail("; ".join(xfails))
 
 
 def test_bash_commands_are_parsed_as_a_shell_would():
