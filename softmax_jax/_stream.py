@@ -1,0 +1,231 @@
+"""Streamed training: minibatches gathered on the host from an array or memmap, copied ahead of use.
+
+``fit(..., stream=True)`` leaves ``Z`` where it is (a NumPy array, or an ``np.memmap`` such as a
+``.npy`` opened with ``mmap_mode="r"``). Each epoch draws the same order as the in-memory epoch
+(:func:`softmax_jax._minibatch.epoch_order`, computed on the device and brought to the host: O(N)
+int32), gathers its batches on the host a *chunk* (a few batches) at a time and copies each chunk
+to the device while the previous one trains (a background thread, at most two chunks in flight):
+the device and the host hold a few batches, never the dataset. Each chunk is one compiled
+``lax.scan`` of :func:`softmax_jax._minibatch.minibatch_step`, the step of the in-memory epoch, so
+the same seed gives the same parameters to rounding.
+
+On a mesh each chunk's batches are split over ``"data"``; in a multi-process run each process
+gathers only the rows of its own devices' share of every batch
+(``jax.make_array_from_process_local_data``). The full-batch solvers stream their passes too:
+:func:`streamed_data_vg` sums eq. (2) and its gradient chunk by chunk from the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ._minibatch import epoch_order, minibatch_step
+from ._objective import TrainData
+from ._placement import DATA_AXIS, DataParallel
+
+#: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
+#: one batch). Small enough that a few chunks are nothing next to a dataset, large enough that
+#: the per-call overhead is amortised over many rows.
+CHUNK_BYTES = 8 << 20
+
+
+def chunk_batches(batch_size: int, d: int, itemsize: int, nb: int) -> int:
+    """Batches per chunk: about :data:`CHUNK_BYTES` of ``Z``, at least 1, at most ``nb``."""
+    return int(max(1, min(nb, CHUNK_BYTES // max(1, batch_size * d * itemsize))))
+
+
+def read_rows(Z: Any, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``Z`` (an array or memmap), read in increasing order (sequential reads of
+    a file) and returned in the order of ``idx``."""
+    order = np.argsort(idx, kind="stable")
+    rows = np.take(Z, idx[order], axis=0)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+def _check_rows(block: np.ndarray, idx: np.ndarray, name: str) -> None:
+    finite = np.isfinite(block)
+    if not finite.all():
+        r, c = np.unravel_index(int(np.flatnonzero(~finite)[0]), finite.shape)
+        raise ValueError(
+            f"`{name}` must be finite, got {block[r, c]} at index ({int(idx[r])}, {int(c)})"
+        )
+
+
+class _Prefetch:
+    """Produces the items of ``make(j)`` for ``j < count`` in a background thread, at most
+    ``depth`` ahead of the consumer; an exception in the producer is re-raised on ``get``."""
+
+    def __init__(self, make, count: int, depth: int = 1):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._left = count
+
+        def run():
+            try:
+                for j in range(count):
+                    if self._stop.is_set():
+                        return
+                    self._q.put((make(j), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                self._q.put((None, e))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._left == 0:
+            raise StopIteration
+        self._left -= 1
+        item, err = self._q.get()
+        if err is not None:
+            raise err
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+class _Layout:
+    """Where one chunk ``(batches, B, ...)`` goes: one device, or the mesh with each batch
+    split over ``"data"`` (this process supplying the entries ``[lo, hi)`` of every batch)."""
+
+    def __init__(self, device, dp: DataParallel | None, batch_size: int):
+        self.device, self.dp = device, dp
+        self.lo, self.hi = 0, batch_size
+        if dp is not None:
+            self.lo, self.hi = dp.local_range(self._sharding(2), (1, batch_size), axis=1)
+
+    def _sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.dp.mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))
+
+    def put(self, local: np.ndarray, batch_size: int) -> jax.Array:
+        if self.dp is None:
+            return jax.device_put(local, self.device)
+        shape = (local.shape[0], batch_size, *local.shape[2:])
+        return jax.make_array_from_process_local_data(self._sharding(local.ndim), local, shape)
+
+
+class HostData(NamedTuple):
+    """A training set left on the host: ``Z`` ``(N, D)`` (array or memmap, any real dtype),
+    labels ``y`` ``(N,)`` int32, weights ``s`` ``(N,)`` or ``None``; batches are cast to
+    ``dtype`` and sent to ``device`` (a device, or a :class:`DataParallel` layout)."""
+
+    Z: Any
+    y: np.ndarray
+    s: np.ndarray | None
+    dtype: np.dtype
+    device: Any
+
+
+def host_data(Z, y, s, *, fit_intercept: bool, dtype, device, hessian_dtype=None, check=None):
+    """``fit``'s data for ``stream=True`` (the arguments of
+    :func:`softmax_jax._placement.place`): nothing is read or copied."""
+    del fit_intercept, hessian_dtype, check  # batches are cast, and their rows checked, as read
+    return HostData(Z, np.asarray(y, np.int32), s, np.dtype(dtype), device)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "batch_size", "dp", "dtype"))
+def _order(key, s, *, n, batch_size, dp, dtype):
+    return epoch_order(key, s, n, batch_size, dp, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("opt", "dp"))
+def _train_chunk(params, opt_state, tot, correct, Zc, yc, wc, l2, *, opt, dp=None):
+    """``lax.scan`` of :func:`minibatch_step` over the batches of one chunk ``(b, B, ...)``."""
+
+    def body(carry, batch):
+        params, opt_state, tot, correct = carry
+        if dp is not None:
+            batch = jax.tree.map(dp.split_rows, batch)
+        params, opt_state, v, c = minibatch_step(params, opt_state, TrainData(*batch), l2, opt=opt)
+        return (params, opt_state, tot + v, correct + c), None
+
+    (params, opt_state, tot, correct), _ = lax.scan(
+        body, (params, opt_state, tot, correct), (Zc, yc, wc)
+    )
+    return params, opt_state, tot, correct
+
+
+def stream_epoch(
+    params,
+    opt_state,
+    data: HostData,
+    l2,
+    key,
+    *,
+    opt,
+    batch_size: int,
+    dp: DataParallel | None = None,
+    n: int | None = None,
+    name: str = "Z",
+):
+    """One streamed epoch over :class:`HostData`: the batches of the in-memory
+    :func:`softmax_jax._minibatch.minibatch_epoch` for the same ``key``, trained chunk by chunk
+    as they arrive. The rows read are checked to be finite (``ValueError`` naming the first bad
+    index).
+
+    Returns ``(params, opt_state, loss, accuracy)`` like the in-memory epoch.
+    """
+    Z, y, s, dtype, device = data
+    n, d = Z.shape
+    assert n == data.y.shape[0]
+    s_dev = None if s is None else jnp.asarray(s, dtype)
+    idx, w = _order(key, s_dev, n=n, batch_size=batch_size, dp=dp, dtype=dtype.name)
+    B = batch_size if dp is None else dp.padded(batch_size)
+    idx, w = np.asarray(idx).reshape(-1, B), np.asarray(w).reshape(-1, B)
+    nb = idx.shape[0]
+    layout = _Layout(device, dp, B)
+    lo, hi = layout.lo, layout.hi
+    m = chunk_batches(B, d, dtype.itemsize, nb)
+
+    def make(j):
+        ix = idx[j * m : (j + 1) * m, lo:hi]
+        flat = ix.reshape(-1)
+        block = read_rows(Z, flat).astype(dtype, copy=False)
+        _check_rows(block, flat, name)
+        block = block.reshape(*ix.shape, d)
+        return (
+            layout.put(block, B),
+            layout.put(y[ix], B),
+            layout.put(np.ascontiguousarray(w[j * m : (j + 1) * m, lo:hi]), B),
+        )
+
+    put = (
+        functools.partial(jax.device_put, device=device) if dp is None else dp.replicate
+    )
+    tot = correct = put(np.zeros((), dtype))
+    chunks = _Prefetch(make, -(-nb // m))
+    prev = None
+    try:
+        for Zc, yc, wc in chunks:
+            params, opt_state, tot, correct = _train_chunk(
+                params, opt_state, tot, correct, Zc, yc, wc, l2, opt=opt, dp=dp
+            )
+            if prev is not None:  # at most two chunks on the device: the host waits here
+                prev.block_until_ready()
+            prev = tot
+    finally:
+        chunks.close()
+    total = n if s is None else float(jnp.sum(s_dev))
+    return params, opt_state, tot / total, correct / total
