@@ -368,7 +368,7 @@ def _open_checkpoint(directory, fingerprint: dict, max_to_keep: int, state, base
     if restored is None:
         return ckpt, None
     start, tree, history = restored
-    key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+    key = jax.random.wrap_key_data(np.asarray(tree["rng"]))  # uncommitted: any device or mesh
     return ckpt, (start, tree["state"], key, history)
 
 
