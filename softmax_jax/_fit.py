@@ -19,7 +19,7 @@ from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatc
 from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
-from ._stream import HostData, host_data, stream_epoch
+from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
@@ -225,6 +225,8 @@ def fit(
         hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
         check="Z" if local_rows else None,
     )
+    if stream and plan.full_batch:
+        data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
     params = put(_init_params(init_params, d, k, fit_intercept, dtype))
     l2_dev = jnp.asarray(l2, dtype)
@@ -255,7 +257,9 @@ def fit(
     try:
         for epoch in range(start + 1, epochs + 1):
             t0 = time.perf_counter()
-            new_state, loss, acc, gmax = _run_epoch(plan, state, data, l2_dev, base_key, epoch, dp, n)
+            new_state, loss, acc, gmax = _run_epoch(
+                plan, state, data, l2_dev, base_key, epoch, dp, n
+            )
             seconds = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise _diverged(epoch, loss, _output(plan.params(state), k), history, ckpt)

@@ -11,8 +11,8 @@ the same seed gives the same parameters to rounding.
 
 On a mesh each chunk's batches are split over ``"data"``; in a multi-process run each process
 gathers only the rows of its own devices' share of every batch
-(``jax.make_array_from_process_local_data``). The full-batch solvers stream their passes too:
-:func:`streamed_data_vg` sums eq. (2) and its gradient chunk by chunk from the host.
+(``jax.make_array_from_process_local_data``). The full-batch solver L-BFGS streams its passes too (:class:`StreamedRows`): eq. (2) and its
+gradient are summed chunk by chunk from the host, called back from inside the compiled solver.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._minibatch import epoch_order, minibatch_step
-from ._objective import TrainData
+from ._objective import TrainData, predict_stats, vg_sum
 from ._placement import DATA_AXIS, DataParallel
 
 #: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
@@ -211,9 +211,7 @@ def stream_epoch(
             layout.put(np.ascontiguousarray(w[j * m : (j + 1) * m, lo:hi]), B),
         )
 
-    put = (
-        functools.partial(jax.device_put, device=device) if dp is None else dp.replicate
-    )
+    put = functools.partial(jax.device_put, device=device) if dp is None else dp.replicate
     tot = correct = put(np.zeros((), dtype))
     chunks = _Prefetch(make, -(-nb // m))
     prev = None
@@ -229,3 +227,92 @@ def stream_epoch(
         chunks.close()
     total = n if s is None else float(jnp.sum(s_dev))
     return params, opt_state, tot / total, correct / total
+
+
+# Full-batch passes -------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("stats",))
+def _chunk_sums(params, Zc, yc, sc, *, stats: bool):
+    if stats:
+        return predict_stats(params, TrainData(Zc, yc, sc))
+    value, g, _ = vg_sum(params, Zc, yc, sc)
+    return value, g
+
+
+class StreamedRows:
+    """The ``Z`` of a :class:`TrainData` whose rows stay on the host (a static pytree leaf-less
+    node): the full-batch solvers' passes (:func:`softmax_jax._objective.data_vg`,
+    :func:`softmax_jax._objective.predict_stats`) call back to the host, which streams the rows
+    to the device in chunks of about :data:`CHUNK_BYTES` (prefetched one ahead) and sums the
+    per-chunk results of the same functions there. One pass holds a chunk or two on the device.
+    """
+
+    def __init__(self, host: HostData):
+        self.host = host
+        self.shape = host.Z.shape
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+    def _sums(self, params, stats: bool):
+        Z, y, s, dtype, device = self.host
+        n, d = Z.shape
+        rows = max(1, CHUNK_BYTES // (d * dtype.itemsize))
+        params = jax.device_put(params, device)
+
+        def make(j):
+            sl = slice(j * rows, min(n, (j + 1) * rows))
+            block = np.asarray(Z[sl]).astype(dtype, copy=False)
+            _check_rows(block, np.arange(sl.start, sl.stop), "Z")
+            sc = None if s is None else np.asarray(s[sl], dtype)
+            return jax.device_put((block, y[sl], sc), device)
+
+        chunks = _Prefetch(make, -(-n // rows))
+        total = None
+        try:
+            for Zc, yc, sc in chunks:
+                part = _chunk_sums(params, Zc, yc, sc, stats=stats)
+                total = part if total is None else jax.tree.map(jnp.add, total, part)
+        finally:
+            chunks.close()
+        return jax.tree.map(np.asarray, total)
+
+    def _host_vg(self, params):
+        value, g = self._sums(params, stats=False)
+        s = self.host.s
+        total = self.shape[0] if s is None else np.sum(np.asarray(s, self.host.dtype))
+        total = total if total > 0 else 1
+        return (value / total).astype(value.dtype), jax.tree.map(lambda x: x / total, g)
+
+    def data_vg(self, params):
+        """``data_vg`` of the host rows, from inside a compiled solver (``jax.pure_callback``)."""
+        shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        scalar = jax.ShapeDtypeStruct((), params["W"].dtype)
+        return jax.pure_callback(self._host_vg, (scalar, shapes), params)
+
+    def predict_stats(self, params):
+        scalar = jax.ShapeDtypeStruct((), params["W"].dtype)
+        return jax.pure_callback(lambda p: self._sums(p, stats=True), (scalar, scalar), params)
+
+
+jax.tree_util.register_pytree_node(StreamedRows, lambda z: ((), z), lambda z, _: z)
+
+
+def streamed_train_data(host: HostData, *, solver: str, mesh=None) -> TrainData:
+    """A :class:`TrainData` for the full-batch solver ``solver`` whose rows stay on the host:
+    labels and weights (``(N,)`` each) on the device, ``Z`` a :class:`StreamedRows`. L-BFGS
+    only, on one device (Newton-CG's Hessian products would need every pass of its inner
+    solve streamed too)."""
+    if solver != "lbfgs" or mesh is not None:
+        what = "on a mesh" if mesh is not None else f"with optimizer {solver!r}"
+        raise ValueError(
+            f"`stream=True` with a full-batch solver supports optimizer='lbfgs' on one device, "
+            f"got stream=True {what}; use stream=False or a minibatch optimizer"
+        )
+    put = functools.partial(jax.device_put, device=host.device)
+    s = None if host.s is None else put(np.asarray(host.s, host.dtype))
+    return TrainData(StreamedRows(host), put(host.y), s)
