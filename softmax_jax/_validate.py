@@ -187,7 +187,7 @@ def check_training_data(
     Returns:
       ``(Z, y, sample_weight, K)`` as NumPy arrays (``Z`` floating, ``y`` int32) and the number of
       classes ``K`` (``num_classes``, or ``max(y) + 1``). With ``finite=False`` the values of ``Z``
-    are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
+      are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
     Zh = np.asarray(Z)
     yh = np.asarray(y)
