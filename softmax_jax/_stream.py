@@ -193,11 +193,11 @@ def stream_epoch(
     as they arrive. The rows read are checked to be finite (on the device; at the end of an
     epoch that met one, a ``ValueError`` naming the first bad index).
 
-    Returns ``(params, opt_state, loss, accuracy)`` like the in-memory epoch.
+    Returns ``(params, opt_state, loss, accuracy)`` like the in-memory epoch (``n``, accepted
+    for its signature, is the number of rows of ``Z``).
     """
     Z, y, s, dtype, device = data
     n, d = Z.shape
-    assert n == data.y.shape[0]
     s_dev = None if s is None else jnp.asarray(s, dtype)
     idx, w = _order(key, s_dev, n=n, batch_size=batch_size, dp=dp, dtype=dtype.name)
     B = batch_size if dp is None else dp.padded(batch_size)
@@ -232,8 +232,9 @@ def stream_epoch(
             prev = tot
     finally:
         chunks.close()
-    if not bool(finite):
+    if not bool(finite):  # every process of a mesh learns it: all raise
         _first_bad_row(Z, idx[:, lo:hi].reshape(-1), name)
+        raise ValueError(f"`{name}` must be finite, got NaN/inf in rows another process read")
     total = n if s is None else float(jnp.sum(s_dev))
     return params, opt_state, tot / total, correct / total
 
