@@ -11,6 +11,7 @@ from ._fit import TrainingDiverged, fit
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._head import linear_cross_entropy
 from ._loss import loss
+from ._model import Model, ModelFileError, load_model, predict, predict_proba, save_model
 from ._parallel import sharded_linear_cross_entropy
 
 try:
@@ -44,7 +45,13 @@ __all__ = [
     "grad",
     "hvp",
     "linear_cross_entropy",
+    "load_model",
     "loss",
+    "Model",
+    "ModelFileError",
+    "predict",
+    "predict_proba",
+    "save_model",
     "sharded_linear_cross_entropy",
     "value_and_grad",
 ]

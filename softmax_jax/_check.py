@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +101,7 @@ def check_grad(
       True
     """
     W, Z, Y, weights, _ = check_problem(W, Z, Y, weights, reduction, allow_none=False)
-    dtype = jnp.result_type(W.dtype, Z.dtype)
+    dtype = W.dtype  # GEMM operands are in W's dtype (the precision policy): its tolerance
     g = _hand_grad(W, Z, Y, weights=weights, reduction=reduction)
     rdt = _reference_dtype()
     Yr = Y if jnp.issubdtype(Y.dtype, jnp.integer) else Y.astype(rdt)
@@ -134,59 +132,90 @@ def check_grad(
 
 _SHAPES = ((1, 1, 2), (64, 16, 10), (256, 32, 100), (32, 8, 1000))
 _LABELS = ("integer", "one-hot", "soft", "unnormalised")
+LabelKind = Literal["integer", "one-hot", "soft", "unnormalised"]
 
 
-def _problem(key: jax.Array, n: int, d: int, k: int, labels: str, weighted: bool, scale: float):
-    kw, kz, ky, ks = jax.random.split(key, 4)
-    W = scale * jax.random.normal(kw, (d, k), jnp.float64)
-    Z = jax.random.normal(kz, (n, d), jnp.float64)
-    y = jax.random.randint(ky, (n,), 0, k)
-    if labels == "integer":
-        Y = y
-    elif labels == "one-hot":
-        Y = jax.nn.one_hot(y, k, dtype=jnp.float64)
-    elif labels == "soft":
-        Y = jax.nn.softmax(jax.random.normal(ky, (n, k), jnp.float64), axis=1)
-    else:  # rows that do not sum to one: eq. (2) as written, still exactly differentiated
-        Y = jax.random.uniform(ky, (n, k), jnp.float64, 0.0, 2.0)
-    s = jax.random.uniform(ks, (n,), jnp.float64) if weighted else None
-    return W, Z, Y, s
+def random_problem(
+    key: jax.Array,
+    n: int,
+    d: int,
+    k: int,
+    labels: LabelKind = "integer",
+    weighted: bool = False,
+    scale: float = 1.0,
+    dtype: Any = "float64",
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """A random problem ``(W, Z, Y, weights)``, drawn in float64 and rounded to ``dtype``.
+
+    The values depend only on ``key`` and the sizes, not on whether x64 is on: they are drawn with
+    x64 switched on locally (and off again before returning). ``W`` ``(D, K)`` is ``scale`` times
+    standard normal, ``Z`` ``(N, D)`` standard normal, ``weights`` uniform in ``[0, 2)``. ``labels``:
+    ``"integer"`` ``(N,)``, ``"one-hot"``, ``"soft"`` (rows on the simplex, ``softmax(3 ξ)``) or
+    ``"unnormalised"`` (entries uniform in ``[0, 2)``: rows with arbitrary sums), all ``(N, K)``.
+    float64 needs x64 on at the caller.
+    """
+    cast = np.dtype(dtype)
+    if cast == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("`dtype` float64 needs jax_enable_x64 on (e.g. `with jax.enable_x64():`)")
+    if labels not in _LABELS:
+        raise ValueError(f"`labels` must be one of {', '.join(map(repr, _LABELS))}, got {labels!r}")
+    with jax.enable_x64(True):
+        kw, kz, ky, ks = jax.random.split(key, 4)
+        W = scale * jax.random.normal(kw, (d, k), jnp.float64)
+        Z = jax.random.normal(kz, (n, d), jnp.float64)
+        y = jax.random.randint(ky, (n,), 0, k, jnp.int32)
+        if labels == "integer":
+            Y = y
+        elif labels == "one-hot":
+            Y = jax.nn.one_hot(y, k, dtype=jnp.float64)
+        elif labels == "soft":
+            Y = jax.nn.softmax(3 * jax.random.normal(ky, (n, k), jnp.float64), axis=1)
+        else:  # rows that do not sum to one: eq. (2) as written, still exactly differentiated
+            Y = jax.random.uniform(ky, (n, k), jnp.float64, 0.0, 2.0)
+        s = jax.random.uniform(ks, (n,), jnp.float64, 0.0, 2.0) if weighted else None
+        host = [None if x is None else np.asarray(x) for x in (W, Z, Y, s)]
+    W, Z, Y, s = host
+    rounded = [None if x is None else jnp.asarray(x.astype(cast)) for x in (W, Z, s)]
+    Y = jnp.asarray(Y) if labels == "integer" else jnp.asarray(Y.astype(cast))
+    return rounded[0], rounded[1], Y, rounded[2]
 
 
 def standard_cases(
     seed: int = 0,
-    dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16"),
+    dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16"),
     *,
     quick: bool = False,
 ) -> Iterator[GradCheckReport]:
     """Runs :func:`check_grad` over sizes, label kinds, weights, reductions and dtypes.
 
-    Problems are drawn in float64 (x64 is turned on locally) and rounded to each dtype. Includes an
-    extreme-logit case (``|wᵀz| ~ 1e4``) where a naive softmax overflows. ``quick`` keeps the two
-    smallest sizes.
+    Problems come from :func:`random_problem` (drawn in float64, rounded to each dtype). Each check
+    runs with x64 switched on for that check only, so the reference is float64 whatever the
+    caller's configuration, and the caller's configuration is untouched between the reports.
+    Includes an extreme-logit case (``|wᵀz| ~ 1e4``) where a naive softmax overflows. ``quick``
+    keeps the two smallest sizes.
     """
     shapes = _SHAPES[:2] if quick else _SHAPES
     key = jax.random.PRNGKey(seed)
-    with jax.enable_x64(True):
-        cases = []
-        for i, shape in enumerate(shapes):
-            for j, labels in enumerate(_LABELS):
-                cases.append((shape, labels, (i + j) % 2 == 1, "sum", 1.0))
-        cases.append(((64, 16, 10), "integer", True, "mean", 1.0))
-        cases.append(((64, 16, 10), "one-hot", False, "mean", 1.0))
-        cases.append(((64, 16, 10), "integer", False, "sum", 2.5e3))  # |logits| ~ 1e4
-        for i, ((n, d, k), labels, weighted, reduction, scale) in enumerate(cases):
-            W, Z, Y, s = _problem(jax.random.fold_in(key, i), n, d, k, labels, weighted, scale)
-            name = f"N={n} D={d} K={k} {labels}{' weighted' if weighted else ''} {reduction}"
-            if scale != 1.0:
-                name += " extreme"
-            for dt in dtypes:
-                cast = jnp.dtype(dt)
-                Yc = Y if labels == "integer" else Y.astype(cast)
-                sc = None if s is None else s.astype(cast)
-                yield check_grad(
-                    W.astype(cast), Z.astype(cast), Yc, weights=sc, reduction=reduction, case=name
+    cases = []
+    for i, shape in enumerate(shapes):
+        for j, labels in enumerate(_LABELS):
+            cases.append((shape, labels, (i + j) % 2 == 1, "sum", 1.0))
+    cases.append(((64, 16, 10), "integer", True, "mean", 1.0))
+    cases.append(((64, 16, 10), "one-hot", False, "mean", 1.0))
+    cases.append(((64, 16, 10), "integer", False, "sum", 2.5e3))  # |logits| ~ 1e4
+    for i, ((n, d, k), labels, weighted, reduction, scale) in enumerate(cases):
+        name = f"N={n} D={d} K={k} {labels}{' weighted' if weighted else ''} {reduction}"
+        if scale != 1.0:
+            name += " extreme"
+        for dt in dtypes:
+            # Entered and left around each check, never across a `yield`: a caller that stops
+            # iterating (or is suspended between reports) does not run in float64.
+            with jax.enable_x64(True):
+                W, Z, Y, s = random_problem(
+                    jax.random.fold_in(key, i), n, d, k, labels, weighted, scale, dt
                 )
+                report = check_grad(W, Z, Y, weights=s, reduction=reduction, case=name)
+            yield report
 
 
 def format_table(reports: list[GradCheckReport]) -> str:
@@ -210,32 +239,4 @@ def format_table(reports: list[GradCheckReport]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the problems")
-    parser.add_argument(
-        "--dtypes",
-        default="float64,float32,bfloat16",
-        help="comma-separated input dtypes to check (default: float64,float32,bfloat16)",
-    )
-    parser.add_argument("--quick", action="store_true", help="only the two smallest sizes")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from ._cli import CLIError
-
-    dtypes = tuple(t.strip() for t in args.dtypes.split(",") if t.strip())
-    for dt in dtypes:
-        if dt not in TOLERANCES:
-            raise CLIError(f"--dtypes: unknown dtype {dt!r}; choose from {', '.join(TOLERANCES)}")
-    start = time.perf_counter()
-    reports = list(standard_cases(args.seed, dtypes, quick=args.quick))
-    print(format_table(reports))
-    failed = [r for r in reports if not r.passed]
-    print(
-        f"\n{len(reports) - len(failed)} passed, {len(failed)} failed "
-        f"({time.perf_counter() - start:.1f} s, device {jax.devices()[0].platform})"
-    )
-    return 1 if failed else 0
-
-
-__all__ = ["GradCheckReport", "check_grad", "format_table", "standard_cases"]
+__all__ = ["GradCheckReport", "check_grad", "format_table", "random_problem", "standard_cases"]

@@ -10,7 +10,11 @@ flight.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CheckpointError", "Checkpointer"]
+__all__ = ["CheckpointError", "Checkpointer", "data_digest"]
 
 FORMAT_VERSION = 1
 
@@ -32,6 +36,26 @@ def _host_local(x) -> bool:
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be resumed from (the message names the directory)."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds a Ctrl-C (SIGINT) that arrives during a save until the save is complete, then
+    raises it: orbax writes from background threads, which an interrupted main thread would leave
+    running into interpreter shutdown (tracebacks instead of the one-line notice)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class Checkpointer:
@@ -161,18 +185,38 @@ class Checkpointer:
             for key in sorted(set(saved) | set(self.fingerprint))
             if saved.get(key) != self.fingerprint.get(key)
         }
+        if set(diff) == {"data_sha256"}:
+            saved_digest = saved.get("data_sha256")
+            was = "no digest" if saved_digest is None else f"SHA-256 {saved_digest[:12]}…"
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} was written for other training data (same "
+                f"shape and settings, different values: {was}, now "
+                f"{self.fingerprint['data_sha256'][:12]}…); use another checkpoint_dir, or delete "
+                "it to start over"
+            )
         if diff:
-            details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+
+            def short(key, value):  # a digest is told apart by its first 12 digits
+                return f"'{value[:12]}…'" if key == "data_sha256" and value else repr(value)
+
+            details = ", ".join(
+                f"{k}: saved {short(k, a)}, now {short(k, b)}" for k, (a, b) in diff.items()
+            )
             raise CheckpointError(
                 f"checkpoint directory {self.directory} belongs to a different run ({details}); "
                 "use another checkpoint_dir or the same settings"
             )
 
     def save(self, epoch: int, state: Any, history: dict) -> None:
-        """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns)."""
-        ocp = self._ocp
+        """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns; a
+        Ctrl-C during the save is raised once it is)."""
         meta = {"fingerprint": self.fingerprint, "epoch": int(epoch), "history": history}
         state = jax.tree.map(lambda x: np.asarray(x) if _host_local(x) else x, state)
+        with _sigint_deferred():
+            self._save(epoch, state, meta)
+
+    def _save(self, epoch: int, state: Any, meta: dict) -> None:
+        ocp = self._ocp
         self._manager.save(
             int(epoch),
             args=ocp.args.Composite(
@@ -185,3 +229,37 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def data_digest(*arrays: Any) -> str:
+    """SHA-256 (hex) of the training arrays (features, labels, weights; ``None`` skipped): their
+    dtypes and shapes and, block by block of about 64 MiB of rows, their bytes.
+
+    The blocks are hashed in parallel threads (hashlib releases the GIL) and their digests hashed
+    in order; a memory-mapped ``Z`` is read block by block, never copied whole. Part of the
+    checkpoint fingerprint, so that a checkpoint directory of another dataset of the same shape
+    is refused rather than resumed from.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts: list = []
+    for a in arrays:
+        if a is None:
+            parts.append(b"none;")
+            continue
+        a = np.asarray(a)
+        parts.append(f"{a.dtype.str}{a.shape};".encode())
+        if a.ndim == 0:
+            parts.append(a)
+            continue
+        rows = max(1, (64 << 20) // max(1, a[:1].nbytes))
+        parts += [a[i : i + rows] for i in range(0, a.shape[0], rows)]
+
+    def block_digest(part) -> bytes:
+        if isinstance(part, bytes):
+            return hashlib.sha256(part).digest()
+        return hashlib.sha256(memoryview(np.ascontiguousarray(part)).cast("B")).digest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(block_digest, parts))
+    return hashlib.sha256(b"".join(digests)).hexdigest()

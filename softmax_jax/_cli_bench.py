@@ -2,8 +2,10 @@
 
 The suites are scripts of the source tree, not part of the library: the command finds ``bench/``
 beside the package (an editable install or a checkout), inside it as ``softmax_jax/_bench`` (a
-wheel that ships it), or where ``$SOFTMAX_JAX_BENCH_DIR`` points. Results go to ``bench/results``
-(or ``--out DIR``); each suite runs in its own process and a failing one does not stop the others.
+wheel that ships it), or where ``$SOFTMAX_JAX_BENCH_DIR`` points. Results go to
+``./bench_results`` (or ``--out DIR``), never into a checkout's committed ``bench/results``
+unless ``--out`` names it; each suite runs in its own process and a failing one does not stop the
+others.
 """
 
 from __future__ import annotations
@@ -12,9 +14,24 @@ import argparse
 import os
 from pathlib import Path
 
-from ._cli import CLIError
+from ._cli import PROG, CLIError
 
 BENCH_DIR_ENV = "SOFTMAX_JAX_BENCH_DIR"
+DEFAULT_OUT = "bench_results"
+
+DESCRIPTION = f"""\
+Run the benchmark suites of bench/ (grad, head, train, scaling, and parallel where present), each
+in its own process: tables on the terminal, JSON (and PNG) results in ./{DEFAULT_OUT} or --out
+DIR. The committed results of a checkout (bench/results, which the README quotes) are written
+only when --out names them. Timings depend on the machine and its load: see the JSON's
+"machine" entry."""
+
+EXAMPLES = f"""\
+  {PROG} bench --quick                         # a few minutes; results in ./{DEFAULT_OUT}
+  {PROG} bench --only grad,head --out /tmp/results
+  {PROG} bench --out bench/results             # refresh a checkout's committed results
+  {PROG} bench --report                        # the committed results as Markdown tables
+"""
 
 
 def find_bench_dir() -> Path:
@@ -77,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write results here instead of bench/results (the committed results)",
+        help=f"write the results here (default: ./{DEFAULT_OUT}; --out bench/results replaces a "
+        "checkout's committed results)",
     )
     parser.add_argument(
         "--tiny",
@@ -88,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="print the saved results (bench/results or --out) as Markdown tables and exit",
+        help="print saved results (--out DIR, default: the committed bench/results) as Markdown "
+        "tables and exit",
     )
 
 
@@ -119,11 +138,10 @@ def run_cli(args: argparse.Namespace) -> int:
                 f"--only: unknown suite {', '.join(unknown)}; available: {', '.join(available)}"
             )
     out = args.out
-    if out is None and bench_dir.parent == Path(__file__).resolve().parent:
-        # The suites shipped inside an installed wheel: write beside the user, not into
-        # site-packages.
-        out = Path.cwd() / "bench_results"
-        print(f"softmax-jax bench: results go to {out} (use --out DIR to choose)")
+    if out is None:
+        # Never the committed bench/results of a checkout (nor site-packages for a wheel).
+        out = Path.cwd() / DEFAULT_OUT
+        print(f"softmax-jax bench: results go to {out} (use --out DIR to choose)", flush=True)
     statuses = runner.run_suites(
         names,
         quick=args.quick,

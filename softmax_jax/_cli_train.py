@@ -2,35 +2,87 @@
 
 With no arguments it trains on scikit-learn's digits (75/25 stratified split, standardised with
 the training statistics), shows a progress bar, prints train and test accuracy and the gradient
-cross-check of the trained model. Bad input is reported on one line (exit code 2).
+cross-check of the trained model. ``--save`` writes a model file (preprocessing, classes, ``W``,
+``b``, provenance) that ``softmax-jax predict`` and ``softmax_jax.load_model`` apply to raw
+features. Bad input is reported on one line naming the file, flag or value (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import math
 import os
 import sys
 
 import numpy as np
 
-from ._cli import CLIError
+from ._cli import PROG, CLIError
 from ._minibatch import OPTIMIZERS
 from ._solvers import FULL_BATCH_SOLVERS
 
+# The command line's defaults: chosen for the built-in digits (1347 training samples) and small
+# CSV files, where fit's library defaults (10 epochs of batches of 256) stop short. --help
+# states both.
 DEFAULT_EPOCHS = 30
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_L2 = 1e-4
+DEFAULT_TEST_SIZE = 0.25
+EXTRA = "pip install 'softmax-jax[cli]'"
+
+DESCRIPTION = """\
+Train softmax regression (multinomial logistic regression) with optax and the hand-written
+gradient of eq. (6). Without --data it trains on scikit-learn's digits. The data are split into
+train and test sets (stratified, --test-size), standardised with the training split's mean and
+std (unless --no-standardize), and trained with --optimizer; it prints the train and test
+accuracy and the gradient cross-check at the trained parameters (exit code 1 if it fails).
+
+--save writes a model file (an .npz, at exactly the path given) with the standardisation, the
+class labels, W, b and how it was trained: `softmax-jax predict` and softmax_jax.load_model apply
+it to raw features. With --checkpoint-dir a run that is interrupted (Ctrl-C, a kill) resumes from
+its latest checkpoint when the same command is run again.
+
+Defaults differ from softmax_jax.fit's where noted: they suit small datasets like digits."""
+
+EXAMPLES = f"""\
+  {PROG} train                                   # digits, adam, 30 epochs, progress bar
+  {PROG} train --data data.csv --save model.npz   # label in the last column of the CSV
+  {PROG} train --data data.npz --optimizer lbfgs --l2 1e-3 --plot curves.png
+  {PROG} train --checkpoint-dir ckpt --epochs 100 --checkpoint-every 5   # Ctrl-C, re-run: resumes
+"""
+
+#: Python argument names of fit, as the flags that set them (for errors raised inside fit).
+FLAG_OF = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "l2": "--l2",
+    "seed": "--seed",
+    "checkpoint_dir": "--checkpoint-dir",
+    "checkpoint_every": "--checkpoint-every",
+    "optimizer": "--optimizer",
+}
+
+
+def _fit_default(name: str):
+    from ._fit import fit
+
+    return inspect.signature(fit).parameters[name].default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``train`` options to ``parser``."""
+    from ._minibatch import DEFAULT_BATCH_SIZE as FIT_BATCH
+
     names = (*OPTIMIZERS, *FULL_BATCH_SOLVERS)
+    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in OPTIMIZERS.items())
     parser.add_argument(
         "--data",
         metavar="PATH",
         help=".npz with arrays X (N, D) and y (N,), or .csv with the integer label in the last "
-        "column (default: scikit-learn's digits); or a .npy X (N, D), streamed from disk "
-        "(memory-mapped) with its labels in --labels",
+        "column, an optional header row (default: scikit-learn's digits); or a .npy X (N, D), "
+        "streamed from disk (memory-mapped) with its labels in --labels",
     )
     parser.add_argument(
         "--labels",
@@ -38,45 +90,164 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --data X.npy: a .npy of N integer labels in [0, K) (default: y.npy beside X)",
     )
     parser.add_argument(
-        "--optimizer", default="adam", choices=names, metavar="NAME", help=f"one of {names}"
+        "--optimizer",
+        default="adam",
+        choices=names,
+        metavar="NAME",
+        help=f"one of {', '.join(names)}; lbfgs and newton-cg are full-batch solvers, one "
+        "iteration per epoch (default: adam, as fit)",
     )
     parser.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: per optimizer)"
+        "--lr",
+        type=float,
+        default=None,
+        metavar="F",
+        help=f"learning rate (default per optimizer, as fit: {lrs}); not for lbfgs/newton-cg",
     )
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="number of epochs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help=f"number of epochs, counting those restored from --checkpoint-dir "
+        f"(default: {DEFAULT_EPOCHS}; fit's is {_fit_default('epochs')})",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help=f"minibatch size (default {DEFAULT_BATCH_SIZE}; full batch for lbfgs/newton-cg)",
-    )
-    parser.add_argument("--l2", type=float, default=DEFAULT_L2, help="L2 penalty on W")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and shuffling")
-    parser.add_argument(
-        "--test-size", type=float, default=0.25, help="fraction held out for testing"
+        metavar="N",
+        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE}; fit's is {FIT_BATCH}); not for "
+        "lbfgs/newton-cg, which use all samples",
     )
     parser.add_argument(
-        "--no-standardize", action="store_true", help="do not standardise the features"
+        "--l2",
+        type=float,
+        default=DEFAULT_L2,
+        metavar="F",
+        help=f"L2 penalty λ/2·‖W‖² on W (default: {DEFAULT_L2:g}; fit's is {_fit_default('l2')})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the split and the shuffling, 0 <= N < 2**32 (default: 0, as fit)",
+    )
+    parser.add_argument(
+        "--test-size",
+        type=float,
+        default=DEFAULT_TEST_SIZE,
+        metavar="F",
+        help=f"fraction held out for testing, in (0, 1) (default: {DEFAULT_TEST_SIZE})",
+    )
+    parser.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="train on the features as they are (default: standardise with the training split's "
+        "mean and std, saved in the model)",
     )
     parser.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
-        help="save a checkpoint every epoch and resume from the latest one there",
+        help="save checkpoints in DIR and resume from the latest one there (it must hold this "
+        "run: same data and settings); needs orbax-checkpoint (the cli extra)",
     )
-    parser.add_argument("--save", metavar="PATH", help="write the model to an .npz (W, b)")
-    parser.add_argument("--plot", metavar="PNG", help="write loss/accuracy curves")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=_fit_default("checkpoint_every"),
+        metavar="N",
+        help="with --checkpoint-dir: save every N epochs and after the last one; an interrupted "
+        "run loses at most N epochs. A save is synchronous and can take longer than a short "
+        f"epoch: raise N for small data (default: {_fit_default('checkpoint_every')}, as fit)",
+    )
+    parser.add_argument(
+        "--save",
+        metavar="PATH",
+        help="write the model file (standardisation, classes, W, b, provenance; an .npz archive) "
+        "to exactly PATH: no extension is added",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="write loss/accuracy curves as a PNG to exactly PNG (needs matplotlib)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+#: The distribution that provides each optional module.
+PACKAGE_OF = {"sklearn": "scikit-learn", "orbax.checkpoint": "orbax-checkpoint"}
+
+
+def _require(module: str, what: str) -> None:
+    """A missing optional dependency, named with the extra that installs it, before training."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        package = PACKAGE_OF.get(module, module)
+        raise CLIError(f"{what} needs {package}, which is not installed: {EXTRA}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    full = args.optimizer in FULL_BATCH_SOLVERS
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size is not None:
+        if full:
+            raise CLIError(
+                f"--batch-size does not apply to {args.optimizer}, a full-batch solver (every "
+                f"iteration uses all samples); drop it, or choose a minibatch --optimizer"
+            )
+        if args.batch_size < 1:
+            raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.lr is not None:
+        if full:
+            raise CLIError(
+                f"--lr does not apply to {args.optimizer} (its line search sets the step)"
+            )
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.l2) and args.l2 >= 0):
+        raise CLIError(f"--l2 must be a finite number >= 0, got {args.l2}")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed must lie in [0, 2**32), got {args.seed}")
+    if not 0 < args.test_size < 1:
+        raise CLIError(f"--test-size must lie in (0, 1), got {args.test_size}")
+    if args.checkpoint_every < 1:
+        raise CLIError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.checkpoint_dir is not None and os.path.exists(args.checkpoint_dir):
+        if not os.path.isdir(args.checkpoint_dir):
+            raise CLIError(f"--checkpoint-dir {args.checkpoint_dir}: exists and is not a directory")
+    for opt in ("save", "plot"):
+        path = getattr(args, opt)
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise CLIError(f"--{opt} {path}: directory {folder} does not exist")
+            if os.path.isdir(path):
+                raise CLIError(f"--{opt} {path}: is a directory, expected a file name")
+    # Optional dependencies, before any data is read or any epoch runs.
+    if args.data is None:
+        _require("sklearn", "training on the built-in digits (no --data)")
+    if args.plot is not None:
+        _require("matplotlib", "--plot")
+    if args.checkpoint_dir is not None:
+        _require("orbax.checkpoint", "--checkpoint-dir")
 
 
 def _load(args: argparse.Namespace):
     from ._data import DataError, load_digits, load_file, split
 
+    notes: list[str] = []
     try:
         if args.data is None:
             return load_digits(
                 test_size=args.test_size, seed=args.seed, standardize=not args.no_standardize
             )
-        X, codes, classes = load_file(args.data)
+        X, codes, classes = load_file(args.data, notes=notes)
+        for note in notes:
+            print(f"note: {note}", flush=True)
         return split(
             X,
             codes,
@@ -87,33 +258,19 @@ def _load(args: argparse.Namespace):
             standardize=not args.no_standardize,
         )
     except DataError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(str(e).replace("test size", "--test-size")) from None
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.epochs < 1:
-        raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.lr is not None and not args.lr > 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
-    if not args.l2 >= 0:
-        raise CLIError(f"--l2 must be >= 0, got {args.l2}")
-    if not 0 < args.test_size < 1:
-        raise CLIError(f"--test-size must lie in (0, 1), got {args.test_size}")
-    full = args.optimizer in FULL_BATCH_SOLVERS
-    if full and args.lr is not None:
-        raise CLIError(f"--lr does not apply to {args.optimizer} (its line search sets the step)")
-    for opt in ("save", "plot"):
-        path = getattr(args, opt)
-        if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise CLIError(f"--{opt} {path}: directory {folder} does not exist")
+def _as_flags(message: str) -> str:
+    """An error of fit with its Python argument names (```batch_size```) as the flags."""
+    for name, flag in FLAG_OF.items():
+        message = message.replace(f"`{name}`", flag)
+    return message
 
 
 def plot_history(history: dict, path: str, *, title: str = "") -> None:
-    """Writes loss and accuracy curves per epoch (train, and eval when present) to ``path``."""
+    """Writes loss and accuracy curves per epoch (train, and eval when present) to ``path`` as a
+    PNG (exactly that name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,8 +294,57 @@ def plot_history(history: dict, path: str, *, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind, appended to the ``interrupted`` line."""
+    if args.checkpoint_dir is None:
+        return " (no --checkpoint-dir: nothing was saved)"
+    steps = _checkpoint_steps(args.checkpoint_dir)
+    if not steps:
+        return f"; no checkpoint was written yet in {args.checkpoint_dir}"
+    return (
+        f"; the checkpoints in {args.checkpoint_dir} were kept (latest: epoch {steps[-1]}): run "
+        "the same command again to resume from there"
+    )
+
+
+def _early_stop(args, history) -> str | None:
+    """Why a full-batch solver stopped before --epochs, or ``None``."""
+    done = history["epoch"][-1] if history["epoch"] else 0
+    if args.optimizer not in FULL_BATCH_SOLVERS or done >= args.epochs:
+        return None
+    gmax = history["grad_max"][-1]
+    return (
+        f"{args.optimizer} stopped at iteration {done} of {args.epochs}: its line search found no "
+        f"further decrease of the objective (max |∇f| = {gmax:.3g}): converged to the precision "
+        "of float32"
+    )
+
+
+def _provenance(args, ds, history, batch_size, n: int, d: int, k: int) -> dict:
+    return {
+        "trained_by": "softmax-jax train",
+        "data": ds.name,
+        "n_samples": n,
+        "n_features": d,
+        "n_classes": k,
+        "optimizer": args.optimizer,
+        "learning_rate": args.lr,
+        "epochs": len(history["epoch"]),
+        "batch_size": batch_size,
+        "l2": args.l2,
+        "seed": args.seed,
+        "test_size": args.test_size,
+    }
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -154,9 +360,10 @@ def run_cli(args: argparse.Namespace) -> int:
     from ._check import check_grad
     from ._checkpoint import CheckpointError
     from ._fit import TrainingDiverged, fit
+    from ._model import Model, predict, save_model
 
     full = args.optimizer in FULL_BATCH_SOLVERS
-    batch_size = args.batch_size if args.batch_size is not None else None
+    batch_size = args.batch_size
     if not full and batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE
     n, d = ds.X_train.shape
@@ -166,6 +373,14 @@ def run_cli(args: argparse.Namespace) -> int:
         f"{k} classes; optimizer {args.optimizer}, {args.epochs} epochs",
         flush=True,
     )
+    if args.no_progress:  # fit's notices (resuming from a checkpoint) go to the log
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("softmax_jax")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         params, history = fit(
             ds.X_train.astype(np.float32),
@@ -179,21 +394,24 @@ def run_cli(args: argparse.Namespace) -> int:
             num_classes=k,
             eval_data=(ds.X_test.astype(np.float32), ds.y_test),
             checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
         )
-    except TrainingDiverged as e:
-        raise CLIError(str(e)) from None
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    except (TrainingDiverged, CheckpointError, ValueError) as e:
+        raise CLIError(_as_flags(str(e))) from None
+    finally:
+        if args.no_progress:
+            logger.removeHandler(handler)
 
     W = np.asarray(params["W"])
     b = np.asarray(params["b"])
     if history["epoch"]:
         print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
-    train_acc = float(np.mean(np.argmax(ds.X_train @ W + b, axis=1) == ds.y_train))
-    test_acc = float(np.mean(np.argmax(ds.X_test @ W + b, axis=1) == ds.y_test))
+    why = _early_stop(args, history)
+    if why:
+        print(why)
+    train_acc = float(np.mean(np.asarray(predict(params, ds.X_train)) == ds.y_train))
+    test_acc = float(np.mean(np.asarray(predict(params, ds.X_test)) == ds.y_test))
     print(f"train accuracy: {train_acc:.4f}")
     print(f"test accuracy: {test_acc:.4f}")
 
@@ -210,11 +428,15 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"gradient check (hand-written eq. (6) vs jax.grad): {report}")
 
     if args.save:
-        np.savez(args.save, W=W, b=b, classes=ds.classes)
-        print(f"saved W {W.shape} and b {b.shape} to {args.save}")
+        info = _provenance(args, ds, history, batch_size, n, d, k)
+        info.update(train_accuracy=train_acc, test_accuracy=test_acc)
+        model = Model(W, b, ds.classes, mean=ds.mean, std=ds.std, info=info)
+        written = save_model(args.save, model)
+        prep = "standardisation" if ds.mean is not None else "no preprocessing"
+        print(f"wrote the model ({prep}, {k} classes, W {W.shape}, b {b.shape}) to {written}")
     if args.plot:
         plot_history(history, args.plot, title=f"softmax regression on {ds.name}")
-        print(f"wrote {args.plot}")
+        print(f"wrote the curves to {args.plot}")
     return 0 if report.passed else 1
 
 
@@ -225,6 +447,7 @@ def _run_streamed(args: argparse.Namespace) -> int:
     during the last epoch."""
     from ._checkpoint import CheckpointError
     from ._fit import TrainingDiverged, fit
+    from ._model import Model, save_model
 
     labels = args.labels or os.path.join(os.path.dirname(os.path.abspath(args.data)), "y.npy")
     try:
@@ -241,19 +464,22 @@ def _run_streamed(args: argparse.Namespace) -> int:
     try:
         params, history = fit(
             X, np.asarray(y), optimizer=args.optimizer, learning_rate=args.lr,
-            epochs=args.epochs, batch_size=args.batch_size or DEFAULT_BATCH_SIZE, l2=args.l2,
-            seed=args.seed, checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress,
-            stream=True,
+            epochs=args.epochs, l2=args.l2, seed=args.seed, stream=True,
+            batch_size=args.batch_size or (None if args.optimizer in FULL_BATCH_SOLVERS
+                                           else DEFAULT_BATCH_SIZE),
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress,
         )  # fmt: skip
     except (TrainingDiverged, CheckpointError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(_as_flags(str(e))) from None
     if history["epoch"]:
         print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
         print(f"train accuracy (last epoch, as trained): {history['train_accuracy'][-1]:.4f}")
     if args.save:
         W, b = np.asarray(params["W"]), np.asarray(params["b"])
-        np.savez(args.save, W=W, b=b, classes=np.arange(W.shape[1]))
-        print(f"saved W {W.shape} and b {b.shape} to {args.save}")
+        info = {"data": args.data, "labels": labels, "n_samples": n, "streamed": True}
+        written = save_model(args.save, Model(W, b, np.arange(W.shape[1]), info=info))
+        print(f"wrote the model (no preprocessing, W {W.shape}, b {b.shape}) to {written}")
     return 0
 
 

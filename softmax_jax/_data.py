@@ -11,11 +11,20 @@ from __future__ import annotations
 import csv
 import math
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "encode_labels", "load_digits", "load_file", "split"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "encode_labels",
+    "load_digits",
+    "load_features",
+    "load_file",
+    "split",
+]
 
 
 class DataError(ValueError):
@@ -32,6 +41,8 @@ class Dataset(NamedTuple):
       y_test: labels ``(N_test,)``.
       classes: the original label of each class index, ``(K,)``.
       name: where the data came from (a file path or ``"sklearn digits"``).
+      mean, std: the standardisation ``(X − mean) / std`` applied (``(D,)``), or ``None``.
+      raw: ``(X_train, X_test)`` before standardisation.
     """
 
     X_train: np.ndarray
@@ -40,6 +51,9 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
     classes: np.ndarray
     name: str
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    raw: tuple | None = None
 
 
 def _fail(where: str, msg: str) -> DataError:
@@ -98,16 +112,23 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Reads a numeric CSV with the label in the last column.
+def _read_csv_table(
+    path: str, notes: list | None, *, label_last: bool
+) -> tuple[np.ndarray, list | None, int]:
+    """Reads a numeric CSV table: ``(data (N, C) float64, column names or None, first_row)``.
 
-    An optional header (a first row with no numeric cell) names the columns in messages. Returns
-    ``(X, y, first_row)`` where ``first_row`` is the 1-based line number of the first data row.
+    An optional header (a first row with no numeric cell) names the columns in messages; a UTF-8
+    byte-order mark (Excel's "CSV UTF-8") is skipped; a first column with an empty header, as
+    pandas' ``to_csv`` writes its index, is dropped (and said in ``notes``). ``first_row`` is the
+    1-based line number of the first data row.
     """
-    with open(path, newline="") as f:
-        rows = [(i + 1, row) for i, row in enumerate(csv.reader(f)) if any(c.strip() for c in row)]
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
+        except UnicodeDecodeError as e:
+            raise _fail(path, f"not a text CSV file ({e.reason} at byte {e.start})") from None
     if not rows:
-        raise _fail(path, "empty CSV file (expected rows of features with the label last)")
+        raise _fail(path, "empty CSV file (expected rows of numbers)")
     names = None
     if not any(_is_number(c) for c in rows[0][1]):
         names = [c.strip() for c in rows[0][1]]
@@ -115,53 +136,82 @@ def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray, int]:
         if not rows:
             raise _fail(path, "CSV file has a header but no data rows")
     width = len(names) if names is not None else len(rows[0][1])
-    if width < 2:
-        raise _fail(path, f"need at least 2 columns (features, then the label), got {width}")
     for line, row in rows:
         if len(row) != width:
             raise _fail(path, f"row {line}: ragged row with {len(row)} columns, expected {width}")
-    data = np.empty((len(rows), width), np.float64)
+    skip = 0
+    if names is not None and width > 1 and names[0] in ("", "Unnamed: 0"):
+        skip = 1
+        names = names[1:]
+        if notes is not None:
+            notes.append(
+                f"{path}: column 1 has no name (an index column, as pandas' to_csv writes): "
+                "not used as a feature"
+            )
+    data = np.empty((len(rows), width - skip), np.float64)
     for j, (line, row) in enumerate(rows):
+        row = row[skip:]
         try:
             data[j] = [float(c) for c in row]
         except ValueError:
             c = next(i for i, cell in enumerate(row) if not _is_number(cell))
-            col = f"column {c + 1}" + (f" ({names[c]!r})" if names is not None else "")
-            kind = "label" if c == width - 1 else "feature"
+            col = f"column {c + 1 + skip}" + (f" ({names[c]!r})" if names is not None else "")
+            kind = "label" if label_last and c == len(row) - 1 else "feature"
             raise _fail(path, f"row {line}, {col}: non-numeric {kind} {row[c].strip()!r}") from None
-    first = rows[0][0]
+    return data, names, rows[0][0]
+
+
+def _read_csv(path: str, notes: list | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """A numeric CSV with the label in the last column: ``(X, y, first_row)``."""
+    data, names, first = _read_csv_table(path, notes, label_last=True)
+    if data.shape[1] < 2:
+        raise _fail(
+            path, f"need at least 2 columns (features, then the label), got {data.shape[1]}"
+        )
     X, y = data[:, :-1], data[:, -1]
     check_features(X, path, first_row=first, col_names=names)
     return X, y, first
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+def _check_npz_file(path: str) -> None:
+    if os.path.getsize(path) == 0:
+        raise _fail(path, "cannot read as .npz: the file is empty (0 bytes)")
+    if not zipfile.is_zipfile(path):
+        raise _fail(path, "cannot read as .npz: not a zip archive (as np.savez writes)")
+
+
+def _read_npz(path: str, *, need_y: bool = True) -> tuple[np.ndarray, np.ndarray | None, int]:
+    _check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("X", "y") if k not in f.files]
+            missing = [k for k in (("X", "y") if need_y else ("X",)) if k not in f.files]
             if missing:
                 raise _fail(path, f"missing array(s) {missing}; found {sorted(f.files)}")
-            X, y = f["X"], f["y"]
+            X = f["X"]
+            y = f["y"] if "y" in f.files else None
     except DataError:
         raise
-    except (OSError, ValueError) as e:
-        raise _fail(path, f"cannot read as .npz ({e})") from None
+    except Exception as e:  # noqa: BLE001 - zip, zlib and format errors alike
+        raise _fail(path, f"cannot read as .npz ({type(e).__name__}: {e})") from None
     if X.ndim != 2:
         raise _fail(path, f"`X` must have shape (N, D), got {X.shape}")
     if X.dtype.kind not in "iufb":
         raise _fail(path, f"`X` must be numeric, got dtype {X.dtype}")
-    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+    if y is not None and (y.ndim != 1 or y.shape[0] != X.shape[0]):
         raise _fail(path, f"`y` must have shape (N,) = ({X.shape[0]},), got {y.shape}")
     X = X.astype(np.float64)
     check_features(X, path)
     return X, y, 0
 
 
-def load_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_file(
+    path: str | os.PathLike, *, notes: list | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Loads ``(X, codes, classes)`` from a ``.npz`` (arrays ``X``, ``y``) or a ``.csv`` file.
 
     CSV: one sample per row, numeric features, the integer label in the last column; an optional
-    header row. Rows and columns in error messages are 1-based (rows are line numbers); for
+    header row; a UTF-8 byte-order mark is skipped and a pandas index column (empty header) is
+    dropped, said in ``notes`` (a list the messages are appended to). Rows and columns in error messages are 1-based (rows are line numbers); for
     ``.npz`` files rows are 0-based indices into ``X``.
 
     Returns:
@@ -171,20 +221,55 @@ def load_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarr
       DataError: a missing file, an unknown extension, non-numeric or ragged CSV rows, NaN/inf
         features, non-integer labels, an empty file or a single class.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise _fail(path, "no such file")
-    ext = os.path.splitext(path)[1].lower()
+    path, ext = _check_path(path)
     if ext == ".csv":
-        X, y, first = _read_csv(path)
-    elif ext == ".npz":
-        X, y, first = _read_npz(path)
+        X, y, first = _read_csv(path, notes)
     else:
-        raise _fail(path, f"unknown data format {ext!r}: expected .npz (arrays X, y) or .csv")
+        X, y, first = _read_npz(path)
     if X.shape[0] == 0:
         raise _fail(path, "no samples")
     codes, classes = encode_labels(y, path, first_row=first)
     return X, codes, classes
+
+
+def _check_path(path) -> tuple[str, str]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise _fail(path, "no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".npz"):
+        raise _fail(path, f"unknown data format {ext!r}: expected .npz (arrays X, y) or .csv")
+    return path, ext
+
+
+def load_features(
+    path: str | os.PathLike, n_features: int, *, notes: list | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features to predict on, ``(X (N, n_features), y or None)``, from a ``.csv`` or ``.npz``.
+
+    CSV: ``n_features`` columns, or ``n_features + 1`` with the label last (as for training);
+    header, byte-order mark and pandas index column as in :func:`load_file`. ``.npz``: array
+    ``X`` and, optionally, ``y``. The labels, when present, are returned as they are.
+    """
+    path, ext = _check_path(path)
+    if ext == ".csv":
+        data, names, first = _read_csv_table(path, notes, label_last=False)
+        if data.shape[1] not in (n_features, n_features + 1):
+            raise _fail(
+                path,
+                f"has {data.shape[1]} columns; the model takes {n_features} features (and "
+                "optionally the label as one more, last, column)",
+            )
+        X, y = data[:, :n_features], (data[:, n_features] if data.shape[1] > n_features else None)
+    else:
+        X, y, first = _read_npz(path, need_y=False)
+        names = None
+        if X.shape[1] != n_features:
+            raise _fail(path, f"`X` has {X.shape[1]} features; the model takes {n_features}")
+    if X.shape[0] == 0:
+        raise _fail(path, "no samples")
+    check_features(X, path, first_row=first, col_names=names)
+    return X, y
 
 
 def split(
@@ -225,16 +310,31 @@ def split(
             take[c] -= 1
         i += 1
     test = np.sort(np.concatenate([ix[:t] for ix, t in zip(per_class, take)]).astype(np.intp))
+    if test.size == 0:
+        raise DataError(
+            f"{name}: {n} samples are too few for a train/test split with test size {test_size} "
+            f"(no class has a sample to spare for the test split: {n} samples, "
+            f"{classes.size} classes)"
+        )
     train = np.setdiff1d(np.arange(n), test)
     train, test = rng.permutation(train), rng.permutation(test)
     Xtr, Xte = X[train], X[test]
+    mean = std = None
     if standardize:
         mean = Xtr.mean(axis=0)
         std = Xtr.std(axis=0)
         std[std == 0] = 1.0
         Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
     return Dataset(
-        Xtr, codes[train].astype(np.int32), Xte, codes[test].astype(np.int32), classes, name
+        Xtr,
+        codes[train].astype(np.int32),
+        Xte,
+        codes[test].astype(np.int32),
+        classes,
+        name,
+        mean,
+        std,
+        (X[train], X[test]),
     )
 
 

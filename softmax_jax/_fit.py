@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -15,6 +17,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from ._checkpoint import Checkpointer, CheckpointError, data_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
 from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
@@ -23,6 +26,8 @@ from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
+
+logger = logging.getLogger("softmax_jax")
 
 History = dict[str, list]
 
@@ -137,9 +142,11 @@ def fit(
     With ``checkpoint_dir`` the state (parameters, optimizer state, epoch, RNG key, history) is
     saved with orbax-checkpoint after every ``checkpoint_every`` epochs (atomically; the last
     ``max_to_keep`` are kept), and a call with the same directory resumes from the latest
-    checkpoint, ending with the same parameters as an uninterrupted run. A checkpoint written by a
-    different configuration raises :class:`softmax_jax._checkpoint.CheckpointError`; an unreadable
-    one falls back to the previous one with a warning.
+    checkpoint (saying so, and from which epoch), ending with the same parameters as an
+    uninterrupted run. A checkpoint written by a different configuration or for other data (the
+    fingerprint holds a SHA-256 of ``Z``, ``y`` and the weights), or past ``epochs``, raises
+    :class:`softmax_jax.CheckpointError`; an unreadable one falls back to the previous one with a
+    warning.
 
     Args:
       Z: features ``(N, D)``, finite. float64 stays float64 when x64 is enabled; bfloat16/float16
@@ -247,13 +254,16 @@ def fit(
             "seed": int(seed),
             "dtype": np.dtype(dtype).name,
             "weighted": sw is not None,
+            "data_sha256": data_digest(Zh, yh, sw),
         }
-        ckpt, restored = _open_checkpoint(checkpoint_dir, fingerprint, max_to_keep, state, base_key)
+        ckpt, restored = _open_checkpoint(
+            checkpoint_dir, fingerprint, max_to_keep, state, base_key, epochs, progress
+        )
         if restored is not None:
             start, state, base_key, history = restored
             state = put(state)
 
-    bar = _progress_bar(progress, epochs, min(start, epochs))
+    bar = _progress_bar(progress and start < epochs, epochs, start)
     try:
         for epoch in range(start + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -275,7 +285,7 @@ def fit(
             last = epoch == epochs or stop or converged or stalled
             if ckpt is not None and (epoch % checkpoint_every == 0 or last):
                 ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
-            _update_bar(bar, record)
+            _update_bar(bar, record, last)
             if last:
                 break
     finally:
@@ -362,18 +372,46 @@ def _new_history(full_batch: bool) -> History:
     return {key: [] for key in keys + (["grad_max"] if full_batch else [])}
 
 
-def _open_checkpoint(directory, fingerprint: dict, max_to_keep: int, state, base_key):
+def _open_checkpoint(
+    directory, fingerprint: dict, max_to_keep: int, state, base_key, epochs: int, progress: bool
+):
     """The :class:`Checkpointer` of ``directory`` and, if it holds a checkpoint of this run,
-    ``(epoch, state, key, history)`` restored from it (else ``None``)."""
-    from ._checkpoint import Checkpointer
+    ``(epoch, state, key, history)`` restored from it (else ``None``); says that it resumes.
 
+    A checkpoint past ``epochs`` is refused: returning it would be a longer run than asked for."""
     ckpt = Checkpointer(directory, fingerprint=fingerprint, max_to_keep=max_to_keep)
     restored = ckpt.restore_latest({"state": state, "rng": jax.random.key_data(base_key)})
     if restored is None:
         return ckpt, None
     start, tree, history = restored
+    if start > epochs:
+        ckpt.close()
+        raise CheckpointError(
+            f"checkpoint directory {ckpt.directory} holds epoch {start}, more than the "
+            f"`epochs` = {epochs} asked for: ask for `epochs` >= {start} to resume from it, or use "
+            "another checkpoint_dir"
+        )
+    if start == epochs:
+        _notice(
+            f"checkpoint directory {ckpt.directory} already holds all {epochs} epochs: "
+            "returning its parameters without training",
+            progress,
+        )
+    else:
+        _notice(
+            f"resuming from epoch {start} of {epochs} (checkpoint directory {ckpt.directory})",
+            progress,
+        )
     key = jax.random.wrap_key_data(np.asarray(tree["rng"]))  # uncommitted: any device or mesh
     return ckpt, (start, tree["state"], key, history)
+
+
+def _notice(message: str, progress: bool) -> None:
+    """A line for the user: logged (logger ``softmax_jax``, INFO) and, with ``progress``, printed
+    to stderr above the progress bar."""
+    logger.info(message)
+    if progress:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _run_epoch(plan: _Plan, state, data, l2, base_key, epoch: int, dp, n: int):
@@ -412,14 +450,18 @@ def _record(plan: _Plan, state, epoch, loss, acc, gmax, seconds, eval_dev) -> di
     return record
 
 
-def _update_bar(bar, record: dict) -> None:
+def _update_bar(bar, record: dict, last: bool) -> None:
+    """Advances the bar; after the last epoch without drawing it: ``close`` draws it, once."""
     if bar is None:
         return
     post = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
     if record["eval_accuracy"] is not None:
         post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
     bar.set_postfix(post, refresh=False)
-    bar.update(1)
+    if last:
+        bar.n += 1
+    else:
+        bar.update(1)
 
 
 def _check_eval(eval_data, d: int, k: int):

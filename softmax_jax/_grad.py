@@ -168,7 +168,11 @@ def _terms_impl(W, Z, Y, weights, *, int_labels: bool):
     if weights is not None:
         Zc = Zc * weights.astype(A.dtype)[:, None]
     if int_labels:
-        first = jax.ops.segment_sum(Zc, Y, num_segments=A.shape[1]).T
+        # An out-of-range label (possible only under tracing) makes its row NaN, as in `grad`:
+        # NaN in `second` and `grad` everywhere and in `first` at the clipped label's column.
+        k = A.shape[1]
+        Zc = jnp.where(label_validity(Y, k)[:, None], Zc, jnp.nan)
+        first = jax.ops.segment_sum(Zc, jnp.clip(Y, 0, k - 1), num_segments=k).T
     else:
         first = Zc.T @ Y.astype(A.dtype)
     second = Zc.T @ (E / S)
@@ -195,6 +199,7 @@ def derivation_terms(
 
     Returns:
       :class:`DerivationTerms` ``(first, second, grad)``, each ``(D, K)`` in the accumulation dtype.
+      Under ``jax.jit`` an out-of-range label makes ``second`` and ``grad`` NaN.
     """
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, "sum")
     return _terms_impl(W, Z, Y, weights, int_labels=int_labels)

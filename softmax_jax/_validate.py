@@ -4,12 +4,15 @@ Static facts (rank, shape agreement, dtype) are checked here, at call or trace t
 ``ValueError``/``TypeError`` naming the argument, what was expected and what came instead. Value
 checks (labels within ``[0, K)``, non-negative weights, finite targets) run only when the values
 are concrete, i.e. outside ``jax.jit``/``jax.vmap`` tracing; under tracing see each function's
-docstring for what happens to bad values.
+docstring for what happens to bad values. A value check of a device array is a reduction on the
+device that brings back a few scalars (a flag, the first bad index, the value there), never the
+array; arrays that are not fully addressable (multi-host) are not checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -52,25 +55,73 @@ def check_rank(x: jax.Array, name: str, rank: int, shape_doc: str) -> None:
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:
-    """The accumulation dtype: the promoted input dtype, at least float32 (bf16/f16 -> f32)."""
-    dt = jnp.result_type(*dtypes)
-    if jnp.finfo(dt).bits < 32:
-        return np.dtype(jnp.float32)
-    return np.dtype(dt)
+    """The accumulation dtype of floating inputs: float64 when one of them is float64 and x64 is
+    on, else float32 (bf16/f16 accumulate in float32).
+
+    Chosen by width, not by JAX's promotion lattice: it works under
+    ``jax_numpy_dtype_promotion="strict"`` (where float32 with bfloat16 does not promote) and never
+    asks JAX for a float64 it does not have (NumPy float64 input with x64 off is float32 work).
+    """
+    wide = any(np.dtype(d).itemsize >= 8 for d in dtypes)
+    return np.dtype(np.float64 if wide and jax.config.jax_enable_x64 else np.float32)
+
+
+def _checkable(x: Any) -> bool:
+    """A non-empty array whose values this process can read: concrete and fully addressable."""
+    if isinstance(x, jax.core.Tracer) or x.size == 0:
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "bound"))
+def _scan(x: jax.Array, kind: Literal["finite", "range", "negative"], bound: int = 0):
+    """``(any bad, first bad flat index, value there, min, max)`` of ``x``: five scalars."""
+    flat = x.reshape(-1)
+    if kind == "finite":
+        bad = ~jnp.isfinite(flat)
+    elif kind == "range":  # integers in [0, bound); the bound clipped to what the dtype holds
+        bad = (flat < 0) | (flat > min(bound - 1, int(jnp.iinfo(x.dtype).max)))
+    else:
+        bad = flat < 0
+    idx = jnp.argmax(bad)
+    return jnp.any(bad), idx, flat[idx], jnp.min(flat), jnp.max(flat)
+
+
+def _first_bad(x: Any, kind: str, bound: int = 0):
+    """``None`` when ``x`` passes, else ``(flat index, value, min, max)`` as Python numbers.
+
+    NumPy arrays are scanned on the host where they are; device arrays on their device (eagerly
+    even inside an outer ``jax.jit`` trace, since ``x`` is concrete), bringing back five scalars.
+    """
+    if isinstance(x, np.ndarray):
+        v = x.astype(np.float32) if x.dtype == np.dtype(jnp.bfloat16) else x
+        if kind == "finite":
+            bad = ~np.isfinite(v)
+        elif kind == "range":
+            bad = (v < 0) | (v >= bound)
+        else:
+            bad = v < 0
+        if not bad.any():
+            return None
+        idx = int(np.flatnonzero(bad)[0])
+        return idx, v.flat[idx], v.min(), v.max()
+    with jax.ensure_compile_time_eval():
+        any_bad, idx, value, lo, hi = jax.device_get(_scan(x, kind, bound))
+    if not any_bad:
+        return None
+    return int(idx), value, lo, hi
 
 
 def check_labels_values(labels: jax.Array, num_classes: int, name: str = "labels") -> None:
     """Labels must lie in ``[0, K)``: checked only when the values are concrete."""
-    if not is_concrete(labels) or labels.size == 0:
+    if not _checkable(labels):
         return
-    # NumPy, not jnp: under an outer jax.jit, jnp ops on a closed-over concrete array are traced.
-    bad = np.asarray(labels)
-    lo, hi = int(bad.min()), int(bad.max())
-    if lo < 0 or hi >= num_classes:
-        idx = int(np.flatnonzero((bad < 0) | (bad >= num_classes))[0])
+    found = _first_bad(labels, "range", int(num_classes))
+    if found is not None:
+        idx, value, lo, hi = found
         raise ValueError(
-            f"`{name}` must lie in [0, K) = [0, {num_classes}), got {int(bad.flat[idx])} "
-            f"at index {idx} (min {lo}, max {hi})"
+            f"`{name}` must lie in [0, K) = [0, {num_classes}), got {int(value)} "
+            f"at index {idx} (min {int(lo)}, max {int(hi)})"
         )
 
 
@@ -85,26 +136,26 @@ def check_weights(weights: Any, n: int, name: str = "weights") -> jax.Array | No
         raise TypeError(
             f"`{name}` must be real (a mask or non-negative weights), got {weights.dtype}"
         )
-    if is_concrete(weights) and weights.size:
-        w = np.asarray(weights, dtype=np.float64)
-        if not np.all(np.isfinite(w)):
-            idx = int(np.flatnonzero(~np.isfinite(w))[0])
-            raise ValueError(f"`{name}` must be finite, got {w[idx]} at index {idx}")
-        if np.any(w < 0):
-            idx = int(np.flatnonzero(w < 0)[0])
-            raise ValueError(f"`{name}` must be >= 0, got {w[idx]} at index {idx}")
+    if _checkable(weights) and jnp.issubdtype(weights.dtype, jnp.number):
+        if jnp.issubdtype(weights.dtype, jnp.floating):
+            found = _first_bad(weights, "finite")
+            if found is not None:
+                raise ValueError(f"`{name}` must be finite, got {found[1]} at index {found[0]}")
+        found = _first_bad(weights, "negative")
+        if found is not None:
+            raise ValueError(f"`{name}` must be >= 0, got {float(found[1])} at index {found[0]}")
     return weights
 
 
 def check_finite(x: jax.Array, name: str) -> None:
     """Rejects NaN/inf in a concrete floating array, naming the first offending index."""
-    if not is_concrete(x) or x.size == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+    if not _checkable(x) or not jnp.issubdtype(x.dtype, jnp.floating):
         return
-    finite = np.isfinite(np.asarray(x, dtype=np.float32 if x.dtype.itemsize < 4 else x.dtype))
-    if not finite.all():
-        idx = np.unravel_index(int(np.flatnonzero(~finite)[0]), x.shape)
+    found = _first_bad(x, "finite")
+    if found is not None:
+        idx = np.unravel_index(found[0], x.shape)
         raise ValueError(
-            f"`{name}` must be finite, got {np.asarray(x)[idx]} at index {tuple(int(i) for i in idx)}"
+            f"`{name}` must be finite, got {found[1]} at index {tuple(int(i) for i in idx)}"
         )
 
 

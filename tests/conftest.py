@@ -22,10 +22,6 @@ settings.register_profile(
 settings.load_profile("softmax_jax")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "x64: run this test with jax_enable_x64 on (restored after)")
-
-
 @pytest.fixture(autouse=True)
 def _scoped_x64(request):
     """Turns x64 on for tests marked ``x64``; checks that no test leaks a global x64 change."""

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from softmax_jax._check import TOLERANCES, random_problem
 
 # Relative tolerances (normwise, against a float64 reference on the same rounded inputs).
 #  float64: unit roundoff 1.1e-16; sums over N and the cancellation in Ŷ − Y lose a few digits,
 #           1e-12 is what the derivation must hold to (the issue asks ~1e-12).
 #  float32: unit roundoff 6e-8; sums over N ≤ 10^3 samples of terms O(1): 1e-5 leaves margin.
-#  bfloat16: unit roundoff 3.9e-3; the residual Ŷ − Y is rounded to bf16 before the second GEMM
-#           (accumulated in float32): a few roundoffs, 2e-2.
-RTOL = {
-    jnp.dtype(jnp.float64): 1e-12,
-    jnp.dtype(jnp.float32): 1e-5,
-    jnp.dtype(jnp.bfloat16): 2e-2,
-}
+#  bfloat16 / float16: unit roundoff 3.9e-3 / 4.9e-4; the residual Ŷ − Y is rounded to the narrow
+#           dtype before the second GEMM (accumulated in float32): a few roundoffs, 2e-2 / 5e-3.
+# The same numbers as sj.check_grad's defaults (one table).
+RTOL = {jnp.dtype(name): tol for name, tol in TOLERANCES.items()}
 
 
 def rel_err(x, ref) -> float:
     """``max |x − ref| / max |ref|`` in float64 (0 when both are zero)."""
-    x = np.asarray(jnp.asarray(x, jnp.float64))
-    ref = np.asarray(jnp.asarray(ref, jnp.float64))
+    x = np.asarray(x).astype(np.float64)  # on the host: float64 whether or not x64 is on
+    ref = np.asarray(ref).astype(np.float64)
     err = float(np.max(np.abs(x - ref))) if x.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     return err / scale if scale > 0 else err
@@ -32,31 +30,55 @@ def assert_close(x, ref, dtype=jnp.float64, rtol=None) -> None:
     """Asserts a normwise relative error below the tolerance for ``dtype`` (or ``rtol``)."""
     tol = RTOL[jnp.dtype(dtype)] if rtol is None else rtol
     err = rel_err(x, ref)
-    assert np.all(np.isfinite(np.asarray(x, np.float64))), "non-finite values"
+    assert np.all(np.isfinite(np.asarray(x).astype(np.float64))), "non-finite values"
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e} ({jnp.dtype(dtype).name})"
 
 
 def problem(key, n, d, k, labels="integer", weighted=False, scale=1.0, dtype=jnp.float64):
-    """A random softmax-regression problem ``(W, Z, Y, weights)`` drawn in float64.
+    """A random problem ``(W, Z, Y, weights)``: the generator of ``sj.check_grad``'s suite
+    (:func:`softmax_jax._check.random_problem`), drawn in float64 and rounded to ``dtype``.
 
     labels: "integer" (N,), "one-hot", "soft" (rows on the simplex) or "unnormalised" (rows with
-    arbitrary positive sums).
+    arbitrary positive sums). float64 needs the ``x64`` marker.
     """
-    kw, kz, ky, ks = jax.random.split(key, 4)
-    W = scale * jax.random.normal(kw, (d, k), jnp.float64)
-    Z = jax.random.normal(kz, (n, d), jnp.float64)
-    y = jax.random.randint(ky, (n,), 0, k)
-    if labels == "integer":
-        Y = y
-    elif labels == "one-hot":
-        Y = jax.nn.one_hot(y, k, dtype=jnp.float64)
-    elif labels == "soft":
-        Y = jax.nn.softmax(3 * jax.random.normal(ky, (n, k), jnp.float64), axis=1)
-    elif labels == "unnormalised":
-        Y = jax.random.uniform(ky, (n, k), jnp.float64, 0.0, 2.0)
-    else:
-        raise ValueError(labels)
-    s = jax.random.uniform(ks, (n,), jnp.float64, 0.0, 2.0) if weighted else None
-    cast = jnp.dtype(dtype)
-    Y = Y if labels == "integer" else Y.astype(cast)
-    return W.astype(cast), Z.astype(cast), Y, None if s is None else s.astype(cast)
+    return random_problem(key, n, d, k, labels, weighted, scale, dtype)
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x).astype(np.float64)
+
+
+def numpy_reference(W, Z, Y, weights=None, reduction="sum"):
+    """Eq. (2) and eq. (6) in plain float64 NumPy on the host: ``(value, ∂L/∂W, per-sample ℓ)``.
+
+    Works on the (already rounded) inputs of any dtype whether or not x64 is on, so float32,
+    bfloat16 and float16 results are checked against float64 in the default configuration.
+    """
+    W, Z, s = _f64(W), _f64(Z), _f64(weights)
+    A = Z @ W
+    m = A.max(axis=1, keepdims=True)
+    E = np.exp(A - m)
+    S = E.sum(axis=1, keepdims=True)
+    P = E / S
+    lse = (m + np.log(S))[:, 0]
+    Y = np.asarray(Y)
+    T = np.eye(W.shape[1])[Y] if Y.ndim == 1 else Y.astype(np.float64)
+    per = lse - np.sum(T * A, axis=1)
+    s = np.ones(len(per)) if s is None else s
+    c = s / (s.sum() if s.sum() > 0 else 1.0) if reduction == "mean" else s
+    value = {"none": s * per, "sum": np.sum(s * per), "mean": np.sum(c * per)}[reduction]
+    G = Z.T @ (c[:, None] * (P - T))
+    return value, G, per
+
+
+def numpy_hvp(W, Z, V, weights=None, reduction="sum"):
+    """The Hessian of eq. (2) along ``V`` in float64 NumPy: ``Zᵀ diag(c) [P ∘ ZV − P ∘ rowsum(P ∘ ZV)]``."""
+    W, Z, V, s = _f64(W), _f64(Z), _f64(V), _f64(weights)
+    A = Z @ W
+    P = np.exp(A - A.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    ZV = Z @ V
+    R = P * ZV - P * np.sum(P * ZV, axis=1, keepdims=True)
+    s = np.ones(Z.shape[0]) if s is None else s
+    c = s / s.sum() if reduction == "mean" else s
+    return Z.T @ (c[:, None] * R)

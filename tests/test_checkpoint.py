@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import optax
 import pytest
 
 from softmax_jax import TrainingDiverged, fit
@@ -114,15 +115,24 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
-    Z, y = blobs()
-    Z = (Z * 1e4).astype(np.float32)
-    kw = dict(optimizer="sgd", learning_rate=1e30, batch_size=8, progress=False)
-    with pytest.raises(TrainingDiverged, match=rf"epoch (\d+).*checkpoint in {tmp_path}") as e:
+    """Three good epochs (checkpointed), then an infinite learning rate: the error names epoch 4,
+    the directory keeps epoch 3's checkpoint, and resuming from it gives the last good params."""
+    Z, y = blobs()  # N = 96: 12 steps of 8 per epoch
+    lr = [optax.constant_schedule(0.1), optax.constant_schedule(float("inf"))]
+    sgd = optax.sgd(optax.join_schedules(lr, [3 * 12]))
+    kw = dict(optimizer=sgd, batch_size=8, progress=False)
+    with pytest.raises(TrainingDiverged, match=rf"epoch 4.*checkpoint in {tmp_path}") as e:
         fit(Z, y, epochs=30, checkpoint_dir=tmp_path, **kw)
-    good = e.value.epoch - 1
-    assert steps(tmp_path)[-1:] == ([good] if good else [])
+    assert e.value.epoch == 4 and steps(tmp_path) == [1, 2, 3]
+    restored, h = fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **kw)  # nothing left to train
+    assert h["epoch"] == [1, 2, 3]
+    for name in ("W", "b"):
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(e.value.params[name]))
+    assert np.isfinite(np.asarray(restored["W"])).all() and np.abs(restored["W"]).max() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_a_real_training_process_and_resume(tmp_path):
     """SIGKILL a `softmax-jax train` process mid-run; restarting it with the same checkpoint
     directory ends with exactly the parameters of a run never interrupted."""
@@ -177,3 +187,58 @@ def test_kill_a_real_training_process_and_resume(tmp_path):
     np.testing.assert_array_equal(a["W"], b["W"])
     np.testing.assert_array_equal(a["b"], b["b"])
     assert steps(ckpt)[-1] == epochs
+
+
+def test_another_dataset_of_the_same_shape_is_refused_naming_the_directory(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    for other in (blobs(seed=1)[0], Z[::-1].copy(), -Z):  # other values, order, sign
+        with pytest.raises(CheckpointError) as e:
+            fit(other, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+        msg = str(e.value)
+        assert f"checkpoint directory {tmp_path} was written for other training data" in msg
+        assert "\n" not in msg
+    with pytest.raises(CheckpointError, match="other training data"):
+        fit(Z, y[::-1].copy(), epochs=3, checkpoint_dir=tmp_path, **KW)  # other labels
+    with pytest.raises(CheckpointError, match="weighted: saved False, now True"):
+        fit(Z, y, epochs=3, checkpoint_dir=tmp_path, sample_weight=np.ones(len(y)), **KW)
+    resumed, h = fit(Z.copy(), y, epochs=3, checkpoint_dir=tmp_path, **KW)  # same data
+    assert h["epoch"] == [1, 2, 3]
+
+
+def test_data_digest_tells_datasets_apart_and_reads_memmaps_in_blocks(tmp_path):
+    from softmax_jax._checkpoint import data_digest
+
+    Z, y = blobs()
+    assert data_digest(Z, y, None) == data_digest(Z.copy(), y.copy(), None)
+    changed = Z.copy()
+    changed[50, 2] = np.nextafter(changed[50, 2], np.inf)  # one ulp of one value
+    digests = {
+        data_digest(Z, y, None),
+        data_digest(changed, y, None),
+        data_digest(Z.astype(np.float32), y, None),
+        data_digest(Z, y, np.ones(len(y))),
+        data_digest(Z.reshape(48, 8), y, None),
+    }
+    assert len(digests) == 5
+    mm = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=Z.dtype, shape=Z.shape)
+    mm[:] = Z
+    assert data_digest(mm, y, None) == data_digest(Z, y, None)
+
+
+def test_resume_is_announced_and_fewer_epochs_than_saved_is_an_error(tmp_path, caplog, capsys):
+    import logging
+
+    Z, y = blobs()
+    fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+    with caplog.at_level(logging.INFO, logger="softmax_jax"):
+        fit(Z, y, epochs=4, checkpoint_dir=tmp_path, **KW)
+    assert f"resuming from epoch 3 of 4 (checkpoint directory {tmp_path})" in caplog.text
+    fit(Z, y, epochs=5, checkpoint_dir=tmp_path, **{**KW, "progress": True})
+    assert "resuming from epoch 4 of 5" in capsys.readouterr().err  # shown with the bar
+    with pytest.raises(CheckpointError) as e:
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    assert str(e.value) == (
+        f"checkpoint directory {tmp_path} holds epoch 5, more than the `epochs` = 2 asked for: "
+        "ask for `epochs` >= 5 to resume from it, or use another checkpoint_dir"
+    )

@@ -102,3 +102,26 @@ def test_bench_report_prints_markdown_from_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "### grad" in out and "TestCPU" in out
     assert "| N,D,K | ours |" in out and "| 8,4,2 | 1.250 |" in out
+
+
+def test_bench_without_out_never_writes_the_committed_results(tmp_path, monkeypatch, capfd):
+    """A checkout's bench/results (which the README embeds) is written only with --out."""
+    checkout = tmp_path / "checkout" / "bench"
+    (checkout / "results").mkdir(parents=True)
+    for name in ("__init__.py", "_common.py", "run.py"):
+        shutil.copy(BENCH / name, checkout / name)
+    (checkout / "good.py").write_text("def run(quick):\n    return {'quick': quick, 'x': 1}\n")
+    committed = checkout / "results" / "good.json"
+    committed.write_text('{"committed": true}')
+    monkeypatch.setenv(_cli_bench.BENCH_DIR_ENV, str(checkout))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["bench", "--only", "good", "--quick"]) == 0
+    assert f"results go to {cwd / 'bench_results'}" in capfd.readouterr().out
+    assert json.loads((cwd / "bench_results" / "good.json").read_text())["x"] == 1
+    assert committed.read_text() == '{"committed": true}'
+    assert sorted(p.name for p in (checkout / "results").iterdir()) == ["good.json"]
+    # asked for explicitly, it does write there
+    assert main(["bench", "--only", "good", "--quick", "--out", str(checkout / "results")]) == 0
+    assert json.loads(committed.read_text())["x"] == 1

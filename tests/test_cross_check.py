@@ -1,21 +1,21 @@
 """The cross-check: the hand-written eq. (6) gradient against autodiff, line by line.
 
-Everything here runs in float64 (x64 is on in conftest) unless a test says otherwise.
+The exactness checks run in float64 (marked ``x64``); the narrow-dtype checks run in JAX's default
+configuration against float64 NumPy references on the same rounded inputs.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RTOL, assert_close, problem, rel_err
+from helpers import RTOL, assert_close, numpy_hvp, numpy_reference, problem, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import softmax_jax as sj
-
-# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
-pytestmark = pytest.mark.x64
 
 LABELS = ("integer", "one-hot", "soft", "unnormalised")
 
@@ -29,6 +29,8 @@ def autodiff_grad(W, Z, Y, weights=None, reduction="sum"):
 
 # Each drawn shape compiles three XLA programs (~0.3 s each): 12 examples keep this near 10 s;
 # the edge shapes (N=1, D=1, K=2, large K) are pinned in test_edge_shapes_and_large_k.
+@pytest.mark.slow
+@pytest.mark.x64
 @settings(max_examples=12)
 @given(
     n=st.integers(1, 40),
@@ -46,6 +48,7 @@ def test_hand_written_equals_jax_grad(n, d, k, labels, weighted, reduction, seed
     assert_close(value, sj.loss(W, Z, Y, weights=s, reduction=reduction))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("labels", LABELS)
 @pytest.mark.parametrize("n,d,k", [(1, 1, 2), (1, 5, 2), (3, 1, 7), (16, 4, 5000)])
 def test_edge_shapes_and_large_k(getkey, n, d, k, labels):
@@ -53,14 +56,15 @@ def test_edge_shapes_and_large_k(getkey, n, d, k, labels):
     assert_close(sj.grad(W, Z, Y), autodiff_grad(W, Z, Y))
 
 
-@pytest.mark.parametrize("labels", ("integer", "one-hot"))
-def test_integer_and_one_hot_labels_agree(getkey, labels):
+@pytest.mark.x64
+def test_integer_and_one_hot_labels_agree(getkey):
     W, Z, y, _ = problem(getkey(), 20, 6, 9, "integer")
     Y = jax.nn.one_hot(y, 9, dtype=jnp.float64)
     np.testing.assert_allclose(sj.grad(W, Z, y), sj.grad(W, Z, Y), rtol=0, atol=1e-14)
     np.testing.assert_allclose(sj.loss(W, Z, y), sj.loss(W, Z, Y), rtol=1e-15)
 
 
+@pytest.mark.x64
 def test_single_sample_is_eq6(getkey):
     """Eq. (5)-(6) for one sample: ∂L/∂w_k = (ŷ_k − y_k) z, i.e. the outer product z (ŷ − y)ᵀ."""
     W, Z, Y, _ = problem(getkey(), 1, 7, 4, "soft")
@@ -72,6 +76,7 @@ def test_single_sample_is_eq6(getkey):
 # ------------------------------------------------------- each line of the derivation on its own
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("labels", LABELS)
 @pytest.mark.parametrize("weighted", (False, True))
 def test_eq4_first_term(getkey, labels, weighted):
@@ -85,6 +90,7 @@ def test_eq4_first_term(getkey, labels, weighted):
     assert_close(terms.first, Z.T @ (sw[:, None] * Yd))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("weighted", (False, True))
 def test_eq4_second_term(getkey, weighted):
     """d/dw_k log Σ_k' exp(w_k'ᵀ z) = ŷ_k z: summed over samples, Zᵀ diag(s) Ŷ."""
@@ -98,6 +104,7 @@ def test_eq4_second_term(getkey, weighted):
     assert_close(terms.grad, sj.grad(W, Z, Y, weights=s))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("labels", LABELS)
 def test_eq2_is_sum_over_samples_of_eq3(getkey, labels):
     """Eq. (2) is the sum over i of the single-sample loss (3)."""
@@ -110,6 +117,7 @@ def test_eq2_is_sum_over_samples_of_eq3(getkey, labels):
     assert_close(sj.grad(W, Z, Y), per_grad)
 
 
+@pytest.mark.x64
 def test_eq3_value_by_hand(getkey):
     """Eq. (3) for one sample, written out: −[Σ_k y_k w_kᵀ z − log Σ_k' exp(w_k'ᵀ z)]."""
     W, Z, Y, _ = problem(getkey(), 1, 3, 4, "soft")
@@ -138,6 +146,7 @@ def _loss_with_hand_written_derivatives(Z, Y, s, reduction):
     return f
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("labels", LABELS)
 @pytest.mark.parametrize("reduction", ("sum", "mean"))
 def test_finite_differences(getkey, labels, reduction):
@@ -152,6 +161,8 @@ def test_finite_differences(getkey, labels, reduction):
 # ----------------------------------------------------------------------------------- invariants
 
 
+@pytest.mark.slow
+@pytest.mark.x64
 @settings(max_examples=10)
 @given(
     n=st.integers(1, 30),
@@ -168,6 +179,7 @@ def test_columns_sum_to_zero_when_rows_sum_to_one(n, k, labels, weighted, seed):
     assert float(jnp.max(jnp.abs(g.sum(axis=1)))) <= 1e-13 * scale * n
 
 
+@pytest.mark.x64
 def test_column_sum_for_unnormalised_rows(getkey):
     """With rows of Y not summing to one, Σ_k ∂L/∂w_k = Σ_i s_i z_i (1 − Σ_k y_ik) exactly."""
     W, Z, Y, s = problem(getkey(), 25, 6, 7, "unnormalised", weighted=True)
@@ -177,6 +189,7 @@ def test_column_sum_for_unnormalised_rows(getkey):
     assert rel_err(expected, jnp.zeros_like(expected)) > 1e-3  # the check is not vacuous
 
 
+@pytest.mark.x64
 @settings(max_examples=10)
 @given(
     labels=st.sampled_from(LABELS),
@@ -201,6 +214,7 @@ def test_shift_invariance(labels, shift_scale, seed):
 # ------------------------------------------------------------------------------ extreme logits
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("labels", LABELS)
 def test_extreme_logits_exact(getkey, labels):
     """|wᵀz| ~ 1e4: a naive exp overflows; the loss is finite and the gradient exact."""
@@ -216,28 +230,76 @@ def test_extreme_logits_exact(getkey, labels):
     assert_close(g, Z.T @ (s[:, None] * (y_hat - Yd)), rtol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16))
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16, jnp.float16))
 @pytest.mark.parametrize("scale", (1.0, 1e2, 5e3))
 @pytest.mark.parametrize("labels", ("integer", "soft"))
 def test_low_precision_close_to_float64(getkey, dtype, scale, labels):
-    """float32/bf16 inputs against float64 on the same rounded inputs (tolerances in helpers)."""
+    """float32/bf16/f16 inputs against float64 on the same rounded inputs (tolerances in
+    helpers), in the default configuration."""
     W, Z, Y, s = problem(getkey(), 64, 16, 10, labels, weighted=True, scale=scale, dtype=dtype)
     value, g = sj.value_and_grad(W, Z, Y, weights=s)
     assert g.dtype == dtype
-    assert value.dtype == jnp.float32  # bf16 accumulates (and reports) in float32
-    up = lambda x: None if x is None else x.astype(jnp.float64)  # noqa: E731
-    Y64 = Y if labels == "integer" else up(Y)
-    value64, g64 = sj.value_and_grad(up(W), up(Z), Y64, weights=up(s))
+    assert value.dtype == jnp.float32  # bf16/f16 accumulate (and report) in float32
+    value64, g64, _ = numpy_reference(W, Z, Y, s)
     assert_close(g, g64, dtype=dtype)
     # The loss is a sum of N terms of size ~|logits|: relative error ~ roundoff of the dtype used
-    # for the logits GEMM accumulation (float32 in both cases).
+    # for the logits GEMM accumulation (float32 in every case).
     assert abs(float(value) - float(value64)) <= 1e-5 * max(abs(float(value64)), 1.0)
-    assert RTOL[jnp.dtype(dtype)] < 0.05
+
+
+# N ≥ 65536 with reduction="mean" and near-uniform predictions (small W: the start of training):
+# the residuals (ŷ − y)/N ~ (1/K)/N ~ 6e-8 lie below float16's smallest normal number (6.1e-5)
+# and its subnormal spacing (6e-8); a scale 1/N folded into a float16 operand loses them.
+BIG_N, BIG_D, BIG_K = 65536, 32, 256
+
+
+@functools.cache
+def _big_problem(dtype_name, weighted):
+    key = jax.random.PRNGKey(BIG_N)
+    W, Z, y, s = problem(key, BIG_N, BIG_D, BIG_K, "integer", True, 0.01, "float32")
+    V = jax.random.normal(jax.random.PRNGKey(1), W.shape, jnp.float32)
+    dt = jnp.dtype(dtype_name)
+    W, Z, V, s = W.astype(dt), Z.astype(dt), V.astype(dt), s.astype(dt) if weighted else None
+    value, g, _ = numpy_reference(W, Z, y, s, "mean")  # float64, on the same rounded inputs
+    return W, Z, y, s, V, value, g
+
+
+@pytest.mark.parametrize("weighted", (False, True))
+@pytest.mark.parametrize("fn", ("loss", "grad", "value_and_grad", "hvp", "check_grad"))
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+def test_narrow_dtypes_at_real_sizes(request, dtype, fn, weighted):
+    """float16/bfloat16 values against float64 at N = 65536, reduction="mean"."""
+    if dtype == "float16" and fn in ("grad", "value_and_grad", "check_grad"):
+        # 1/N is folded into the float16 residual before the second GEMM (_grad._residual):
+        # relative error 0.16 (unweighted), 1.1e-2 (weighted) against the tolerance 5e-3.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="needs issue9 precision policy"))
+    W, Z, y, s, V, ref_value, ref_g = _big_problem(dtype, weighted)
+    tol = RTOL[jnp.dtype(dtype)]
+    if fn == "loss":
+        got = sj.loss(W, Z, y, weights=s, reduction="mean")
+        np.testing.assert_allclose(float(got), ref_value, rtol=1e-5)
+    elif fn == "grad":
+        assert_close(sj.grad(W, Z, y, weights=s, reduction="mean"), ref_g, dtype=dtype)
+    elif fn == "value_and_grad":
+        value, g = sj.value_and_grad(W, Z, y, weights=s, reduction="mean")
+        np.testing.assert_allclose(float(value), ref_value, rtol=1e-5)
+        assert_close(g, ref_g, dtype=dtype)
+    elif fn == "hvp":
+        hv = sj.hvp(W, Z, y, V, weights=s, reduction="mean")
+        assert_close(hv, numpy_hvp(W, Z, V, s, "mean"), dtype=dtype)
+    else:
+        report = sj.check_grad(W, Z, y, weights=s, reduction="mean")
+        assert report.tol == tol and report.passed, str(report)
+        # ... and what it reports is the error against float64, measured here independently.
+        g = np.asarray(sj.grad(W, Z, y, weights=s, reduction="mean")).astype(np.float64)
+        err = float(np.max(np.abs(g - ref_g)))
+        assert abs(report.max_abs_err - err) <= 1e-2 * tol * float(np.max(np.abs(ref_g)))
 
 
 # ------------------------------------------------------------- targets whose rows don't sum to 1
 
 
+@pytest.mark.x64
 def test_unnormalised_targets_decision(getkey):
     """Decision: any finite real Y is accepted and differentiated exactly as eq. (2) is written
     (the log-partition term once per sample). Then eq. (6) is the exact gradient, though the loss

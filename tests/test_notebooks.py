@@ -18,6 +18,7 @@ def test_notebooks_exist():
     assert any(p.name == "01_derivation.ipynb" for p in NOTEBOOKS), NOTEBOOKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)

@@ -96,6 +96,7 @@ def fit_run(devices_run) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
     [
@@ -117,11 +118,13 @@ def test_sharded_head_matches_unfused_reference(sharded_run, case):
         assert got["dW_spec"] == "P(None, 'model')"
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_sharded_head_never_gathers_w(sharded_run):
     assert sharded_run["devices"] == 8
     assert sharded_run["all_gather_in_hlo"] is False
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_sharded_head_temporaries_shrink(sharded_run):
     """Compiled per-device temporaries of value_and_grad on 4 devices ≤ ¼ of 1 device × 1.1.
 
@@ -137,6 +140,7 @@ def test_sharded_head_temporaries_shrink(sharded_run):
     assert mem["chunk256_p8"] < mem["chunk256_p4"]
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "name, kind, match",
     [
@@ -196,6 +200,7 @@ def test_sharded_head_one_device_in_session(getkey):
 FIT_RTOL = 1e-9
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
     [
@@ -219,6 +224,7 @@ def test_data_parallel_fit_matches_one_device(fit_run, case):
         assert got["W_devices"] == int(case[-1])
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_mesh_checkpoint_kill_and_resume(devices_run):
     """A 4-device mesh run killed during epoch KILL_AT resumes from its last checkpoint and ends
     where the uninterrupted run ends."""
@@ -228,6 +234,7 @@ def test_mesh_checkpoint_kill_and_resume(devices_run):
         assert_close(np.asarray(got[name]), np.asarray(ref[name]), rtol=FIT_RTOL)
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "name, kind, match",
     [
@@ -296,6 +303,7 @@ def two_processes(tmp_path_factory) -> list[dict]:
     return results
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize("run", ["memmap", "stream", "resumed"])
 def test_two_processes_data_parallel_fit(two_processes, run):
     """2 processes × 2 CPU devices (gloo collectives): ``fit`` over the global 4-device ``"data"``
@@ -310,6 +318,7 @@ def test_two_processes_data_parallel_fit(two_processes, run):
         assert all(r[run]["epochs_run"] == list(range(KILL_AT, 5)) for r in two_processes)
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_two_processes_each_read_only_their_rows(two_processes):
     """In memory, each process touches about half of the 8 MB memmap (its 2 devices' 1000 rows
     of 2000, a contiguous half); streamed, each reads its devices' half of every batch: per epoch

@@ -1,0 +1,187 @@
+"""Prediction from fit's parameters and the model file: chunking, memory, round trip, bad files."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import softmax_jax as sj
+
+
+def problem(n=300, d=6, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    X = 3.0 * rng.normal(size=(k, d))[y] + rng.normal(size=(n, d))
+    return X.astype(np.float32), y.astype(np.int32)
+
+
+def params_of(d=6, k=4, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "W": rng.normal(size=(d, k)).astype(np.float32),
+        "b": rng.normal(size=k).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("n, chunk", [(300, 64), (300, 300), (256, 64), (5, 4096), (1, 1)])
+def test_predict_proba_is_the_softmax_of_the_logits(n, chunk):
+    X, _ = problem(n)
+    p = params_of()
+    P = sj.predict_proba(p, X, chunk_size=chunk)
+    ref = jax.nn.softmax(X @ p["W"] + p["b"], axis=1)
+    assert P.shape == (n, 4) and P.dtype == jnp.float32
+    np.testing.assert_allclose(P, ref, rtol=2e-6, atol=1e-7)
+    labels = sj.predict(p, X, chunk_size=chunk)
+    assert labels.dtype == jnp.int32
+    np.testing.assert_array_equal(labels, np.argmax(X @ p["W"] + p["b"], axis=1))
+
+
+def test_predict_under_jit_and_extreme_logits():
+    X, _ = problem(50)
+    p = params_of()
+    p_big = {"W": 1e4 * p["W"], "b": p["b"]}
+    P = jax.jit(lambda Z: sj.predict_proba(p_big, Z, chunk_size=16))(jnp.asarray(X))
+    assert bool(jnp.all(jnp.isfinite(P))) and np.allclose(np.sum(P, axis=1), 1, atol=1e-6)
+    np.testing.assert_array_equal(
+        jax.jit(lambda Z: sj.predict(p, Z))(jnp.asarray(X)), sj.predict(p, X)
+    )
+
+
+def test_predict_holds_one_chunk_of_logits_not_n_by_k():
+    """Compiled temporaries of predict at N = 65536, K = 512 with chunks of 256 rows: far below
+    the (N, K) logits (128 MiB); an unchunked version would need them."""
+    n, d, k, chunk = 65536, 16, 512, 256
+    params = {"W": jnp.zeros((d, k)), "b": jnp.zeros(k)}
+    Z = jax.ShapeDtypeStruct((n, d), jnp.float32)
+
+    def temp(fn):
+        return jax.jit(fn).lower(Z).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = temp(lambda Z: sj.predict(params, Z, chunk_size=chunk))
+    whole = temp(lambda Z: sj.predict(params, Z, chunk_size=n))
+    assert chunked < n * k * 4 / 32, chunked
+    assert whole >= n * k * 4, whole  # the comparison shows what the chunking saves
+
+
+def test_predict_argument_errors():
+    X, _ = problem(10)
+    p = params_of()
+    with pytest.raises(ValueError, match=r"`Z` must have shape \(N, D\) with D = 6 features, got"):
+        sj.predict(p, X[:, :5])
+    with pytest.raises(TypeError, match="`params` must be a dict with 'W'"):
+        sj.predict(p["W"], X)
+    with pytest.raises(ValueError, match=r"`params\['b'\]` must have shape \(K,\) = \(4,\)"):
+        sj.predict({"W": p["W"], "b": p["b"][:3]}, X)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive integer, got 0"):
+        sj.predict_proba(p, X, chunk_size=0)
+    assert sj.predict(p, X[:0]).shape == (0,) and sj.predict_proba(p, X[:0]).shape == (0, 4)
+
+
+def test_fit_params_predict_like_training_accuracy():
+    X, y = problem()
+    params, history = sj.fit(X, y, epochs=5, batch_size=32, progress=False)
+    acc = float(np.mean(np.asarray(sj.predict(params, X)) == y))
+    assert acc == pytest.approx(history["train_accuracy"][-1], abs=0.05) and acc > 0.9
+
+
+def _model(standardize=True):
+    X, y = problem()
+    mean, std = X.mean(0), X.std(0)
+    Xs = (X - mean) / std if standardize else X
+    params, _ = sj.fit(Xs, y, epochs=5, batch_size=32, progress=False)
+    kw = dict(mean=mean, std=std) if standardize else {}
+    return X, y, params, kw
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_save_load_round_trips_exactly_and_predicts_on_raw_features(tmp_path, standardize):
+    X, y, params, kw = _model(standardize)
+    classes = np.array([10, 20, 30, 40])
+    path = sj.save_model(
+        tmp_path / "m.npz", params, classes=classes, info={"optimizer": "adam"}, **kw
+    )
+    assert path == str(tmp_path / "m.npz")
+    m = sj.load_model(path)
+    np.testing.assert_array_equal(m.W, params["W"])
+    np.testing.assert_array_equal(m.b, params["b"])
+    np.testing.assert_array_equal(m.classes, classes)
+    assert m.preprocessing == ("standardize" if standardize else "none")
+    if standardize:
+        np.testing.assert_array_equal(m.mean, kw["mean"])
+        np.testing.assert_array_equal(m.std, kw["std"])
+    assert m.info["optimizer"] == "adam" and m.info["softmax_jax"] == sj.__version__
+    assert "created" in m.info
+    # raw features: the model applies its own preprocessing
+    Xs = (X - kw["mean"]) / kw["std"] if standardize else X
+    np.testing.assert_array_equal(m.predict(X), classes[np.asarray(sj.predict(params, Xs))])
+    assert m.score(X, classes[y]) > 0.9
+    np.testing.assert_allclose(m.predict_proba(X), sj.predict_proba(params, Xs), rtol=1e-6)
+    # save(load(f)) is the same file content, arrays and header alike
+    again = sj.load_model(m.save(tmp_path / "again"))
+    for name in ("W", "b", "classes", "mean", "std"):
+        a, b = getattr(m, name), getattr(again, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+    assert again.info == m.info
+
+
+def test_save_writes_exactly_the_path_given(tmp_path):
+    _, _, params, _ = _model(False)
+    written = sj.save_model(tmp_path / "model_out", params)
+    assert written == str(tmp_path / "model_out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_out"]
+    np.testing.assert_array_equal(sj.load_model(written).classes, [0, 1, 2, 3])
+
+
+def _npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return str(path)
+
+
+def test_bad_model_files_are_one_line_errors_naming_the_file(tmp_path):
+    _, _, params, _ = _model(False)
+    good = sj.save_model(tmp_path / "good.npz", params)
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes((tmp_path / "good.npz").read_bytes()[:-40])
+    old = _npz(tmp_path / "old.npz", W=params["W"], b=params["b"], classes=np.arange(4))
+    header = json.dumps({"format": 99, "preprocessing": "none", "info": {"softmax_jax": "9.0"}})
+    newer = _npz(tmp_path / "newer.npz", header=np.array(header), **params, classes=np.arange(4))
+    nomean = _npz(
+        tmp_path / "nomean.npz",
+        header=np.array(json.dumps({"format": 1, "preprocessing": "standardize", "info": {}})),
+        **params,
+        classes=np.arange(4),
+    )
+    cases = {
+        str(tmp_path / "missing.npz"): "no such file",
+        str(tmp_path / "random.npz"): "not a softmax_jax model file (not an .npz archive)",
+        str(tmp_path / "empty.npz"): "not an .npz archive",
+        str(truncated): "",
+        old: "an older `softmax-jax train --save` file",
+        newer: "model format 99 is not readable by this softmax_jax",
+        nomean: "missing array(s) mean, std",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(sj.ModelFileError) as e:
+            sj.load_model(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg, msg
+    assert zipfile.is_zipfile(good)
+
+
+def test_model_validates_its_arrays():
+    W = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"`b` must have shape \(2,\)"):
+        sj.Model(W, np.zeros(3), np.arange(2))
+    with pytest.raises(ValueError, match="`mean` and `std` go together"):
+        sj.Model(W, np.zeros(2), np.arange(2), mean=np.zeros(3))
+    m = sj.Model(W, np.zeros(2), np.arange(2))
+    with pytest.raises(ValueError, match=r"`X` must have shape \(N, D\) with D = 3 features"):
+        m.predict(np.zeros((2, 4)))
