@@ -27,6 +27,13 @@ __all__ = ["CheckpointError", "Checkpointer", "data_digest"]
 FORMAT_VERSION = 1
 
 
+def _host_local(x) -> bool:
+    """A value of one process only in a multi-process run (the RNG key data): saved and restored
+    as NumPy, by every process alike. orbax saves global arrays (the state on a mesh) from all
+    processes together, each writing the shards it holds; every process calls ``save``."""
+    return jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be resumed from (the message names the directory)."""
 
@@ -114,7 +121,12 @@ class Checkpointer:
         steps = self.steps()
         if not steps:
             return None
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        # Restored where the target lives (one device, or a mesh spanning several processes).
+        abstract = jax.tree.map(
+            lambda x: np.zeros(x.shape, x.dtype) if _host_local(x)
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            target,
+        )  # fmt: skip
         errors = []
         for step in reversed(steps):
             try:
@@ -199,6 +211,7 @@ class Checkpointer:
         """Saves ``state`` and the history after ``epoch`` (complete on disk when it returns; a
         Ctrl-C during the save is raised once it is)."""
         meta = {"fingerprint": self.fingerprint, "epoch": int(epoch), "history": history}
+        state = jax.tree.map(lambda x: np.asarray(x) if _host_local(x) else x, state)
         with _sigint_deferred():
             self._save(epoch, state, meta)
 

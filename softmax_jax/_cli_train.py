@@ -81,7 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="PATH",
         help=".npz with arrays X (N, D) and y (N,), or .csv with the integer label in the last "
-        "column, an optional header row (default: scikit-learn's digits)",
+        "column, an optional header row (default: scikit-learn's digits); or a .npy X (N, D), "
+        "streamed from disk (memory-mapped) with its labels in --labels",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="PATH",
+        help="with --data X.npy: a .npy of N integer labels in [0, K) (default: y.npy beside X)",
     )
     parser.add_argument(
         "--optimizer",
@@ -344,6 +350,8 @@ def _provenance(args, ds, history, batch_size, n: int, d: int, k: int) -> dict:
 def run_cli(args: argparse.Namespace) -> int:
     """Runs ``softmax-jax train``; returns the exit code."""
     _check_args(args)
+    if args.data is not None and args.data.endswith(".npy"):
+        return _run_streamed(args)
     ds = _load(args)
 
     import jax
@@ -430,6 +438,49 @@ def run_cli(args: argparse.Namespace) -> int:
         plot_history(history, args.plot, title=f"softmax regression on {ds.name}")
         print(f"wrote the curves to {args.plot}")
     return 0 if report.passed else 1
+
+
+def _run_streamed(args: argparse.Namespace) -> int:
+    """``--data X.npy``: ``fit(..., stream=True)`` over ``X`` memory-mapped, labels from
+    ``--labels``. The features are used as stored (no split, no standardisation: each would be
+    a pass over data that need not fit in memory); the accuracy is the training one, as seen
+    during the last epoch."""
+    from ._checkpoint import CheckpointError
+    from ._fit import TrainingDiverged, fit
+    from ._model import Model, save_model
+
+    labels = args.labels or os.path.join(os.path.dirname(os.path.abspath(args.data)), "y.npy")
+    try:
+        X = np.load(args.data, mmap_mode="r")
+        y = np.load(labels, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--data {args.data} / --labels {labels}: {e}") from None
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise CLIError(
+            f"--data must hold an (N, D) array and --labels (N,) labels, got {X.shape} and {y.shape}"
+        )
+    n, d = X.shape
+    print(f"data: {args.data} streamed (memmap): {n} samples, {d} features; labels {labels}")
+    try:
+        params, history = fit(
+            X, np.asarray(y), optimizer=args.optimizer, learning_rate=args.lr,
+            epochs=args.epochs, l2=args.l2, seed=args.seed, stream=True,
+            batch_size=args.batch_size or (None if args.optimizer in FULL_BATCH_SOLVERS
+                                           else DEFAULT_BATCH_SIZE),
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (TrainingDiverged, CheckpointError, ValueError) as e:
+        raise CLIError(_as_flags(str(e))) from None
+    if history["epoch"]:
+        print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
+        print(f"train accuracy (last epoch, as trained): {history['train_accuracy'][-1]:.4f}")
+    if args.save:
+        W, b = np.asarray(params["W"]), np.asarray(params["b"])
+        info = {"data": args.data, "labels": labels, "n_samples": n, "streamed": True}
+        written = save_model(args.save, Model(W, b, np.arange(W.shape[1]), info=info))
+        print(f"wrote the model (no preprocessing, W {W.shape}, b {b.shape}) to {written}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatc
 from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
+from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
@@ -115,6 +116,7 @@ def fit(
     callback: Callable[[int, Params, dict], bool | None] | None = None,
     device: str | jax.Device | None = None,
     mesh: Any = None,
+    stream: bool = False,
 ) -> tuple[Params, History]:
     r"""Trains softmax regression with optax and the hand-written gradient of eq. (6).
 
@@ -179,6 +181,14 @@ def fit(
         over ``"data"`` (padded with zero-weight samples to a multiple of its size), ``W`` and
         ``b`` are replicated, and the gradient is summed across devices by XLA; the full-batch
         solvers split all rows. Same result as one device, to rounding. Excludes ``device``.
+        The rows of ``Z`` are split over ``"data"``: with several processes each one reads only
+        the rows of its own devices (every process passes the same ``Z``, e.g. a memmap).
+      stream: keep ``Z`` on the host (a NumPy array or ``np.memmap``): each epoch's shuffled
+        batches are gathered there and copied to the device a few at a time, ahead of use
+        (``softmax_jax._stream``); same batches, so the same parameters to rounding as
+        ``stream=False``. The full-batch solvers stream their passes chunk by chunk. The rows
+        of ``Z`` are checked to be finite as they are read (on a mesh of several processes
+        each process reads only its devices' share of every batch).
 
     Returns:
       ``(params, history)``: ``params = {"W": (D, K), "b": (K,)}`` and ``history``, a dict of
@@ -203,13 +213,16 @@ def fit(
     """
     dp = data_parallel(mesh)
     _check_fit_args(device, dp, epochs, l2, checkpoint_every)
-    Zh, yh, sw, k = check_training_data(Z, y, sample_weight=sample_weight, num_classes=num_classes)
+    local_rows = stream or (dp is not None and jax.process_count() > 1)  # not all of Z here
+    Zh, yh, sw, k = check_training_data(
+        Z, y, sample_weight=sample_weight, num_classes=num_classes, finite=not local_rows
+    )
     n, d = Zh.shape
-    dtype = compute_dtype(Zh.dtype)
+    dtype = compute_dtype(Zh.dtype if Zh.dtype.kind not in "iub" else jnp.zeros(()).dtype)
     plan = _plan(optimizer, learning_rate, batch_size, tol, n)
     dev = resolve_device(device) if dp is None else dp
     put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
-    data = place(
+    data = (host_data if stream else place)(
         Zh,
         yh,
         sw,
@@ -217,10 +230,10 @@ def fit(
         dtype=dtype,
         device=dev,
         hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
-        # Full batch on a mesh: the rows split over "data", padded with zero-weight rows.
-        shape=(dp.padded(n), d) if dp is not None and plan.full_batch else None,
-        split_rows=dp is not None and plan.full_batch,
+        check="Z" if local_rows else None,
     )
+    if stream and plan.full_batch:
+        data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
     params = put(_init_params(init_params, d, k, fit_intercept, dtype))
     l2_dev = jnp.asarray(l2, dtype)
@@ -254,7 +267,9 @@ def fit(
     try:
         for epoch in range(start + 1, epochs + 1):
             t0 = time.perf_counter()
-            new_state, loss, acc, gmax = _run_epoch(plan, state, data, l2_dev, base_key, epoch, dp)
+            new_state, loss, acc, gmax = _run_epoch(
+                plan, state, data, l2_dev, base_key, epoch, dp, n
+            )
             seconds = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise _diverged(epoch, loss, _output(plan.params(state), k), history, ckpt)
@@ -387,7 +402,7 @@ def _open_checkpoint(
             f"resuming from epoch {start} of {epochs} (checkpoint directory {ckpt.directory})",
             progress,
         )
-    key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+    key = jax.random.wrap_key_data(np.asarray(tree["rng"]))  # uncommitted: any device or mesh
     return ckpt, (start, tree["state"], key, history)
 
 
@@ -399,14 +414,15 @@ def _notice(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _run_epoch(plan: _Plan, state, data, l2, base_key, epoch: int, dp):
+def _run_epoch(plan: _Plan, state, data, l2, base_key, epoch: int, dp, n: int):
     """One epoch: ``(new_state, loss, train_accuracy, max|∇f| or None)`` as Python floats."""
     if plan.full_batch:
         new_state, acc, gmax = full_batch_epoch(state, data, l2, solver=plan.solver)
         return new_state, float(new_state.value), float(acc), float(gmax)
     key = jax.random.fold_in(base_key, epoch)
-    p, o, loss, acc = minibatch_epoch(
-        state[0], state[1], data, l2, key, opt=plan.opt, batch_size=plan.batch_size, dp=dp
+    epoch_fn = stream_epoch if isinstance(data, HostData) else minibatch_epoch
+    p, o, loss, acc = epoch_fn(
+        state[0], state[1], data, l2, key, opt=plan.opt, batch_size=plan.batch_size, dp=dp, n=n
     )
     return (p, o), float(loss), float(acc), None
 

@@ -109,56 +109,87 @@ def permutation(key: jax.Array, n: int, *, rounds: int = 8) -> jax.Array:
 def _batch(
     data: TrainData, idx: jax.Array, weights: jax.Array, dp: DataParallel | None
 ) -> TrainData:
-    """Gathers one minibatch; with a data-parallel layout ``dp``, split over its ``"data"`` axis."""
+    """Gathers one minibatch; with a data-parallel layout ``dp``, split over its ``"data"`` axis.
+
+    On a mesh ``data``'s rows are split over ``"data"`` too: XLA gathers each row on the device
+    that holds it and sums the masked gathers across devices (an all-reduce of the batch, never
+    of the training set)."""
     batch = TrainData(jnp.take(data.Z, idx, axis=0), jnp.take(data.y, idx), weights)
     return batch if dp is None else jax.tree.map(dp.split_rows, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("opt", "batch_size", "dp"))
-def minibatch_epoch(params, opt_state, data: TrainData, l2, key, *, opt, batch_size: int, dp=None):
-    """One epoch in one compiled call: a :func:`permutation` from ``key``, ``lax.scan`` over the
-    batches.
+def epoch_order(key, s: jax.Array | None, n: int, batch_size: int, dp=None, dtype=jnp.float32):
+    """An epoch's sample order: ``(idx, w)`` of shape ``(nb·B,)``, the :func:`permutation` of
+    ``range(n)`` from ``key`` and its samples' weights ``s`` (ones by default), padded with
+    index 0 at weight 0 to ``nb = ⌈n / batch_size⌉`` whole batches of ``B`` entries (``B`` is
+    ``batch_size``, or with ``dp`` rounded up to a multiple of its ``"data"`` axis, each batch
+    padded likewise). The in-memory and the streamed epochs both draw their batches from it."""
+    nb = -(-n // batch_size)
+    perm = permutation(key, n)
+    s_all = jnp.ones((n,), dtype) if s is None else s[:n].astype(dtype)
+    idx = jnp.concatenate([perm, jnp.zeros((nb * batch_size - n,), perm.dtype)])
+    w = jnp.concatenate([jnp.take(s_all, perm), jnp.zeros((nb * batch_size - n,), dtype)])
+    if dp is not None:
+        idx, w = pad_batches(idx, w, batch_size, dp.padded(batch_size))
+    return idx, w
+
+
+def minibatch_step(params, opt_state, batch: TrainData, l2, *, opt):
+    """One optimizer step on ``batch`` (``batch.s``: the weights, zero on padding) with the
+    hand-written gradient of the batch's weighted mean objective.
+
+    Returns ``(params, opt_state, Σ_batch s_i f, Σ_batch s_i [correct])``: the epoch's running
+    metrics before normalisation."""
+    w = batch.s
+    wsum = jnp.sum(w)
+    scale = 1 / jnp.where(wsum > 0, wsum, 1)  # the batch's weighted mean
+    value, g, A = vg_sum(params, batch.Z, batch.y, w)
+    W = params["W"]
+    value = value * scale + 0.5 * l2 * jnp.vdot(W, W)
+    g = jax.tree.map(lambda x: x * scale, g)
+    g["W"] = g["W"] + l2 * W
+    hit = jnp.argmax(A, axis=1) == batch.y
+    kw = {}
+    if isinstance(opt, optax.GradientTransformationExtraArgs):
+        kw = dict(value=value, grad=g, value_fn=lambda p: objective(p, batch, l2))
+    updates, opt_state = opt.update(g, opt_state, params, **kw)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, value * wsum, jnp.sum(w * hit)
+
+
+@functools.partial(jax.jit, static_argnames=("opt", "batch_size", "dp", "n"))
+def minibatch_epoch(
+    params, opt_state, data: TrainData, l2, key, *, opt, batch_size: int, dp=None, n=None
+):
+    """One epoch in one compiled call: the batches of :func:`epoch_order` from ``key``, a
+    ``lax.scan`` of :func:`minibatch_step` over them.
 
     The last, partial batch is filled with index 0 at weight zero, so each batch is the weighted
     mean over its real samples. With ``dp`` each batch is split over the devices of its
-    ``"data"`` axis, padded with zero-weight samples to a multiple of their number. Returns the new ``(params, opt_state)`` and the epoch's running
-    metrics: weighted mean objective and accuracy over the batches as they were seen.
+    ``"data"`` axis, padded with zero-weight samples to a multiple of their number. ``n``: the
+    number of real samples when ``data`` holds padding rows after them (default: all rows).
+    Returns the new ``(params, opt_state)`` and the epoch's running metrics: weighted mean
+    objective and accuracy over the batches as they were seen.
     """
-    n = data.y.shape[0]
-    nb = -(-n // batch_size)
+    n = data.y.shape[0] if n is None else n
     dtype = params["W"].dtype
-    perm = permutation(key, n)
-    idx_all = jnp.concatenate([perm, jnp.zeros((nb * batch_size - n,), perm.dtype)])
-    s_all = jnp.ones((n,), dtype) if data.s is None else data.s.astype(dtype)
-    w_all = jnp.concatenate([jnp.take(s_all, perm), jnp.zeros((nb * batch_size - n,), dtype)])
-    extra = isinstance(opt, optax.GradientTransformationExtraArgs)
+    idx_all, w_all = epoch_order(key, data.s, n, batch_size, dp, dtype)
     if dp is not None:
-        idx_all, w_all = pad_batches(idx_all, w_all, batch_size, dp.padded(batch_size))
         batch_size = dp.padded(batch_size)
+    nb = idx_all.shape[0] // batch_size
 
     def body(carry, i):
         params, opt_state, tot, correct = carry
         idx = lax.dynamic_slice(idx_all, (i * batch_size,), (batch_size,))
         w = lax.dynamic_slice(w_all, (i * batch_size,), (batch_size,))
-        batch = _batch(data, idx, w, dp)
-        wsum = jnp.sum(w)
-        scale = 1 / jnp.where(wsum > 0, wsum, 1)  # the batch's weighted mean
-        value, g, A = vg_sum(params, batch.Z, batch.y, w)
-        W = params["W"]
-        value = value * scale + 0.5 * l2 * jnp.vdot(W, W)
-        g = jax.tree.map(lambda x: x * scale, g)
-        g["W"] = g["W"] + l2 * W
-        hit = jnp.argmax(A, axis=1) == batch.y
-        kw = {}
-        if extra:
-            kw = dict(value=value, grad=g, value_fn=lambda p: objective(p, batch, l2))
-        updates, opt_state = opt.update(g, opt_state, params, **kw)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state, tot + value * wsum, correct + jnp.sum(w * hit)), None
+        params, opt_state, v, c = minibatch_step(
+            params, opt_state, _batch(data, idx, w, dp), l2, opt=opt
+        )
+        return (params, opt_state, tot + v, correct + c), None
 
     zero = jnp.zeros((), dtype)
     (params, opt_state, tot, correct), _ = lax.scan(
         body, (params, opt_state, zero, zero), jnp.arange(nb)
     )
-    total = jnp.sum(s_all)
+    total = n if data.s is None else jnp.sum(data.s.astype(dtype))
     return params, opt_state, tot / total, correct / total

@@ -96,7 +96,10 @@ def chunk_rows(n: int) -> int | None:
 
 def data_vg(params: Params, data: TrainData) -> tuple[jax.Array, Params]:
     """Weighted mean of eq. (2) over ``data`` and its hand-written gradient, in chunks of
-    :data:`CHUNK_ROWS` rows (a loop over the whole chunks, then the remainder) for large N."""
+    :data:`CHUNK_ROWS` rows (a loop over the whole chunks, then the remainder) for large N.
+    Rows left on the host (``softmax_jax._stream``) are summed there, chunk by chunk."""
+    if hasattr(data.Z, "data_vg"):
+        return data.Z.data_vg(params)
     n = data.Z.shape[0]
     dt = params["W"].dtype
     c = chunk_rows(n)
@@ -170,6 +173,8 @@ def hessian_vp(params: Params, V: Params, data: TrainData, l2) -> Params:
 
 def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:
     """``(Σ s_i ℓ_i, Σ s_i [argmax a_i = y_i])`` without the penalty."""
+    if hasattr(data.Z, "predict_stats"):  # rows left on the host
+        return data.Z.predict_stats(params)
     A = logits(params["W"], data.Z)
     if "b" in params:
         A = A + params["b"].astype(A.dtype)

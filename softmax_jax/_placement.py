@@ -24,14 +24,16 @@ class DataParallel(NamedTuple):
     """How :func:`softmax_jax.fit` lays out one training run on a mesh (hashable: a static jit
     argument).
 
-    For the minibatch optimizers the training set and the parameters are replicated on every
-    device of the mesh (each process of a multi-process run holds the data it was given); each
-    minibatch is gathered from the replicated set and split over the ``"data"`` axis with a
-    sharding constraint, so XLA partitions the GEMMs of eq. (6) row-wise and sums
-    ``Zᵀ(Ŷ − Y)`` across devices with one all-reduce. A batch whose size is not a multiple of
-    the axis size is padded with zero-weight samples (the weighted mean, its gradient and the
-    accuracy are unchanged). The full-batch solvers get all rows split over ``"data"`` instead
-    (padded likewise).
+    The training set's rows are split over the ``"data"`` axis (padded with zero-weight rows to a
+    multiple of its size): each device holds ``N / P`` rows, and in a multi-process run each
+    process reads and places only the rows of its own devices
+    (``jax.make_array_from_process_local_data``), so no process or device holds the whole set.
+    The parameters are replicated. Each minibatch is gathered from the split rows (XLA gathers a
+    row on the device holding it and sums the masked gathers: an all-reduce of the batch) and
+    split over ``"data"`` with a sharding constraint, so XLA partitions the GEMMs of eq. (6)
+    row-wise and sums ``Zᵀ(Ŷ − Y)`` across devices with one all-reduce. A batch whose size is not
+    a multiple of the axis size is padded with zero-weight samples (the weighted mean, its
+    gradient and the accuracy are unchanged). The full-batch solvers run over the split rows.
     """
 
     mesh: Mesh
@@ -62,20 +64,56 @@ class DataParallel(NamedTuple):
 
         return jax.tree.map(put, tree)
 
-    def put_rows(self, x):
-        """Host values with their rows (first axis, a multiple of the axis size) split over
-        ``"data"``: for the full-batch solvers, which run over all rows at every step."""
+    def row_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
+        """The first axis split over ``"data"``, the others whole."""
+        return jax.sharding.NamedSharding(self.mesh, P(DATA_AXIS, *([None] * (ndim - 1))))
+
+    def local_range(self, sharding: jax.sharding.Sharding, shape: tuple, axis: int = 0):
+        """``(lo, hi)``: the entries along ``axis`` of a ``shape`` array laid out by ``sharding``
+        that this process's devices hold (contiguous: a ``"data"`` axis lists each process's
+        devices together, as ``jax.make_mesh`` and ``jax.devices()`` order them)."""
+        spans = {
+            (sl[axis].indices(shape[axis])[:2])
+            for sl in sharding.addressable_devices_indices_map(shape).values()
+        }
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != hi - lo:
+            raise ValueError(
+                f"the devices of process {jax.process_index()} must be contiguous along mesh "
+                f"axis {DATA_AXIS!r} (order the mesh's devices by process), got rows {sorted(spans)}"
+            )
+        return lo, hi
+
+    def put_rows(self, x, *, rows: int | None = None, dtype=None, check: str | None = None):
+        """Host values ``x`` (an array or memmap, ``(N, ...)``) as a global array of ``rows``
+        (default ``N``, a multiple of the axis size) rows split over ``"data"``; rows past ``N``
+        are zeros. Each process reads only the rows of its own devices (and with ``check``, the
+        argument's name, rejects NaN/inf in them)."""
         if x is None:
             return None
-        host = np.asarray(x)
-        if host.shape[0] % self.size:
+        n = x.shape[0]
+        rows = n if rows is None else rows
+        if rows % self.size:
             raise ValueError(
                 f"rows must be a multiple of the {self.size} devices of axis {DATA_AXIS!r}, "
-                f"got {host.shape[0]}"
+                f"got {rows}"
             )  # an internal invariant: fit pads the rows first
-        spec = P(DATA_AXIS, *([None] * (host.ndim - 1)))
-        sharding = jax.sharding.NamedSharding(self.mesh, spec)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        shape = (rows, *x.shape[1:])
+        sharding = self.row_sharding(len(shape))
+        lo, hi = self.local_range(sharding, shape)
+        dtype = x.dtype if dtype is None else dtype
+        if hi <= n:
+            local = np.asarray(x[lo:hi], dtype)
+        else:
+            local = np.zeros((hi - lo, *shape[1:]), dtype)
+            local[: max(0, n - lo)] = x[lo:n]
+        if check is not None and not np.isfinite(local).all():
+            r, *c = np.unravel_index(int(np.flatnonzero(~np.isfinite(local))[0]), local.shape)
+            raise ValueError(
+                f"`{check}` must be finite, got {local[(r, *c)]} at index "
+                f"{(lo + int(r), *(int(i) for i in c))}"
+            )
+        return jax.make_array_from_process_local_data(sharding, local, shape)
 
     def split_rows(self, x: jax.Array) -> jax.Array:
         """Inside ``jit``: ``x``'s first axis split over ``"data"``."""
@@ -154,34 +192,42 @@ def place(
     device,
     shape: tuple[int, int] | None = None,
     hessian_dtype=None,
-    split_rows: bool = False,
+    check: str | None = None,
 ) -> TrainData:
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
     with ``hessian_dtype`` the operands of Newton-CG's Hessian products. ``device`` may be a
-    :class:`DataParallel` layout: the data are then replicated on its mesh, or with ``split_rows``
-    their rows split over its ``"data"`` axis."""
-    n, d = Z.shape
-    rows, cols = (n, d) if shape is None else shape
-    if (rows, cols) == (n, d):
-        Zp = np.asarray(Z, dtype)
-    else:
-        Zp = np.zeros((rows, cols), dtype)
-        Zp[:n, :d] = Z
-    yb = np.zeros(rows, np.int32)
-    yb[:n] = y
-    sb = None
-    if rows > n or s is not None:
-        sb = np.zeros(rows, dtype)
-        sb[:n] = 1 if s is None else s
+    :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
+    zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
+    reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
+    n = Z.shape[0]
     if isinstance(device, DataParallel):
-        put = device.put_rows if split_rows else device.replicate
+        rows = device.padded(n)
+        sb = s
+        if rows > n or s is not None:
+            sb = np.zeros(rows, dtype)
+            sb[:n] = 1 if s is None else s
+        Zd = device.put_rows(Z, rows=rows, dtype=dtype, check=check)
+        yd = device.put_rows(np.asarray(y, np.int32), rows=rows)
+        sd = device.put_rows(sb)
     else:
+        rows, cols = Z.shape if shape is None else shape
+        if (rows, cols) == Z.shape:
+            Zp = np.asarray(Z, dtype)
+        else:
+            Zp = np.zeros((rows, cols), dtype)
+            Zp[:n, : Z.shape[1]] = Z
+        yb = np.zeros(rows, np.int32)
+        yb[:n] = y
+        sb = None
+        if rows > n or s is not None:
+            sb = np.zeros(rows, dtype)
+            sb[:n] = 1 if s is None else s
         put = functools.partial(jax.device_put, device=device)
-    Zd = put(Zp)
+        Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
     Zh = Zsq = None
     if hessian_dtype is not None:
         Zh, Zsq = hessian_operands(
             Zd, fit_intercept=fit_intercept, dtype=np.dtype(hessian_dtype).name
         )
-    return TrainData(Zd, put(yb), None if sb is None else put(sb), Zh, Zsq)
+    return TrainData(Zd, yd, sd, Zh, Zsq)

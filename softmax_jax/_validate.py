@@ -227,6 +227,7 @@ def check_training_data(
     min_classes: int = 2,
     z_name: str = "Z",
     y_name: str = "y",
+    finite: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """Host-side checks of a training set ``(Z, y)`` for :func:`softmax_jax.fit`.
 
@@ -236,7 +237,8 @@ def check_training_data(
 
     Returns:
       ``(Z, y, sample_weight, K)`` as NumPy arrays (``Z`` floating, ``y`` int32) and the number of
-      classes ``K`` (``num_classes``, or ``max(y) + 1``).
+      classes ``K`` (``num_classes``, or ``max(y) + 1``). With ``finite=False`` the values of ``Z``
+      are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
     Zh = np.asarray(Z)
     yh = np.asarray(y)
@@ -249,7 +251,7 @@ def check_training_data(
         raise ValueError(
             f"`{z_name}` must have at least one sample and one feature, got shape {Zh.shape}"
         )
-    if Zh.dtype.kind != "f" and not is_bf16:
+    if Zh.dtype.kind != "f" and not is_bf16 and finite:
         Zh = Zh.astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
     if yh.ndim != 1 or yh.shape[0] != Zh.shape[0]:
         raise ValueError(
@@ -258,7 +260,8 @@ def check_training_data(
         )
     if yh.dtype.kind not in "iu":
         raise TypeError(f"`{y_name}` must hold integer class indices, got dtype {yh.dtype}")
-    check_finite(Zh, z_name)
+    if finite:
+        check_finite(Zh, z_name)
     if yh.min() < 0 or (num_classes is not None and yh.max() >= num_classes):
         hi = "" if num_classes is None else f" and < num_classes = {num_classes}"
         bad = (yh < 0) | (False if num_classes is None else yh >= num_classes)

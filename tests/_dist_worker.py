@@ -7,8 +7,15 @@ imported. Every mode prints one JSON line (prefixed ``RESULT ``) that the test a
 - ``devices``: the class-sharded head on 1, 2, 4, 8 devices (and a 2 x 4 data x model mesh)
   against a single-device unfused float64 reference, its input errors and compiled memory per
   device; data-parallel ``fit(mesh=...)`` against the single-device fit, and its input errors.
-- ``process ID PORT NPROC``: one of NPROC processes joined by ``jax.distributed`` on
-  127.0.0.1:PORT, training data-parallel with ``fit(mesh=...)`` over the global mesh.
+- ``process ID PORT NPROC DIR``: one of NPROC processes joined by ``jax.distributed`` on
+  127.0.0.1:PORT, training data-parallel with ``fit(mesh=...)`` over the global mesh: from
+  ``DIR/Z.npy`` opened as a memmap (the share of the file this process touched is reported), the
+  same streamed (``stream=True``, the rows each process read are reported), and a resume from
+  the checkpoint that ``process-kill`` left in ``DIR/ckpt``.
+- ``process-kill ID PORT NPROC DIR``: the same processes, training with a checkpoint in
+  ``DIR/ckpt``, all killed (``os._exit``) during epoch :data:`KILL_AT`.
+- ``mesh-kill DIR`` / ``devices DIR``: the same kill on a one-process 4-device mesh, and the
+  resume from it (in the ``devices`` run).
 """
 
 from __future__ import annotations
@@ -220,6 +227,10 @@ def data_parallel_fit() -> dict:
         # Full batch: the 250 rows split over 4 devices, padded to 252.
         "lbfgs_p4": (4, dict(optimizer="lbfgs", epochs=4)),
     }
+    # Streamed: the host-gathered batches split over the mesh.
+    for name in ("adam_b30_weights_eval_p4", "sgd_b20_p8"):
+        p, kw = cases[name]
+        cases["stream_" + name] = (p, {**kw, "stream": True})
     for name, (p, kw) in cases.items():
         mesh = Mesh(np.array(devs[:p]), ("data",))
         got, hist = fit(Z, y, mesh=mesh, progress=False, seed=3, **kw)
@@ -252,7 +263,7 @@ def data_parallel_fit() -> dict:
     return out
 
 
-def process(pid: int, port: int, nproc: int) -> dict:
+def _join(pid: int, port: int, nproc: int):
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -260,33 +271,164 @@ def process(pid: int, port: int, nproc: int) -> dict:
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
     )
+    return jax
+
+
+def _as_lists(params, hist) -> dict:
+    import numpy as np
+
+    return {
+        "W": np.asarray(params["W"]).tolist(),
+        "b": np.asarray(params["b"]).tolist(),
+        "loss": hist["loss"],
+    }
+
+
+def _mapped_pages(path: str) -> list[int]:
+    """The pages of ``path`` (4 KiB each, by file offset) mapped into this process: those of a
+    memmap it has touched (bit 63 of /proc/self/pagemap; the kernel may also map a few
+    neighbours of a touched page that are in the page cache)."""
+    import os
+
+    target, pages = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        spans = [line.split() for line in f]
+    with open("/proc/self/pagemap", "rb") as pm:
+        for head in spans:
+            if len(head) < 6 or head[5] != target:
+                continue
+            start, stop = (int(x, 16) for x in head[0].split("-"))
+            offset = int(head[2], 16) // 4096
+            pm.seek(start // 4096 * 8)
+            raw = pm.read((stop - start) // 4096 * 8)
+            for i in range(len(raw) // 8):
+                if int.from_bytes(raw[8 * i : 8 * i + 8], "little") >> 63:
+                    pages.append(offset + i)
+    return pages
+
+
+def _killer(epoch_to_die: int):
+    import os
+
+    def callback(epoch, params, record):
+        if epoch == epoch_to_die:  # before this epoch's checkpoint: a kill mid-run
+            os._exit(KILL_CODE)
+
+    return callback
+
+
+def process(pid: int, port: int, nproc: int, directory: str) -> dict:
+    """The 2-process runs (see the module docstring); each fit is the one of
+    :func:`single_process_reference`."""
+    import os
+
+    jax = _join(pid, port, nproc)
     import numpy as np
     from jax.sharding import Mesh
 
+    import softmax_jax._stream as stream_mod
+
+    fit = _fit()
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    params, hist = _fit()(*_fit_problem()[:2], mesh=mesh, **MP_FIT)
+    path = os.path.join(directory, "Z.npy")
+    Z = np.load(path, mmap_mode="r")
+    y = np.load(os.path.join(directory, "y.npy"))
     result = {
         "pid": pid,
         "process_count": jax.process_count(),
         "devices": jax.device_count(),
         "local_devices": jax.local_device_count(),
-        "W": np.asarray(params["W"]).tolist(),
-        "b": np.asarray(params["b"]).tolist(),
-        "loss": hist["loss"],
+        "file_bytes": os.path.getsize(path),
     }
+    params, hist = fit(Z, y, mesh=mesh, **MP_FIT)
+    result["memmap"] = {**_as_lists(params, hist), "mapped_pages": _mapped_pages(path)}
+
+    read: list[list[int]] = []
+    original = stream_mod.read_rows
+
+    def counting(Z, idx):  # the rows the stream reads, as it reads them
+        read.append(np.asarray(idx).tolist())
+        return original(Z, idx)
+
+    stream_mod.read_rows = counting
+    stream_mod.CHUNK_BYTES = 10 * 32 * 512 * 8  # chunks of 10 batches of 32 float64 rows
+    try:
+        params, hist = fit(Z, y, mesh=mesh, stream=True, **MP_FIT)
+    finally:
+        stream_mod.read_rows = original
+    result["stream"] = {**_as_lists(params, hist), "rows_read": read}
+
+    ran: list[int] = []
+    params, hist = fit(Z, y, mesh=mesh, checkpoint_dir=os.path.join(directory, "ckpt"),
+                       callback=lambda e, p, r: ran.append(e), **MP_FIT)  # fmt: skip
+    result["resumed"] = {**_as_lists(params, hist), "epochs_run": ran}
     jax.distributed.shutdown()
     return result
 
 
-# 250 rows over 4 devices in batches of 30 (padded to 32), with a partial last batch.
-MP_FIT = dict(optimizer="adam", epochs=3, batch_size=30, seed=5, progress=False)
+def process_kill(pid: int, port: int, nproc: int, directory: str) -> None:
+    import os
+
+    jax = _join(pid, port, nproc)
+    import numpy as np
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    Z = np.load(os.path.join(directory, "Z.npy"), mmap_mode="r")
+    y = np.load(os.path.join(directory, "y.npy"))
+    _fit()(Z, y, mesh=mesh, checkpoint_dir=os.path.join(directory, "ckpt"),
+           callback=_killer(KILL_AT), **MP_FIT)  # fmt: skip
+    raise AssertionError("not killed")
+
+
+def mesh_kill(directory: str) -> None:
+    """A 4-device mesh in one process, killed during epoch :data:`KILL_AT`."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    Z, y = mp_problem()
+    _fit()(Z, y, mesh=mesh, checkpoint_dir=directory, callback=_killer(KILL_AT), **MP_FIT)
+    raise AssertionError("not killed")
+
+
+def mesh_resume(directory: str) -> dict:
+    """The resume of :func:`mesh_kill`'s run, on the same mesh."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    Z, y = mp_problem()
+    ran: list[int] = []
+    params, hist = _fit()(Z, y, mesh=mesh, checkpoint_dir=directory,
+                          callback=lambda e, p, r: ran.append(e), **MP_FIT)  # fmt: skip
+    return {**_as_lists(params, hist), "epochs_run": ran}
+
+
+# 2000 rows (an 8 MB float64 memmap: its halves are large next to the kernel's granularity of
+# mapping file pages, up to a large folio) over 4 devices in batches of
+# 30 (padded to 32), a partial last batch; killed during epoch 3 of 4.
+MP_FIT = dict(optimizer="adam", epochs=4, batch_size=30, seed=5, progress=False)
+KILL_AT, KILL_CODE = 3, 17
+
+
+def mp_problem():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(2000, 512))
+    return Z, (Z[:, 0] > 0).astype(np.int32) + (Z[:, 1] > 0).astype(np.int32)
 
 
 def single_process_reference() -> dict:
     """The fit of ``process`` on one device (run in the caller's interpreter)."""
     import numpy as np
 
-    Z, y, _ = _fit_problem()
+    Z, y = mp_problem()
     params, hist = _fit()(Z, y, **MP_FIT)
     return {"W": np.asarray(params["W"]), "b": np.asarray(params["b"]), "loss": hist["loss"]}
 
@@ -298,10 +440,16 @@ def main(argv: list[str]) -> None:
         result = {"sharded": sharded()}
         t1 = time.perf_counter()
         result["fit"] = data_parallel_fit()
+        if len(argv) > 2:
+            result["mesh_resume"] = mesh_resume(argv[2])
         result["seconds"] = {"sharded": t1 - t0, "fit": time.perf_counter() - t1}
         emit(result)
+    elif mode == "mesh-kill":
+        mesh_kill(argv[2])
     elif mode == "process":
-        emit(process(int(argv[2]), int(argv[3]), int(argv[4])))
+        emit(process(int(argv[2]), int(argv[3]), int(argv[4]), argv[5]))
+    elif mode == "process-kill":
+        process_kill(int(argv[2]), int(argv[3]), int(argv[4]), argv[5])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _dist_worker import single_process_reference
+from _dist_worker import KILL_AT, KILL_CODE, MP_FIT, mp_problem, single_process_reference
 from helpers import assert_close
 from jax.sharding import Mesh
 
@@ -70,8 +70,15 @@ def _run_worker(*args: str, devices: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def devices_run() -> dict:
-    return _run_worker("devices", devices=8)
+def devices_run(tmp_path_factory) -> dict:
+    # A 4-device mesh run killed during epoch KILL_AT; the devices run resumes it.
+    ckpt = tmp_path_factory.mktemp("mesh_ckpt")
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "mesh-kill", str(ckpt)],
+        env=_env(4), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == KILL_CODE, f"mesh-kill: {proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+    return _run_worker("devices", str(ckpt), devices=8)
 
 
 @pytest.fixture(scope="module")
@@ -264,17 +271,35 @@ FIT_RTOL = 1e-9
 @pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
-    ["adam_b64_make_mesh_p2", "adam_b30_weights_eval_p4", "sgd_b20_p8", "lbfgs_p4"],
+    [
+        "adam_b64_make_mesh_p2",
+        "adam_b30_weights_eval_p4",
+        "sgd_b20_p8",
+        "lbfgs_p4",
+        "stream_adam_b30_weights_eval_p4",
+        "stream_sgd_b20_p8",
+    ],
 )
 def test_data_parallel_fit_matches_one_device(fit_run, case):
     """Same seed, same final params and losses with the batch split over 2, 4 or 8 devices,
-    including batch sizes that do not divide the device count (zero-weight padding)."""
+    including batch sizes that do not divide the device count (zero-weight padding), from rows
+    split over the mesh or streamed from the host."""
     got = fit_run["cases"][case]
     assert got["err"] <= FIT_RTOL, got
     if "loss_err" in got:
         assert got["loss_err"] <= FIT_RTOL, got
         assert got["W_spec"] == "P()"  # W replicated on every device of the mesh
         assert got["W_devices"] == int(case[-1])
+
+
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
+def test_mesh_checkpoint_kill_and_resume(devices_run):
+    """A 4-device mesh run killed during epoch KILL_AT resumes from its last checkpoint and ends
+    where the uninterrupted run ends."""
+    got, ref = devices_run["mesh_resume"], single_process_reference()
+    assert got["epochs_run"] == list(range(KILL_AT, MP_FIT["epochs"] + 1))
+    for name in ("W", "b", "loss"):
+        assert_close(np.asarray(got[name]), np.asarray(ref[name]), rtol=FIT_RTOL)
 
 
 @pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
@@ -304,15 +329,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
-def test_two_processes_data_parallel_fit():
-    """2 processes × 2 CPU devices joined by ``jax.distributed`` (gloo collectives): ``fit`` with
-    the global 4-device ``"data"`` mesh ends with the same parameters and losses as the same fit
-    in one process on one device."""
+def _run_pair(mode: str, directory: Path) -> list[tuple[int, str, str]]:
+    """Runs 2 processes of ``mode`` × 2 CPU devices joined by ``jax.distributed`` on 127.0.0.1."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "process", str(i), str(port), "2"],
+            [sys.executable, str(WORKER), mode, str(i), str(port), "2", str(directory)],
             env=_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -329,11 +351,66 @@ def test_two_processes_data_parallel_fit():
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, f"process failed:\n{out[-4000:]}{err[-8000:]}"
-    results = [_result(out) for out, _ in outs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    """The 2-process runs of ``_dist_worker.process`` on a float64 memmap, after a first pair
+    killed during epoch KILL_AT of a checkpointed run."""
+    directory = tmp_path_factory.mktemp("two_processes")
+    Z, y = mp_problem()
+    np.save(directory / "Z.npy", Z)
+    np.save(directory / "y.npy", y)
+    for rc, out, err in _run_pair("process-kill", directory):
+        assert rc == KILL_CODE, f"process-kill: rc {rc}\n{out[-4000:]}{err[-8000:]}"
+    results = []
+    for rc, out, err in _run_pair("process", directory):
+        assert rc == 0, f"process failed:\n{out[-4000:]}{err[-8000:]}"
+        results.append(_result(out))
+    return results
+
+
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
+@pytest.mark.parametrize("run", ["memmap", "stream", "resumed"])
+def test_two_processes_data_parallel_fit(two_processes, run):
+    """2 processes × 2 CPU devices (gloo collectives): ``fit`` over the global 4-device ``"data"``
+    mesh ends with the same parameters and losses as the same fit in one process on one device:
+    from rows split over the processes, streamed, and resumed after both were killed."""
     ref = single_process_reference()
-    for i, r in enumerate(results):
+    for i, r in enumerate(two_processes):
         assert (r["pid"], r["process_count"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
         for name in ("W", "b", "loss"):
-            assert_close(np.asarray(r[name]), np.asarray(ref[name]), rtol=FIT_RTOL)
+            assert_close(np.asarray(r[run][name]), np.asarray(ref[name]), rtol=FIT_RTOL)
+    if run == "resumed":  # the checkpoint of epoch KILL_AT - 1 was restored, not a restart
+        assert all(r[run]["epochs_run"] == list(range(KILL_AT, 5)) for r in two_processes)
+
+
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
+def test_two_processes_each_read_only_their_rows(two_processes):
+    """In memory, each process touches about half of the 8 MB memmap (its 2 devices' 1000 rows
+    of 2000, a contiguous half); streamed, each reads its devices' half of every batch: per epoch
+    the two processes read disjoint rows (but the padding index 0) that cover the training set."""
+    Z = mp_problem()[0]
+    n, row_bytes = Z.shape[0], Z.shape[1] * 8
+    header = two_processes[0]["file_bytes"] - n * row_bytes
+    for i, r in enumerate(two_processes):  # rows [1000 i, 1000 (i + 1)): the pages holding them
+        lo = (header + 1000 * i * row_bytes) // 4096
+        hi = (header + 1000 * (i + 1) * row_bytes - 1) // 4096
+        pages = np.asarray(r["memmap"]["mapped_pages"])
+        assert set(range(lo, hi + 1)) <= set(pages.tolist()), i
+        # The kernel maps a touched page's page-cache neighbours too: the whole large folio
+        # (up to 2 MiB = 512 pages, aligned) of a page at either end of the range.
+        outside = pages[(pages < lo) | (pages > hi)]
+        near_ends = (outside // 512 == lo // 512) | (outside // 512 == hi // 512)
+        assert near_ends.all(), (i, outside[~near_ends][:20], int((~near_ends).sum()))
+    epochs, per_epoch = MP_FIT["epochs"], -(-n // MP_FIT["batch_size"]) * 16
+    reads = []
+    for r in two_processes:  # chunks of 10 batches: 7 per epoch
+        rows = np.concatenate([np.asarray(c) for c in r["stream"]["rows_read"]])
+        assert len(r["stream"]["rows_read"]) == 7 * epochs
+        assert rows.size == epochs * per_epoch  # 16 of every batch's 32 entries
+        reads.append(rows.reshape(epochs, per_epoch))
+    for a, b in zip(*reads):
+        assert set(a) & set(b) <= {0}
+        assert set(a) | set(b) == set(range(n))
