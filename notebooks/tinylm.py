@@ -23,6 +23,9 @@ from flax import nnx
 
 import softmax_jax as sj
 
+#: Rows of logits per chunk of the head: (128, K) float32 is 4 MiB at K = 8192. The head's default
+#: ("auto", a 64 MiB budget per chunk) would take all 1024 tokens of a batch in one chunk here.
+CHUNK = 128
 IGNORE = -100  # label of a padded position (the convention of PyTorch, Liger, optax users)
 PAD, BOS = 0, 1  # special token ids; the 256 single bytes follow, then the word pieces
 _SPECIAL = [b"<pad>", b"<bos>"]
@@ -202,21 +205,12 @@ class TinyLM(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def head_loss(h: jax.Array, E: jax.Array, labels: jax.Array):
+def head_loss(h: jax.Array, E: jax.Array, labels: jax.Array, *, chunk_size: int = CHUNK):
     """The fused head: mean cross-entropy over the non-ignored tokens and their accuracy."""
-    mask = labels != IGNORE
-    loss = sj.linear_cross_entropy(
-        h.reshape(-1, h.shape[-1]),
-        E.T,
-        jnp.where(mask, labels, 0).reshape(-1),
-        weights=mask.reshape(-1).astype(h.dtype),
-        chunk_size=256,
+    loss, aux = sj.linear_cross_entropy(
+        h, E, labels, weight_layout="kd", return_aux=True, chunk_size=chunk_size
     )
-    # stand-in until return_aux lands: argmax chunk by chunk, never the (N, K) logits
-    flat_h, flat_y = jax.lax.stop_gradient(h).reshape(-1, h.shape[-1]), labels.reshape(-1)
-    pred = jax.lax.map(lambda r: jnp.argmax(r @ E.T), flat_h, batch_size=256)
-    hit = (pred == flat_y) & mask.reshape(-1)
-    return loss, hit.sum() / jnp.maximum(mask.sum(), 1)
+    return loss, aux.accuracy
 
 
 def unfused_loss(h: jax.Array, E: jax.Array, labels: jax.Array):
@@ -252,9 +246,9 @@ def make_model(
 def compile_step(model: TinyLM, loss: Callable, opt: optax.GradientTransformation, tokens, labels):
     """The jit-compiled train step for ``loss``, on the shapes of one batch.
 
-    Returns ``(step, params, opt_state, compiled)``: ``step(params, opt_state, tokens, labels)``
-    gives ``(params, opt_state, loss, accuracy)``; ``compiled.memory_analysis()`` says what it
-    holds. The model itself is not changed.
+    Returns ``(step, params, opt_state)``: ``step(params, opt_state, tokens, labels)`` gives
+    ``(params, opt_state, loss, accuracy)``, and ``step.memory_analysis()`` says what it holds.
+    The model itself is not changed.
     """
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -269,7 +263,7 @@ def compile_step(model: TinyLM, loss: Callable, opt: optax.GradientTransformatio
 
     opt_state = opt.init(params)
     compiled = jax.jit(step).lower(params, opt_state, tokens, labels).compile()
-    return compiled, params, opt_state, compiled
+    return compiled, params, opt_state
 
 
 def train(model: TinyLM, loss: Callable, opt, tokens: np.ndarray, labels: np.ndarray):
@@ -278,10 +272,10 @@ def train(model: TinyLM, loss: Callable, opt, tokens: np.ndarray, labels: np.nda
     Returns ``(losses, accuracies, temp_bytes)``: per-step values and the compiled step's
     temporaries (``memory_analysis().temp_size_in_bytes``).
     """
-    step, params, opt_state, compiled = compile_step(model, loss, opt, tokens[0], labels[0])
+    step, params, opt_state = compile_step(model, loss, opt, tokens[0], labels[0])
     losses, accs = [], []
     for x, y in zip(tokens, labels):
         params, opt_state, value, acc = step(params, opt_state, x, y)
         losses.append(float(value))
         accs.append(float(acc))
-    return np.array(losses), np.array(accs), compiled.memory_analysis().temp_size_in_bytes
+    return np.array(losses), np.array(accs), step.memory_analysis().temp_size_in_bytes
