@@ -73,11 +73,12 @@ def test_loss_curves_agree(runs):
     assert l_ref[-1] < l_ref[0] - 1.0  # and it learns
 
 
-def test_aux_accuracy_is_the_token_accuracy(runs):
+def test_aux_accuracy_is_the_token_accuracy(data, runs):
+    kept = (data[2] != tinylm.IGNORE).sum(axis=(1, 2))
     a_head, a_ref = runs[0]["head"][1], runs[0]["unfused"][1]
-    # an argmax may flip on a near tie between two rounding orders: allow one token in a batch
-    np.testing.assert_allclose(a_head, a_ref, atol=1.5 / (B * T))
-    assert a_ref[-1] > 0.02
+    # an argmax may flip on a near tie between two rounding orders: allow one token per batch
+    assert np.all(np.abs(a_head - a_ref) <= 1.5 / kept), (a_head, a_ref)
+    assert a_ref.max() > 0.02  # it predicts some tokens right
 
 
 def test_head_train_step_holds_far_less(runs):
