@@ -112,11 +112,11 @@ class Tokenizer:
 
 
 def documents(tok: Tokenizer, texts: Iterable[str], seq_len: int, min_len: int = 8) -> list:
-    """Token sequences of unequal length, ``BOS`` first, at most ``seq_len + 1`` tokens each.
+    """Token sequences of unequal length, at most ``seq_len + 1`` tokens each.
 
-    A document is a paragraph of source (text between blank lines); one longer than
-    ``seq_len + 1`` tokens is cut into pieces, the last one shorter. Pieces under ``min_len``
-    tokens are dropped.
+    A document is a paragraph of source (text between blank lines), ``BOS`` first; one longer
+    than ``seq_len + 1`` tokens is cut into pieces, the last one shorter. Pieces under
+    ``min_len`` tokens are dropped.
     """
     out = []
     for text in texts:
