@@ -56,11 +56,21 @@ def _newton_init(params, data, l2) -> FBState:
     return init_state(params, data, l2, ())
 
 
+def center_classes(t: Params) -> Params:
+    """Each leaf minus its mean over the class axis (the last): the projection onto the
+    directions that change the model (softmax is shift-invariant along ``W + v 1ᵀ``, ``b + c 1``)."""
+    return jax.tree.map(lambda a: a - jnp.mean(a, axis=-1, keepdims=True), t)
+
+
 def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     r"""One truncated-Newton iteration.
 
-    Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian) on
-    ``(∇²f) d = −∇f`` with products from the analytic HVP, stopped when
+    Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian, followed by
+    :func:`center_classes`) on ``(∇²f) d = −∇f`` with products from the analytic HVP. ``∇f`` and
+    ``∇²f V`` have class sums of zero (rows of ``Ŷ − Y`` sum to zero, and so do those of the HVP's
+    residual), so with the centred preconditioner every CG iterate, and so ``d``, stays in that
+    subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
+    lies, and the only identifiable solution without a penalty). Stopped when
     ``‖r‖₁ ≤ min(½, √‖∇f‖₁) ‖∇f‖₁`` (the forcing sequence of scipy's newton-cg: superlinear
     convergence) or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then a backtracking Armijo line search from the Newton step ``t = 1``. Near the
@@ -75,7 +85,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     tiny = jnp.finfo(dtype).tiny
 
     def precond(r):
-        return jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag)
+        return center_classes(jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag))
 
     zeros = jax.tree.map(jnp.zeros_like, g)
     r0 = jax.tree.map(jnp.negative, g)
