@@ -20,6 +20,7 @@ from ._objective import (
     Params,
     TrainData,
     hessian_diag,
+    hessian_probs,
     hessian_vp,
     objective,
     objective_vg,
@@ -81,7 +82,8 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     dtype = value.dtype
     gnorm1 = tree_l1(g)
     cg_tol = jnp.minimum(0.5, jnp.sqrt(gnorm1)) * gnorm1
-    diag = hessian_diag(params, data, l2)
+    P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
+    diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
 
     def precond(r):
@@ -97,7 +99,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
 
     def cg_body(c):
         x, r, z, p, rz, i, _ = c
-        Hp = hessian_vp(params, p, data, l2)
+        Hp = hessian_vp(params, p, data, l2, probs=P)
         curv = tree_vdot(p, Hp)
         neg = curv <= jnp.finfo(dtype).eps * tree_vdot(p, p) * jnp.max(
             jnp.asarray([jnp.max(h) for h in jax.tree.leaves(diag)])
