@@ -48,6 +48,12 @@ from ._solvers import SOLVERS, solve
 __all__ = ["SoftmaxRegression"]
 
 
+#: Newton-CG starts in float32 (``solve(mixed_precision=True)``) from this many entries of the
+#: logits' GEMM ``N·D·K`` on: below it the float32 phase's extra passes (the cast, a second
+#: initial gradient) cost about what its cheaper GEMMs save.
+MIXED_PRECISION_MIN_SIZE = 1 << 24
+
+
 def _bucket_samples(n: int) -> int:
     """Rounds small ``n`` up to a power of two (``n <= 1024``) or to a multiple of 1/32 of the
     power of two below it (at most 3.2% more rows, up to 65536), so fits on data of nearby sizes
@@ -76,7 +82,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     analytic Hessian-vector product with a Jacobi preconditioner, ``"lbfgs"`` optax's L-BFGS with
     a zoom line search. The objective, gradients and line searches run in float64 (x64 is switched
     on only inside ``fit``); Newton-CG's Hessian products, which only steer the search direction,
-    run in float32. ``coef_`` has ``X``'s dtype (float32 or float64); the solve is float64 either
+    run in float32, and on large problems so do the first iterations (float64 finishes them, so the
+    optimum is float64's). ``coef_`` has ``X``'s dtype (float32 or float64); the solve is float64 either
     way. The whole solve is one compiled call (compiled once per data shape; small
     data are padded with zero-weight rows to shared sizes); prediction runs in NumPy.
 
@@ -204,6 +211,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 tol=float(self.tol),
                 max_iter=int(self.max_iter),
+                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE,
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)

@@ -51,16 +51,22 @@ def init_state(params, data, l2, aux) -> FBState:
 # Newton-CG -----------------------------------------------------------------------------------
 _NEWTON_MAX_CG = 250
 _NEWTON_MAX_LS = 40
-
-
-def _newton_init(params, data, l2) -> FBState:
-    return init_state(params, data, l2, ())
+#: Largest relative CG residual of a Newton step. scipy's newton-cg allows ½ (with ``√‖∇f‖₁``,
+#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes about half the Newton
+#: iterations from a zero start for a few more products each (bench/train.py).
+_NEWTON_FORCING = 0.1
 
 
 def center_classes(t: Params) -> Params:
     """Each leaf minus its mean over the class axis (the last): the projection onto the
     directions that change the model (softmax is shift-invariant along ``W + v 1ᵀ``, ``b + c 1``)."""
     return jax.tree.map(lambda a: a - jnp.mean(a, axis=-1, keepdims=True), t)
+
+
+def _newton_init(params, data, l2) -> FBState:
+    """The state at ``params`` centred over the classes (the same model, the smallest penalty):
+    the subspace Newton-CG's steps stay in (:func:`_newton_step`)."""
+    return init_state(center_classes(params), data, l2, ())
 
 
 def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
@@ -72,8 +78,8 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     residual), so with the centred preconditioner every CG iterate, and so ``d``, stays in that
     subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
     lies, and the only identifiable solution without a penalty). Stopped when
-    ``‖r‖₁ ≤ min(½, √‖∇f‖₁) ‖∇f‖₁`` (the forcing sequence of scipy's newton-cg: superlinear
-    convergence) or on non-positive curvature (then the last CG iterate, or −∇f on the first
+    ``‖r‖₁ ≤ min(0.1, √max|∇f|) ‖∇f‖₁`` (a forcing sequence that vanishes with the gradient:
+    superlinear convergence) or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then a backtracking Armijo line search from the Newton step ``t = 1``. Near the
     optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
     accepted, and a search that fails altogether marks the state ``stalled``.
@@ -81,7 +87,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     params, value, g = st.params, st.value, st.grad
     dtype = value.dtype
     gnorm1 = tree_l1(g)
-    cg_tol = jnp.minimum(0.5, jnp.sqrt(gnorm1)) * gnorm1
+    cg_tol = jnp.minimum(_NEWTON_FORCING, jnp.sqrt(tree_max_abs(g))) * gnorm1
     P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
     diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
@@ -90,7 +96,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
         return center_classes(jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag))
 
     zeros = jax.tree.map(jnp.zeros_like, g)
-    r0 = jax.tree.map(jnp.negative, g)
+    r0 = center_classes(jax.tree.map(jnp.negative, g))  # centred already, up to rounding
     z0 = precond(r0)
 
     def cg_cond(c):
@@ -194,10 +200,7 @@ class SolveResult(NamedTuple):
     n_inner: int
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
-def _solve_impl(params, data, l2, tol, max_iter, *, solver: str) -> FBState:
-    init, step = SOLVERS[solver]
-
+def _run(st: FBState, data: TrainData, l2, tol, max_iter, step) -> FBState:
     def cond(st):
         return (
             (st.it < max_iter)
@@ -206,18 +209,82 @@ def _solve_impl(params, data, l2, tol, max_iter, *, solver: str) -> FBState:
             & jnp.isfinite(st.value)
         )
 
-    return lax.while_loop(cond, lambda st: step(st, data, l2), init(params, data, l2))
+    return lax.while_loop(cond, lambda st: step(st, data, l2), st)
+
+
+#: The float32 phase of a mixed-precision solve stops at ``max|∇f| <= F32_TOL · rms(z)``: about
+#: 10× above the rounding noise of a float32 gradient (a mean of ``z_i (ŷ_i − y_i)`` accumulated
+#: in float32), which is where a Newton step's objective decrease is already far below 1e-6.
+F32_TOL = 3e-5
+
+
+def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBState:
+    """Newton-CG on a float32 copy of ``Z`` until the gradient reaches float32's noise floor: at
+    ``max|∇f| <= max(tol, F32_TOL·rms(z))``, or once near it (within 100×) when an iteration no
+    longer halves ``max|∇f|`` (the rounding, not the model, then sets the gradient)."""
+    f32 = jnp.float32
+    Z = data.Z.astype(f32)
+    data32 = data._replace(Z=Z, s=None if data.s is None else data.s.astype(f32))
+    zsq = data.Zsq if data.Zsq is not None else Z * Z
+    floor = jnp.maximum(tol.astype(f32), F32_TOL * jnp.sqrt(jnp.max(jnp.mean(zsq, axis=0))))
+    st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2.astype(f32))
+
+    def cond(c):
+        st, g_prev = c
+        g = tree_max_abs(st.grad)
+        noisy = (g <= 100 * floor) & (g > 0.5 * g_prev)
+        return (st.it < max_iter) & (g > floor) & ~noisy & ~st.stalled & jnp.isfinite(st.value)
+
+    def body(c):
+        st, _ = c
+        return step(st, data32, l2.astype(f32)), tree_max_abs(st.grad)
+
+    st, _ = lax.while_loop(cond, body, (st, jnp.asarray(jnp.inf, f32)))
+    return st
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "mixed"))
+def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False) -> FBState:
+    init, step = SOLVERS[solver]
+    if not mixed:
+        return _run(init(params, data, l2), data, l2, tol, max_iter, step)
+    st32 = _run_float32(params, data, l2, tol, max_iter, step, init)
+    dt = data.Z.dtype
+    moved = jnp.isfinite(st32.value) & (st32.it > 0)  # else keep params, unrounded
+    start = jax.tree.map(lambda a, b: jnp.where(moved, a.astype(dt), b), st32.params, params)
+    st = init(start, data, l2)._replace(it=st32.it, n_inner=st32.n_inner)
+    return _run(st, data, l2, tol, max_iter, step)
 
 
 def solve(
-    data: TrainData, params: Params, *, solver: str, l2: float, tol: float, max_iter: int
+    data: TrainData,
+    params: Params,
+    *,
+    solver: str,
+    l2: float,
+    tol: float,
+    max_iter: int,
+    mixed_precision: bool = False,
 ) -> SolveResult:
-    """Runs a full-batch solver to ``max|∇f| <= tol`` in one compiled call (no host round-trip)."""
+    """Runs a full-batch solver to ``max|∇f| <= tol`` in one compiled call (no host round-trip).
+
+    With ``mixed_precision`` (Newton-CG on float64 data) the iterations first run on a float32
+    copy of ``Z`` (twice the GEMM rate) until float32's gradient noise floor, then continue in
+    float64 from there: the stopping test, and so the result, are float64's. ``max_iter`` counts
+    the iterations of both phases.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {solver!r}")
     dt = data.Z.dtype
+    mixed = bool(mixed_precision) and solver == "newton-cg" and dt == jnp.float64
     st = _solve_impl(
-        params, data, jnp.asarray(l2, dt), jnp.asarray(tol, dt), jnp.int32(max_iter), solver=solver
+        params,
+        data,
+        jnp.asarray(l2, dt),
+        jnp.asarray(tol, dt),
+        jnp.int32(max_iter),
+        solver=solver,
+        mixed=mixed,
     )
     gmax = float(tree_max_abs(st.grad))
     value = float(st.value)
