@@ -93,16 +93,16 @@ def test_sample_and_class_weights():
     X, y = load_iris(return_X_y=True)
     rng = np.random.default_rng(0)
     sw = rng.integers(0, 4, size=len(y)).astype(float)
-    weighted = SoftmaxRegression(C=0.5).fit(X, y, sample_weight=sw)
-    repeated = SoftmaxRegression(C=0.5).fit(
+    weighted = SoftmaxRegression(tol=1e-10, C=0.5).fit(X, y, sample_weight=sw)
+    repeated = SoftmaxRegression(tol=1e-10, C=0.5).fit(
         np.repeat(X, sw.astype(int), 0), np.repeat(y, sw.astype(int))
     )
     np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(weighted.intercept_, repeated.intercept_, rtol=1e-7, atol=1e-9)
     # class_weight multiplies the sample weights, as in sklearn
     cw = {0: 2.0, 1: 0.5, 2: 1.0}
-    a = SoftmaxRegression(class_weight=cw).fit(X, y)
-    b = SoftmaxRegression().fit(X, y, sample_weight=np.array([cw[c] for c in y]))
+    a = SoftmaxRegression(tol=1e-10, class_weight=cw).fit(X, y)
+    b = SoftmaxRegression(tol=1e-10).fit(X, y, sample_weight=np.array([cw[c] for c in y]))
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-8, atol=1e-10)
     ref = sklearn_reference(X, y, 1.0, class_weight="balanced")
     ours = SoftmaxRegression(class_weight="balanced").fit(X, y)
@@ -192,7 +192,7 @@ def test_two_classes_same_C_as_logistic_regression(fit_intercept):
     # the same C gives LogisticRegression's binary model: one coefficient vector u = w_1 - w_0
     X, y = _binary_problem()
     C = 0.05
-    ours = SoftmaxRegression(C=C, fit_intercept=fit_intercept).fit(X, y)
+    ours = SoftmaxRegression(tol=1e-10, C=C, fit_intercept=fit_intercept).fit(X, y)
     ref = sklearn_reference(X, y, C, fit_intercept=fit_intercept)
     assert ours.coef_.shape == ref.coef_.shape == (1, 30)
     assert ours.intercept_.shape == ref.intercept_.shape == (1,)
@@ -227,8 +227,8 @@ def test_sample_weight_is_repeating_rows(n_classes):
     X, y = X[y < n_classes], y[y < n_classes]
     sw = np.random.default_rng(1).integers(0, 4, size=len(y)).astype(float)
     reps = sw.astype(int)
-    a = SoftmaxRegression(C=0.3).fit(X, y, sample_weight=sw)
-    b = SoftmaxRegression(C=0.3).fit(np.repeat(X, reps, 0), np.repeat(y, reps))
+    a = SoftmaxRegression(tol=1e-10, C=0.3).fit(X, y, sample_weight=sw)
+    b = SoftmaxRegression(tol=1e-10, C=0.3).fit(np.repeat(X, reps, 0), np.repeat(y, reps))
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(a.intercept_, b.intercept_, rtol=1e-6, atol=1e-8)
 
@@ -236,11 +236,11 @@ def test_sample_weight_is_repeating_rows(n_classes):
 def test_binary_class_weight_as_logistic_regression():
     X, y = _binary_problem()
     cw = {0: 3.0, 1: 0.5}
-    ours = SoftmaxRegression(C=0.1, class_weight=cw).fit(X, y)
+    ours = SoftmaxRegression(tol=1e-10, C=0.1, class_weight=cw).fit(X, y)
     ref = sklearn_reference(X, y, 0.1, class_weight=cw)
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
     np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
-    balanced = SoftmaxRegression(C=0.1, class_weight="balanced").fit(X, y)
+    balanced = SoftmaxRegression(tol=1e-10, C=0.1, class_weight="balanced").fit(X, y)
     ref = sklearn_reference(X, y, 0.1, class_weight="balanced")
     np.testing.assert_allclose(balanced.predict_proba(X), ref.predict_proba(X), atol=1e-6)
 
@@ -265,7 +265,7 @@ def test_warm_start_steps_add_up(fit_intercept, C, n_classes):
 
 def test_n_iter_and_warm_start_from_the_optimum():
     X, y = load_iris(return_X_y=True)
-    est = SoftmaxRegression(C=1.0, warm_start=True).fit(X, y)
+    est = SoftmaxRegression(tol=1e-10, C=1.0, warm_start=True).fit(X, y)
     assert est.n_iter_.shape == (1,) and est.n_iter_.dtype == np.int32
     assert 1 <= est.n_iter_[0] <= est.max_iter
     coef = est.coef_.copy()
@@ -311,7 +311,7 @@ def test_unpenalized_matches_logistic_regression(n_classes):
         flip_y=0.2,
         random_state=0,
     )  # fmt: skip
-    ours = SoftmaxRegression(C=np.inf).fit(X, y)
+    ours = SoftmaxRegression(tol=1e-10, C=np.inf).fit(X, y)
     ref = sklearn_reference(X, y, np.inf)
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-5)
     np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-5)
