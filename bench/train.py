@@ -514,9 +514,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         title="minibatch epoch (Adam, float32, shuffle + gather + value-and-grad + update) vs the "
         "two-GEMM floor (Z@W, Zt@M) on the same data",
     )
-    ratios = {
-        name: d["ratio_to_sklearn"].get("ours-newton-cg") for name, d in datasets.items()
-    }
+    ratios = {name: d["ratio_to_sklearn"].get("ours-newton-cg") for name, d in datasets.items()}
     results["targets_met"] = {
         "default_settings_reach_optimum_everywhere": all(
             d["default_fit"]["rel_gap"] <= TARGET_REL for d in datasets.values()
@@ -542,11 +540,56 @@ def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
+_README_NAMES = {
+    "digits": "digits, standardised",
+    "digits-raw": "digits, raw pixels",
+    "synthetic-100-classes": "synthetic, 100 classes",
+    "synthetic": "synthetic, Gumbel labels",
+}
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The README's training table (Markdown) from a ``train.json`` written by :func:`run`."""
+
+    def cell(m: dict | None, sk_t: float | None) -> str:
+        t = None if m is None else m.get("time_to_optimum_s")
+        if t is None:
+            return "-" if m is None else "not reached"
+        it = m.get("iterations_to_optimum")
+        ratio = f", {t / sk_t:.2f}×" if sk_t and m is not None else ""
+        return f"{t:.3g} s ({it} it.{ratio})" if it else f"{t:.3g} s{ratio}"
+
+    lines = [
+        "| dataset (N × D × K) | `LogisticRegression` lbfgs | `SoftmaxRegression` newton-cg "
+        "| `SoftmaxRegression` lbfgs | load average (1 min) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, d in results["datasets"].items():
+        ms = d["methods"]
+        sk_t = ms["sklearn-lbfgs"]["time_to_optimum_s"]
+        spec = d["spec"]
+        k = spec.get("k", 10)
+        dim = spec.get("d", 64)
+        load = [la[0] for la in d["load_average_before_after"] if la]
+        lines.append(
+            f"| {_README_NAMES.get(name, name)} ({d['n_train']} × {dim} × {k}) "
+            f"| {cell(ms['sklearn-lbfgs'], None)} | {cell(ms.get('ours-newton-cg'), sk_t)} "
+            f"| {cell(ms.get('ours-lbfgs'), sk_t)} | {' → '.join(f'{x:.1f}' for x in load)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems")
     parser.add_argument("--sklearn-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--readme", metavar="JSON", help="print the README table of a train.json and exit"
+    )
     args = parser.parse_args(argv)
+    if args.readme:
+        print(readme_table(json.loads(Path(args.readme).read_text())))
+        return 0
     if args.sklearn_worker:
         _sklearn_worker()
         return 0

@@ -119,6 +119,7 @@ def test_mixed_precision_counts_the_iterations_of_both_phases():
 def test_trainData_without_hessian_operands_still_solves_with_lbfgs():
     X, y = problem()
     data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
-    res = solve(data, zeros(5, 4), solver="lbfgs", l2=0.05, tol=1e-8, max_iter=500,
-                mixed_precision=True)  # fmt: skip  (mixed precision is Newton-CG's only)
+    res = solve(
+        data, zeros(5, 4), solver="lbfgs", l2=0.05, tol=1e-8, max_iter=500, mixed_precision=True
+    )  # mixed precision is Newton-CG's only: ignored here
     assert res.converged and isinstance(data, TrainData)
