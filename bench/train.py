@@ -556,7 +556,7 @@ def readme_table(results: dict[str, Any]) -> str:
         if t is None:
             return "-" if m is None else "not reached"
         it = m.get("iterations_to_optimum")
-        ratio = f", {t / sk_t:.2f}×" if sk_t and m is not None else ""
+        ratio = f", {t / sk_t:.2g}×" if sk_t and m is not None else ""
         return f"{t:.3g} s ({it} it.{ratio})" if it else f"{t:.3g} s{ratio}"
 
     lines = [
