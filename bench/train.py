@@ -1,8 +1,10 @@
 """Benchmark: training to scikit-learn's optimum, and the minibatch epoch against the GEMM floor.
 
 1. Time to optimum. For each dataset (scikit-learn's digits, standardised and raw -- pixels
-   0..16, ill-conditioned --, 75/25 split; a synthetic softmax problem, N=200000, D=256, K=20
-   drawn from a random "teacher" softmax model),
+   0..16, ill-conditioned --, 75/25 split; two synthetic problems with Gaussian features and
+   labels ``argmax(X W* + G)`` for a random teacher ``W*`` (entries N(0, 16/D)) and Gumbel noise
+   ``G`` -- sharper than the softmax of ``X W*`` at scale 2/√D, so larger weights at the optimum
+   and a harder problem --: N=200000, D=256, K=20, and many classes, N=50000, D=128, K=100),
    every method minimises ``½‖W‖² + C Σ_i NLL_i`` with ``C = 1`` (sklearn's objective) in float64:
 
    - ``sklearn-lbfgs``  ``LogisticRegression(C=1, tol=t)``;
@@ -11,11 +13,14 @@
    - ``ours-adam``      ``sj.fit`` with Adam, batch 512, float32, ``l2 = 1/(C N)`` (the same
                         objective), epoch by epoch (time to a test accuracy only).
 
-   The full-batch methods are run from scratch with ``tol`` = 1e-2, 3e-3, 1e-3, ... until the
-   objective is within 1e-6 (relative) of the optimum ``f*`` (the lowest objective any method
-   reached); the loosest such ``tol`` is then timed again (3 rounds, methods interleaved round by
-   round; the table shows the best of the 4 runs, the JSON also the median): the *time to
-   optimum*. The *time to accuracy* is timed likewise at the loosest
+   The full-batch methods are run from scratch with ``tol`` = 1e-2, 3e-3, 1e-3, ... (from 1e-4
+   on the synthetic problems, where looser ones stop far from it) until the objective is within
+   1e-6 (relative) of the optimum ``f*`` (the lowest objective any method reached); the loosest
+   such ``tol`` is then timed again (3 rounds on digits, 1 on raw digits and the synthetic
+   problems, where scikit-learn takes about a minute per fit; methods
+   interleaved round by round; the table shows the best of the runs, the JSON also the median):
+   the *time to optimum*; ``ratio`` is ours over scikit-learn's (the target is <= 0.67). Our
+   L-BFGS is left out on the synthetic problems (minutes per run on 2 cores). The *time to accuracy* is timed likewise at the loosest
    ``tol`` whose test accuracy is within 0.5 points of the accuracy at ``f*``. Our times are warm
    (the solver is compiled once per shape; the compile time is reported apart). scikit-learn runs in a child
    process started with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset (they pin OpenBLAS to
@@ -67,14 +72,12 @@ BATCH = 512
 
 
 def synthetic(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian features and labels drawn from a random softmax model (noisy, not separable)."""
+    """Gaussian features, labels ``argmax(X W* + G)``: a random teacher ``W*`` with entries of
+    standard deviation ``4/√D`` and Gumbel noise ``G`` (noisy, not separable)."""
     rng = np.random.default_rng(seed)
-    W = rng.normal(size=(d, k)) * (2.0 / np.sqrt(d))
+    W = rng.normal(size=(d, k)) * (4.0 / np.sqrt(d))
     X = rng.normal(size=(n, d))
-    A = X @ W
-    P = np.exp(A - A.max(axis=1, keepdims=True))
-    P /= P.sum(axis=1, keepdims=True)
-    y = np.minimum((P.cumsum(axis=1) < rng.random(n)[:, None]).sum(axis=1), k - 1)
+    y = np.argmax(X @ W + rng.gumbel(size=(n, k)), axis=1)
     return X, y.astype(np.int32)
 
 
@@ -97,7 +100,12 @@ def specs(quick: bool, tiny: bool) -> list[dict]:
         return [{"name": "synthetic", "kind": "synthetic", "n_train": 2000, "n_test": 500, "d": 16, "k": 4}]  # fmt: skip
     if quick:
         return [digits, {"name": "synthetic", "kind": "synthetic", "n_train": 20000, "n_test": 5000, "d": 64, "k": 10}]  # fmt: skip
-    return [digits, raw, {"name": "synthetic", "kind": "synthetic", "n_train": 200000, "n_test": 50000, "d": 256, "k": 20}]  # fmt: skip
+    return [
+        digits,
+        raw,
+        {"name": "synthetic-100-classes", "kind": "synthetic", "n_train": 50000, "n_test": 10000, "d": 128, "k": 100},
+        {"name": "synthetic", "kind": "synthetic", "n_train": 200000, "n_test": 50000, "d": 256, "k": 20},
+    ]  # fmt: skip
 
 
 def objective(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
@@ -198,7 +206,10 @@ def fit_ours(solver: str, tol: float, Xtr, ytr, Xte, yte) -> dict:
     """One warm ``SoftmaxRegression(C=1, solver=solver, tol=tol)`` fit."""
     from softmax_jax._estimator import SoftmaxRegression
 
-    est = SoftmaxRegression(C=C_REG, solver=solver, tol=tol, max_iter=10_000)
+    # Newton-CG: a tolerance below its float32-Hessian floor would run to max_iter, not stop
+    est = SoftmaxRegression(
+        C=C_REG, solver=solver, tol=tol, max_iter=200 if solver == "newton-cg" else 10_000
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -329,6 +340,7 @@ def throughput(X: np.ndarray, y: np.ndarray, k: int, *, rounds: int, batch: int)
 
 
 FULL_BATCH = ("sklearn-lbfgs", "ours-newton-cg", "ours-lbfgs")
+TARGET_RATIO = 0.67  # our time to the optimum over scikit-learn's
 
 
 def _fit(method: str, tol: float, sk: SklearnProcess, data) -> dict:
@@ -348,17 +360,21 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
     print(f"[train bench] {name}: {Xtr.shape} train, {Xte.shape[0]} test", flush=True)
     sk.ask(cmd="load", spec=spec)
     compile_s = {s: compile_seconds(s, Xtr, ytr) for s in ("newton-cg", "lbfgs")}
-    ref = fit_ours("newton-cg", 1e-11, *data)  # the optimum, to working precision
+    ref = fit_ours("newton-cg", 1e-10, *data)  # the optimum, to working precision
     f_star, acc_star = ref["objective"], ref["test_accuracy"]
     acc_target = acc_star - ACC_SLACK
 
     def reached(r):
         return (r["objective"] - f_star) / abs(f_star) <= TARGET_REL
 
+    synthetic_kind = spec["kind"] == "synthetic" and not (C.tiny_mode() or spec["n_train"] < 50000)
+    full_batch = FULL_BATCH[:2] if synthetic_kind else FULL_BATCH
+    tols = [t for t in TOLS if t <= 1e-4] if synthetic_kind else TOLS
+    rounds = 1 if (synthetic_kind or spec["kind"] == "digits-raw") else rounds  # sklearn: ~1 min
     methods: dict[str, Any] = {}
-    for method in FULL_BATCH:  # explore: tolerances from loose to tight, until the optimum
+    for method in full_batch:  # explore: tolerances from loose to tight, until the optimum
         runs = []
-        for tol in TOLS:
+        for tol in tols:
             runs.append(_fit(method, tol, sk, data))
             if reached(runs[-1]):
                 break
@@ -417,6 +433,7 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
             "t_opt_s": "-" if t_opt is None else t_opt,
             "iters": m.get("iterations_to_optimum") or "-",
             "vs_sklearn": "-" if (t_opt is None or sk_t is None) else round(sk_t / t_opt, 2),
+            "ratio": "-" if (t_opt is None or sk_t is None) else round(t_opt / sk_t, 3),
             "t_acc_s": "-" if t_acc is None else t_acc,
             "acc_vs_sklearn": "-" if (t_acc is None or sk_a is None) else round(sk_a / t_acc, 2),
             "compile_s": m.get("compile_s", "-"),
@@ -431,6 +448,11 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
         "default_fit": default,
         "methods": methods,
         "load_average_before_after": [load_before, C.load_average()],
+        "timing_rounds": rounds,
+        "ratio_to_sklearn": {
+            m: (v["time_to_optimum_s"] / sk_t if sk_t and v.get("time_to_optimum_s") else None)
+            for m, v in methods.items()
+        },
     }
     return result, rows
 
@@ -452,10 +474,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     results["datasets"] = datasets
     table1 = C.print_table(
         rows,
-        ["dataset", "method", "t_opt_s", "iters", "vs_sklearn", "t_acc_s", "acc_vs_sklearn", "compile_s"],
+        ["dataset", "method", "t_opt_s", "iters", "ratio", "vs_sklearn", "t_acc_s", "acc_vs_sklearn", "compile_s"],
         title=f"time to sklearn's optimum (rel. objective <= {TARGET_REL:g}, C={C_REG}) and to "
         f"test accuracy within {ACC_SLACK * 100:g} points of the optimum's; float64; warm; "
-        f"best of {rounds + 1}",
+        f"best of {rounds + 1} (2 on raw digits and the synthetic problems); ratio = ours / sklearn",
     )  # fmt: skip
     spec = specs(quick, tiny)[-1]  # throughput on the largest synthetic problem
     Xtr, ytr, _, _ = dataset(spec)
@@ -492,20 +514,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         title="minibatch epoch (Adam, float32, shuffle + gather + value-and-grad + update) vs the "
         "two-GEMM floor (Z@W, Zt@M) on the same data",
     )
-    syn = datasets.get("synthetic", {}).get("methods", {})
-    sk_t = syn.get("sklearn-lbfgs", {}).get("time_to_optimum_s")
-
-    def faster(method: str) -> bool:
-        t = syn.get(method, {}).get("time_to_optimum_s")
-        return bool(sk_t and t is not None and t < sk_t)
-
+    ratios = {name: d["ratio_to_sklearn"].get("ours-newton-cg") for name, d in datasets.items()}
     results["targets_met"] = {
         "default_settings_reach_optimum_everywhere": all(
             d["default_fit"]["rel_gap"] <= TARGET_REL for d in datasets.values()
         ),
-        "faster_than_sklearn_on_synthetic": faster("ours-newton-cg") or faster("ours-lbfgs"),
-        "both_full_batch_solvers_faster_on_synthetic": faster("ours-newton-cg")
-        and faster("ours-lbfgs"),
+        "newton_cg_ratio_per_dataset": ratios,
+        "newton_cg_at_most_0.67x_sklearn_everywhere": all(
+            r is not None and r <= TARGET_RATIO for r in ratios.values()
+        ),
         "epoch_at_least_half_the_floor": tp["epoch_vs_floor"] >= TARGET_EPOCH_VS_FLOOR,
     }
     results["sklearn_process"] = {
@@ -523,11 +540,56 @@ def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
+_README_NAMES = {
+    "digits": "digits, standardised",
+    "digits-raw": "digits, raw pixels",
+    "synthetic-100-classes": "synthetic, 100 classes",
+    "synthetic": "synthetic, Gumbel labels",
+}
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The README's training table (Markdown) from a ``train.json`` written by :func:`run`."""
+
+    def cell(m: dict | None, sk_t: float | None) -> str:
+        t = None if m is None else m.get("time_to_optimum_s")
+        if t is None:
+            return "-" if m is None else "not reached"
+        it = m.get("iterations_to_optimum")
+        ratio = f", {t / sk_t:.2g}×" if sk_t and m is not None else ""
+        return f"{t:.3g} s ({it} it.{ratio})" if it else f"{t:.3g} s{ratio}"
+
+    lines = [
+        "| dataset (N × D × K) | `LogisticRegression` lbfgs | `SoftmaxRegression` newton-cg "
+        "| `SoftmaxRegression` lbfgs | load average (1 min) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, d in results["datasets"].items():
+        ms = d["methods"]
+        sk_t = ms["sklearn-lbfgs"]["time_to_optimum_s"]
+        spec = d["spec"]
+        k = spec.get("k", 10)
+        dim = spec.get("d", 64)
+        load = [la[0] for la in d["load_average_before_after"] if la]
+        lines.append(
+            f"| {_README_NAMES.get(name, name)} ({d['n_train']} × {dim} × {k}) "
+            f"| {cell(ms['sklearn-lbfgs'], None)} | {cell(ms.get('ours-newton-cg'), sk_t)} "
+            f"| {cell(ms.get('ours-lbfgs'), sk_t)} | {' → '.join(f'{x:.1f}' for x in load)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems")
     parser.add_argument("--sklearn-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--readme", metavar="JSON", help="print the README table of a train.json and exit"
+    )
     args = parser.parse_args(argv)
+    if args.readme:
+        print(readme_table(json.loads(Path(args.readme).read_text())))
+        return 0
     if args.sklearn_worker:
         _sklearn_worker()
         return 0

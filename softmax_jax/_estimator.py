@@ -16,16 +16,17 @@ the intercept ``b`` not penalised. Dividing by ``C Σ s_i`` gives the objective 
 Two classes. scikit-learn's binary model has one weight vector ``w`` and minimises
 ``½‖w‖² + C Σ s_i log(1 + exp(−ỹ_i (wᵀx_i + c)))``. Softmax with two columns depends only on
 ``u = w_1 − w_0`` (and ``c = b_1 − b_0``); for a given ``u`` the penalty ``½(‖w_0‖² + ‖w_1‖²)`` is
-smallest at ``w_1 = −w_0 = u/2``, where it equals ``¼‖u‖²``. So the softmax objective is
-``¼‖u‖² + C Σ s_i ℓ_i(u, c)`` — twice it is scikit-learn's with ``2C``:
+smallest at ``w_1 = −w_0 = u/2``, where it equals ``¼‖u‖²``. So with the penalty doubled,
+``‖W‖_F² + C Σ s_i ℓ_i`` is ``½‖u‖² + C Σ s_i ℓ_i(u, c)`` at its optimum: scikit-learn's binary
+objective with the same ``C``. The estimator solves that (``l2 = 2 / (C Σ s_i)`` for two classes)
+and reports ``coef_ = u`` (1, D) and ``intercept_ = c`` (1,), so ``SoftmaxRegression(C=C)`` and
+``LogisticRegression(C=C)`` give the same ``coef_``, ``decision_function`` and probabilities for
+any number of classes.
 
-.. math::
-
-    u^\star(C) = w^\star_{\text{sklearn}}(2C), \qquad c^\star(C) = c^\star_{\text{sklearn}}(2C).
-
-``coef_`` (1, D) and ``intercept_`` (1,) report ``u`` and ``c`` as scikit-learn does, so
-``SoftmaxRegression(C=C)`` and ``LogisticRegression(C=2*C)`` give the same ``coef_``,
-``decision_function`` and probabilities.
+Identifiability. Softmax is unchanged by adding one vector to every ``w_k`` (one number to every
+``b_k``); the penalised optimum has ``Σ_k w_k = 0``, and Newton-CG keeps its iterates in that
+subspace (with or without a penalty). ``coef_`` and ``intercept_`` are centred over the classes,
+as scikit-learn's multinomial coefficients are.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ from ._placement import place
 from ._solvers import SOLVERS, solve
 
 __all__ = ["SoftmaxRegression"]
+
+
+#: Newton-CG starts in float32 (``solve(mixed_precision=True)``) from this many entries of the
+#: logits' GEMM ``N·D·K`` on: below it the float32 phase's extra passes (the cast, a second
+#: initial gradient) cost about what its cheaper GEMMs save.
+MIXED_PRECISION_MIN_SIZE = 1 << 24
 
 
 def _bucket_samples(n: int) -> int:
@@ -70,13 +77,14 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic (softmax) regression with an L2 penalty, solved in float64 with JAX.
 
     Minimises ``½‖W‖² + C Σ_i s_i ℓ_i`` (intercept not penalised): the same optimum as
-    ``sklearn.linear_model.LogisticRegression(C=C)`` for three or more classes. For two classes
-    ``coef_`` is ``w_1 − w_0`` and equals ``LogisticRegression(C=2*C).coef_`` (derivation in the
-    module docstring). Gradients are the hand-written eq. (6); ``solver="newton-cg"`` uses the
+    ``sklearn.linear_model.LogisticRegression(C=C)``, for two classes too (``coef_`` is then
+    ``w_1 − w_0`` (1, D), scikit-learn's binary ``coef_``; derivation in the module docstring). Gradients are the hand-written eq. (6); ``solver="newton-cg"`` uses the
     analytic Hessian-vector product with a Jacobi preconditioner, ``"lbfgs"`` optax's L-BFGS with
     a zoom line search. The objective, gradients and line searches run in float64 (x64 is switched
     on only inside ``fit``); Newton-CG's Hessian products, which only steer the search direction,
-    run in float32. The whole solve is one compiled call (compiled once per data shape; small
+    run in float32, and on large problems so do the first iterations (float64 finishes them, so the
+    optimum is float64's). ``coef_`` has ``X``'s dtype (float32 or float64); the solve is float64 either
+    way. The whole solve is one compiled call (compiled once per data shape; small
     data are padded with zero-weight rows to shared sizes); prediction runs in NumPy.
 
     Newton-CG is the default because it is robust to ill-conditioning: on the raw (unscaled)
@@ -87,14 +95,17 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
       C: inverse penalty strength, ``> 0`` (``np.inf``: no penalty).
       fit_intercept: learn an unpenalised intercept per class.
       solver: ``"newton-cg"`` (default) or ``"lbfgs"``.
-      max_iter: maximum solver iterations.
-      tol: stop when ``max |∇f| <= tol`` for ``f = (½‖W‖² + C Σ s_i ℓ_i) / (C Σ s_i)``.
+      max_iter: maximum solver iterations (``0``: the initial state, with a ConvergenceWarning).
+      tol: stop when ``max |∇f| <= tol`` for ``f = (½‖W‖² + C Σ s_i ℓ_i) / (C Σ s_i)``. The
+        default is far inside 1e-6 (relative objective) of the optimum on the benchmark's
+        problems and keeps ``coef_`` within scikit-learn's 1e-7 sample-weight equivalence check.
       class_weight: ``None``, ``"balanced"`` or ``{label: weight}``, multiplying sample weights.
       warm_start: start from the previous fit's solution when the shapes match.
 
     Attributes:
       classes_: the labels, ``(K,)``, any type ``np.unique`` sorts.
-      coef_: ``(K, D)``, or ``(1, D)`` for two classes (``w_1 − w_0``).
+      coef_: ``(K, D)`` summing to zero over the classes, or ``(1, D)`` for two classes
+        (``w_1 − w_0``); ``X``'s dtype.
       intercept_: ``(K,)`` (summing to zero), or ``(1,)`` for two classes; zeros without an
         intercept.
       n_iter_: ``(1,)`` iterations used.
@@ -115,7 +126,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         fit_intercept: bool = True,
         solver: str = "newton-cg",
         max_iter: int = 100,
-        tol: float = 1e-10,
+        tol: float = 1e-8,
         class_weight: dict | str | None = None,
         warm_start: bool = False,
     ):
@@ -132,8 +143,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             raise ValueError(f"`C` must be a float > 0 (np.inf for no penalty), got {self.C!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {self.solver!r}")
-        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
-            raise ValueError(f"`max_iter` must be an integer >= 1, got {self.max_iter!r}")
+        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 0:
+            raise ValueError(f"`max_iter` must be an integer >= 0, got {self.max_iter!r}")
         if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
             raise ValueError(f"`tol` must be a float >= 0, got {self.tol!r}")
 
@@ -149,7 +160,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
           ``self``.
         """
         self._check_params()
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=1)
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -166,7 +177,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             raise ValueError("the sample weights (times class weights) sum to zero")
         n, d = X.shape
         k = classes.size
-        l2 = 0.0 if np.isinf(self.C) else 1.0 / (self.C * total)
+        # two classes: the doubled penalty makes C scikit-learn's binary C (module docstring)
+        l2 = 0.0 if np.isinf(self.C) else (2.0 if k == 2 else 1.0) / (self.C * total)
 
         W0 = np.zeros((d, k))
         b0 = np.zeros(k)
@@ -201,40 +213,46 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 tol=float(self.tol),
                 max_iter=int(self.max_iter),
+                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE,
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)
         if not np.isfinite(res.value):
             raise FloatingPointError(f"SoftmaxRegression.fit: {res.message}")
-        if not res.converged and res.n_iter >= self.max_iter:
+        if not res.converged and res.n_iter >= self.max_iter:  # max_iter = 0 included
             warnings.warn(
                 f"SoftmaxRegression ({self.solver}) did not converge: {res.message}. "
                 "Increase max_iter or scale the data.",
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        # centred over the classes: the iterates already are, up to rounding
+        W = W - W.mean(axis=1, keepdims=True)
         b = b - b.mean()
         self.classes_ = classes
         if k == 2:
-            self.coef_ = (W[:, 1] - W[:, 0])[None, :]
-            self.intercept_ = np.array([b[1] - b[0]])
+            coef, intercept = (W[:, 1] - W[:, 0])[None, :], np.array([b[1] - b[0]])
         else:
-            self.coef_ = np.ascontiguousarray(W.T)
-            self.intercept_ = b
+            coef, intercept = W.T, b
+        self.coef_ = np.ascontiguousarray(coef, X.dtype)
+        self.intercept_ = np.asarray(intercept, X.dtype)
         self.n_iter_ = np.array([res.n_iter], np.int32)
         return self
 
     def _softmax_params(self) -> tuple[np.ndarray, np.ndarray]:
         """``(W (D, K), b (K,))`` of the fitted softmax; for two classes the symmetric optimum."""
         if self.coef_.shape[0] == 1:
-            u, c = self.coef_[0], self.intercept_[0]
+            u, c = np.asarray(self.coef_[0], np.float64), float(self.intercept_[0])
             return np.stack([-u / 2, u / 2], axis=1), np.array([-c / 2, c / 2])
-        return self.coef_.T.copy(), np.asarray(self.intercept_, np.float64).copy()
+        return (
+            np.asarray(self.coef_.T, np.float64).copy(),
+            np.asarray(self.intercept_, np.float64).copy(),
+        )
 
     def decision_function(self, X) -> np.ndarray:
         """Logits ``X Wᵀ + b`` ``(N, K)``; for two classes the margin ``a_1 − a_0`` ``(N,)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 

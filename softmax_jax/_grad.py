@@ -209,18 +209,23 @@ def derivation_terms(
     return _terms_impl(W, Z, Y, weights, int_labels=int_labels)
 
 
+def _hvp_from_probs(P, Z, V, c, out_dtype) -> jax.Array:
+    """``Zᵀ diag(c) [Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V) 1ᵀ]`` for given probabilities ``P = Ŷ``
+    (N, K): the HVP of :func:`hvp` once the softmax is known (two GEMMs)."""
+    ZV = logits(V, Z)
+    PZV = P * ZV
+    R = PZV - P * jnp.sum(PZV, axis=1, keepdims=True)
+    if c is not None:
+        R = R * c[:, None]
+    return _dW(Z, R, out_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("reduction",))
 def _hvp_impl(W, Z, V, weights, *, reduction: str):
     A = logits(W, Z)
     _, E, S = logsumexp_rows(A)
-    P = E / S
-    ZV = logits(V.astype(W.dtype), Z)
-    PZV = P * ZV
-    R = PZV - P * jnp.sum(PZV, axis=1, keepdims=True)
     c = mean_scale(weights, A.shape[0], A.dtype, reduction)
-    if c is not None:
-        R = R * c[:, None]
-    return _dW(Z, R, jnp.result_type(W.dtype))
+    return _hvp_from_probs(E / S, Z, V.astype(W.dtype), c, jnp.result_type(W.dtype))
 
 
 def hvp(

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._grad import _dW, _hvp_impl, _residual
+from ._grad import _dW, _hvp_from_probs, _residual
 from ._loss import logits, logsumexp_rows, mean_scale, reduce_losses, target_term
 
 Params = dict[str, jax.Array]
@@ -154,19 +154,55 @@ def _objective_bwd(g, ct):
 objective.defvjp(_objective_fwd, _objective_bwd)
 
 
-def hessian_vp(params: Params, V: Params, data: TrainData, l2) -> Params:
+def hessian_probs(params: Params, data: TrainData) -> jax.Array:
+    """``Ŷ = softmax(Zh [W; b])`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
+    depends on the parameters, computed once per Newton step and shared by the products."""
+    W1 = stack(params).astype(data.Zh.dtype)
+    _, E, S = logsumexp_rows(logits(W1, data.Zh))
+    return E / S
+
+
+def _hessian_scale(data: TrainData, dtype) -> jax.Array | None:
+    """``c_i = s_i / Σ s`` (N,), or ``None`` for unit weights (then ``1/N`` is applied after)."""
+    return None if data.s is None else mean_scale(data.s, data.Zh.shape[0], dtype, "mean")
+
+
+def hessian_vp(
+    params: Params, V: Params, data: TrainData, l2, *, probs: jax.Array | None = None
+) -> Params:
     """``∇²f · V`` with the analytic HVP of eq. (2) (:func:`softmax_jax.hvp`) plus ``λ V_W``.
 
     The bias enters through the ones column of ``data.Zh``. The product runs in float32
     (``data.Zh``) at half the memory traffic of float64: it only steers Newton's direction, which
     conjugate gradients solve to a relative accuracy far coarser than float32's; the gradient, the
-    objective and so the optimum stay in ``Z``'s dtype.
+    objective and so the optimum stay in ``Z``'s dtype. With ``probs`` (:func:`hessian_probs` at
+    ``params``) it is two GEMMs instead of three; over many rows it runs in chunks of
+    :data:`CHUNK_ROWS` (the chunk of ``Zh`` is still in cache for the second GEMM).
     """
     Zh = data.Zh
     dt = params["W"].dtype
-    W1, V1 = stack(params).astype(Zh.dtype), stack(V).astype(Zh.dtype)
-    H = _hvp_impl(W1, Zh, V1, data.s, reduction="mean").astype(dt)
-    hv = unstack(H, params)
+    P = hessian_probs(params, data) if probs is None else probs
+    V1 = stack(V).astype(Zh.dtype)
+    c = _hessian_scale(data, P.dtype)
+    n = Zh.shape[0]
+    rows = chunk_rows(n)
+    if rows is None:
+        H = _hvp_from_probs(P, Zh, V1, c, Zh.dtype)
+    else:
+
+        def part(lo, size):
+            def cut(x):
+                return None if x is None else lax.dynamic_slice_in_dim(x, lo, size)
+
+            return _hvp_from_probs(cut(P), cut(Zh), V1, cut(c), Zh.dtype)
+
+        full = n // rows
+        H = lax.fori_loop(0, full, lambda i, acc: acc + part(i * rows, rows), jnp.zeros_like(V1))
+        if n > full * rows:
+            H = H + part(full * rows, n - full * rows)
+    if c is None:
+        H = H / n
+    hv = unstack(H.astype(dt), params)
     hv["W"] = hv["W"] + l2 * V["W"]
     return hv
 
@@ -209,14 +245,11 @@ def tree_l1(t) -> jax.Array:
     return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t))
 
 
-def hessian_diag(params: Params, data: TrainData, l2) -> Params:
-    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, two
-    GEMMs (the logits and ``(Z⊙Z)ᵀ M``, with ``Z⊙Z`` computed once); the Jacobi preconditioner of
-    Newton-CG, in the precision of the Hessian products."""
-    Zh = data.Zh
-    W1 = stack(params).astype(Zh.dtype)
-    _, E, S = logsumexp_rows(logits(W1, Zh))
-    P = E / S
+def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None = None) -> Params:
+    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
+    GEMM ``(Z⊙Z)ᵀ M`` given ``probs`` (:func:`hessian_probs`; two without), with ``Z⊙Z`` computed
+    once; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
+    P = hessian_probs(params, data) if probs is None else probs
     c = mean_scale(data.s, P.shape[0], P.dtype, "mean")
     D1 = _dW(data.Zsq, P * (1 - P) * c[:, None], params["W"].dtype)
     diag = unstack(D1, params)

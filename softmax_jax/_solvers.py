@@ -20,6 +20,7 @@ from ._objective import (
     Params,
     TrainData,
     hessian_diag,
+    hessian_probs,
     hessian_vp,
     objective,
     objective_vg,
@@ -50,19 +51,38 @@ def init_state(params, data, l2, aux) -> FBState:
 # Newton-CG -----------------------------------------------------------------------------------
 _NEWTON_MAX_CG = 250
 _NEWTON_MAX_LS = 40
+#: Largest relative CG residual of a Newton step. scipy's newton-cg allows ½ (with ``√‖∇f‖₁``,
+#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes about half the Newton
+#: iterations from a zero start for a few more products each (bench/train.py).
+_NEWTON_FORCING = 0.1
+#: Smallest relative CG residual asked for: the Hessian products are float32, and a tighter
+#: residual than they resolve would only run CG to its iteration cap.
+_NEWTON_FORCING_MIN = 1e-3
+
+
+def center_classes(t: Params) -> Params:
+    """Each leaf minus its mean over the class axis (the last): the projection onto the
+    directions that change the model (softmax is shift-invariant along ``W + v 1ᵀ``, ``b + c 1``)."""
+    return jax.tree.map(lambda a: a - jnp.mean(a, axis=-1, keepdims=True), t)
 
 
 def _newton_init(params, data, l2) -> FBState:
-    return init_state(params, data, l2, ())
+    """The state at ``params`` centred over the classes (the same model, the smallest penalty):
+    the subspace Newton-CG's steps stay in (:func:`_newton_step`)."""
+    return init_state(center_classes(params), data, l2, ())
 
 
 def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     r"""One truncated-Newton iteration.
 
-    Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian) on
-    ``(∇²f) d = −∇f`` with products from the analytic HVP, stopped when
-    ``‖r‖₁ ≤ min(½, √‖∇f‖₁) ‖∇f‖₁`` (the forcing sequence of scipy's newton-cg: superlinear
-    convergence) or on non-positive curvature (then the last CG iterate, or −∇f on the first
+    Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian, followed by
+    :func:`center_classes`) on ``(∇²f) d = −∇f`` with products from the analytic HVP. ``∇f`` and
+    ``∇²f V`` have class sums of zero (rows of ``Ŷ − Y`` sum to zero, and so do those of the HVP's
+    residual), so with the centred preconditioner every CG iterate, and so ``d``, stays in that
+    subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
+    lies, and the only identifiable solution without a penalty). Stopped when
+    ``‖r‖₁ ≤ η ‖∇f‖₁`` with ``η = √max|∇f|`` clipped to ``[10⁻³, 0.1]`` (a forcing sequence
+    that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step) or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then a backtracking Armijo line search from the Newton step ``t = 1``. Near the
     optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
     accepted, and a search that fails altogether marks the state ``stalled``.
@@ -70,15 +90,17 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     params, value, g = st.params, st.value, st.grad
     dtype = value.dtype
     gnorm1 = tree_l1(g)
-    cg_tol = jnp.minimum(0.5, jnp.sqrt(gnorm1)) * gnorm1
-    diag = hessian_diag(params, data, l2)
+    eta = jnp.clip(jnp.sqrt(tree_max_abs(g)), _NEWTON_FORCING_MIN, _NEWTON_FORCING)
+    cg_tol = eta * gnorm1
+    P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
+    diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
 
     def precond(r):
-        return jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag)
+        return center_classes(jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag))
 
     zeros = jax.tree.map(jnp.zeros_like, g)
-    r0 = jax.tree.map(jnp.negative, g)
+    r0 = center_classes(jax.tree.map(jnp.negative, g))  # centred already, up to rounding
     z0 = precond(r0)
 
     def cg_cond(c):
@@ -87,7 +109,9 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
 
     def cg_body(c):
         x, r, z, p, rz, i, _ = c
-        Hp = hessian_vp(params, p, data, l2)
+        # the float32 products' rounding has class sums the centred preconditioner cannot
+        # remove: projected, the residual stays in the subspace and CG does not stagnate
+        Hp = center_classes(hessian_vp(params, p, data, l2, probs=P))
         curv = tree_vdot(p, Hp)
         neg = curv <= jnp.finfo(dtype).eps * tree_vdot(p, p) * jnp.max(
             jnp.asarray([jnp.max(h) for h in jax.tree.leaves(diag)])
@@ -182,10 +206,7 @@ class SolveResult(NamedTuple):
     n_inner: int
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
-def _solve_impl(params, data, l2, tol, max_iter, *, solver: str) -> FBState:
-    init, step = SOLVERS[solver]
-
+def _run(st: FBState, data: TrainData, l2, tol, max_iter, step) -> FBState:
     def cond(st):
         return (
             (st.it < max_iter)
@@ -194,18 +215,82 @@ def _solve_impl(params, data, l2, tol, max_iter, *, solver: str) -> FBState:
             & jnp.isfinite(st.value)
         )
 
-    return lax.while_loop(cond, lambda st: step(st, data, l2), init(params, data, l2))
+    return lax.while_loop(cond, lambda st: step(st, data, l2), st)
+
+
+#: The float32 phase of a mixed-precision solve stops at ``max|∇f| <= F32_TOL · rms(z)``: about
+#: 10× above the rounding noise of a float32 gradient (a mean of ``z_i (ŷ_i − y_i)`` accumulated
+#: in float32), which is where a Newton step's objective decrease is already far below 1e-6.
+F32_TOL = 3e-5
+
+
+def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBState:
+    """Newton-CG on a float32 copy of ``Z`` until the gradient reaches float32's noise floor: at
+    ``max|∇f| <= max(tol, F32_TOL·rms(z))``, or once near it (within 100×) when an iteration no
+    longer halves ``max|∇f|`` (the rounding, not the model, then sets the gradient)."""
+    f32 = jnp.float32
+    Z = data.Z.astype(f32)
+    data32 = data._replace(Z=Z, s=None if data.s is None else data.s.astype(f32))
+    zsq = data.Zsq if data.Zsq is not None else Z * Z
+    floor = jnp.maximum(tol.astype(f32), F32_TOL * jnp.sqrt(jnp.max(jnp.mean(zsq, axis=0))))
+    st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2.astype(f32))
+
+    def cond(c):
+        st, g_prev = c
+        g = tree_max_abs(st.grad)
+        noisy = (g <= 100 * floor) & (g > 0.5 * g_prev)
+        return (st.it < max_iter) & (g > floor) & ~noisy & ~st.stalled & jnp.isfinite(st.value)
+
+    def body(c):
+        st, _ = c
+        return step(st, data32, l2.astype(f32)), tree_max_abs(st.grad)
+
+    st, _ = lax.while_loop(cond, body, (st, jnp.asarray(jnp.inf, f32)))
+    return st
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "mixed"))
+def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False) -> FBState:
+    init, step = SOLVERS[solver]
+    if not mixed:
+        return _run(init(params, data, l2), data, l2, tol, max_iter, step)
+    st32 = _run_float32(params, data, l2, tol, max_iter, step, init)
+    dt = data.Z.dtype
+    moved = jnp.isfinite(st32.value) & (st32.it > 0)  # else keep params, unrounded
+    start = jax.tree.map(lambda a, b: jnp.where(moved, a.astype(dt), b), st32.params, params)
+    st = init(start, data, l2)._replace(it=st32.it, n_inner=st32.n_inner)
+    return _run(st, data, l2, tol, max_iter, step)
 
 
 def solve(
-    data: TrainData, params: Params, *, solver: str, l2: float, tol: float, max_iter: int
+    data: TrainData,
+    params: Params,
+    *,
+    solver: str,
+    l2: float,
+    tol: float,
+    max_iter: int,
+    mixed_precision: bool = False,
 ) -> SolveResult:
-    """Runs a full-batch solver to ``max|∇f| <= tol`` in one compiled call (no host round-trip)."""
+    """Runs a full-batch solver to ``max|∇f| <= tol`` in one compiled call (no host round-trip).
+
+    With ``mixed_precision`` (Newton-CG on float64 data) the iterations first run on a float32
+    copy of ``Z`` (twice the GEMM rate) until float32's gradient noise floor, then continue in
+    float64 from there: the stopping test, and so the result, are float64's. ``max_iter`` counts
+    the iterations of both phases.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {solver!r}")
     dt = data.Z.dtype
+    mixed = bool(mixed_precision) and solver == "newton-cg" and dt == jnp.float64
     st = _solve_impl(
-        params, data, jnp.asarray(l2, dt), jnp.asarray(tol, dt), jnp.int32(max_iter), solver=solver
+        params,
+        data,
+        jnp.asarray(l2, dt),
+        jnp.asarray(tol, dt),
+        jnp.int32(max_iter),
+        solver=solver,
+        mixed=mixed,
     )
     gmax = float(tree_max_abs(st.grad))
     value = float(st.value)

@@ -87,51 +87,20 @@ def test_lbfgs_solver_reaches_the_optimum_on_iris():
     assert (f_ours - f_ref) / abs(f_ref) <= 1e-6
 
 
-@pytest.mark.parametrize("fit_intercept", [True, False])
-def test_two_classes_match_sklearn_binary_with_twice_C(fit_intercept):
-    # Softmax with W = [w0, w1] only sees u = w1 - w0; its penalty is smallest at w1 = -w0 = u/2,
-    # where ½(‖w0‖² + ‖w1‖²) = ¼‖u‖². So ½‖W‖² + C Σ NLL = ½ (½‖u‖² + 2C Σ NLL): sklearn's binary
-    # objective with 2C. coef_ reports u = w1 - w0, like sklearn's binary coef_.
-    X, y = load_breast_cancer(return_X_y=True)
-    X = StandardScaler().fit_transform(X)
-    C = 0.05
-    ours = SoftmaxRegression(C=C, fit_intercept=fit_intercept).fit(X, y)
-    ref = sklearn_reference(X, y, 2 * C, fit_intercept=fit_intercept)
-    assert ours.coef_.shape == ref.coef_.shape == (1, 30)
-    # sklearn's binary objective: ours is at least as low (sklearn's lbfgs stops on its ftol
-    # with max|grad| ~ 1e-6, ours at 1e-10), and the solutions agree to sklearn's accuracy
-    f_ours = binary_objective(ours.coef_, ours.intercept_, X, y, 2 * C)
-    f_ref = binary_objective(ref.coef_, ref.intercept_, X, y, 2 * C)
-    assert f_ours <= f_ref * (1 + 1e-12)
-    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
-    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
-    np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=1e-5)
-    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
-    # and the symmetric softmax weights W = [-u/2, u/2] minimise the softmax objective
-    W, b = ours._softmax_params()
-    np.testing.assert_allclose(W[:, 0], -W[:, 1])
-    f_sym = sklearn_objective(W.T, b, X, y, C)
-    W_shift = W + 0.01  # the same u, a larger penalty
-    assert sklearn_objective(W_shift.T, b, X, y, C) > f_sym
-    # the same C in sklearn's binary model is a different (less regularised) optimum
-    same_c = sklearn_reference(X, y, C, fit_intercept=fit_intercept)
-    assert np.linalg.norm(same_c.coef_) < np.linalg.norm(ours.coef_)
-
-
 def test_sample_and_class_weights():
     X, y = load_iris(return_X_y=True)
     rng = np.random.default_rng(0)
     sw = rng.integers(0, 4, size=len(y)).astype(float)
-    weighted = SoftmaxRegression(C=0.5).fit(X, y, sample_weight=sw)
-    repeated = SoftmaxRegression(C=0.5).fit(
+    weighted = SoftmaxRegression(tol=1e-10, C=0.5).fit(X, y, sample_weight=sw)
+    repeated = SoftmaxRegression(tol=1e-10, C=0.5).fit(
         np.repeat(X, sw.astype(int), 0), np.repeat(y, sw.astype(int))
     )
     np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(weighted.intercept_, repeated.intercept_, rtol=1e-7, atol=1e-9)
     # class_weight multiplies the sample weights, as in sklearn
     cw = {0: 2.0, 1: 0.5, 2: 1.0}
-    a = SoftmaxRegression(class_weight=cw).fit(X, y)
-    b = SoftmaxRegression().fit(X, y, sample_weight=np.array([cw[c] for c in y]))
+    a = SoftmaxRegression(tol=1e-10, class_weight=cw).fit(X, y)
+    b = SoftmaxRegression(tol=1e-10).fit(X, y, sample_weight=np.array([cw[c] for c in y]))
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-8, atol=1e-10)
     ref = sklearn_reference(X, y, 1.0, class_weight="balanced")
     ours = SoftmaxRegression(class_weight="balanced").fit(X, y)
@@ -193,7 +162,7 @@ def test_max_iter_warns():
         ([[0.0], [1.0]], [1, 1], {}, "at least 2 classes .* only one class: 1"),
         ([[0.0], [1.0]], [0, 1], {"C": 0.0}, r"`C` must be a float > 0"),
         ([[0.0], [1.0]], [0, 1], {"solver": "sag"}, r"`solver` must be one of"),
-        ([[0.0], [1.0]], [0, 1], {"max_iter": 0}, r"`max_iter` must be an integer >= 1"),
+        ([[0.0], [1.0]], [0, 1], {"max_iter": -1}, r"`max_iter` must be an integer >= 0"),
         ([[0.0], [1.0]], [0, 1], {"tol": -1.0}, r"`tol` must be a float >= 0"),
         ([[0.0], [1.0]], [0.5, 1.5], {}, "Unknown label type"),
     ],
@@ -207,3 +176,162 @@ def test_sample_buckets():
     assert [_bucket_samples(n) for n in (1, 16, 17, 1024, 1025, 65536, 200_000)] == [
         16, 16, 32, 1024, 1056, 65536, 200_000,
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The behaviour scikit-learn's own tests (sklearn/linear_model/tests/test_logistic.py) ask of
+# LogisticRegression, checked on SoftmaxRegression: binary C, identifiability, weights, warm start,
+# n_iter_, dtype, max_iter=0, no penalty, the intercept.
+
+
+def _binary_problem():
+    X, y = load_breast_cancer(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_two_classes_same_C_as_logistic_regression(fit_intercept):
+    # the same C gives LogisticRegression's binary model: one coefficient vector u = w_1 - w_0
+    X, y = _binary_problem()
+    C = 0.05
+    ours = SoftmaxRegression(tol=1e-10, C=C, fit_intercept=fit_intercept).fit(X, y)
+    ref = sklearn_reference(X, y, C, fit_intercept=fit_intercept)
+    assert ours.coef_.shape == ref.coef_.shape == (1, 30)
+    assert ours.intercept_.shape == ref.intercept_.shape == (1,)
+    # at least as low in sklearn's own binary objective (sklearn's lbfgs stops on its ftol)
+    f_ours = binary_objective(ours.coef_, ours.intercept_, X, y, C)
+    f_ref = binary_objective(ref.coef_, ref.intercept_, X, y, C)
+    assert f_ours <= f_ref * (1 + 1e-12)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
+    np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=1e-5)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("C", [150.0, np.inf])
+def test_multinomial_coefficients_sum_to_zero(fit_intercept, C):
+    # softmax is invariant to adding one vector to every class: the reported coefficients are the
+    # centred ones (scikit-learn's identifiability test, 1e-10), with or without a penalty
+    X, y = load_iris(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # C=inf: iris is nearly separable
+        est = SoftmaxRegression(C=C, fit_intercept=fit_intercept, max_iter=30).fit(X, y)
+    np.testing.assert_allclose(est.coef_.sum(axis=0), 0.0, atol=1e-10)
+    assert abs(est.intercept_.sum()) <= 1e-11
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_sample_weight_is_repeating_rows(n_classes):
+    X, y = load_iris(return_X_y=True)
+    X, y = X[y < n_classes], y[y < n_classes]
+    sw = np.random.default_rng(1).integers(0, 4, size=len(y)).astype(float)
+    reps = sw.astype(int)
+    a = SoftmaxRegression(tol=1e-10, C=0.3).fit(X, y, sample_weight=sw)
+    b = SoftmaxRegression(tol=1e-10, C=0.3).fit(np.repeat(X, reps, 0), np.repeat(y, reps))
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(a.intercept_, b.intercept_, rtol=1e-6, atol=1e-8)
+
+
+def test_binary_class_weight_as_logistic_regression():
+    X, y = _binary_problem()
+    cw = {0: 3.0, 1: 0.5}
+    ours = SoftmaxRegression(tol=1e-10, C=0.1, class_weight=cw).fit(X, y)
+    ref = sklearn_reference(X, y, 0.1, class_weight=cw)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
+    balanced = SoftmaxRegression(tol=1e-10, C=0.1, class_weight="balanced").fit(X, y)
+    ref = sklearn_reference(X, y, 0.1, class_weight="balanced")
+    np.testing.assert_allclose(balanced.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("C", [1.0, np.inf])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_warm_start_steps_add_up(fit_intercept, C, n_classes):
+    # two warm-started 1-iteration fits are one 2-iteration fit (sklearn: rtol 1e-7)
+    X, y = load_iris(return_X_y=True)
+    X, y = X[y < n_classes], y[y < n_classes]
+    kw = dict(C=C, fit_intercept=fit_intercept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        two = SoftmaxRegression(max_iter=2, **kw).fit(X, y)
+        warm = SoftmaxRegression(max_iter=1, warm_start=True, **kw).fit(X, y)
+        warm.fit(X, y)
+    assert two.n_iter_[0] == 2 and warm.n_iter_[0] == 1
+    np.testing.assert_allclose(warm.coef_, two.coef_, rtol=1e-7)
+    np.testing.assert_allclose(warm.intercept_, two.intercept_, rtol=1e-7, atol=1e-14)
+
+
+def test_n_iter_and_warm_start_from_the_optimum():
+    X, y = load_iris(return_X_y=True)
+    est = SoftmaxRegression(tol=1e-10, C=1.0, warm_start=True).fit(X, y)
+    assert est.n_iter_.shape == (1,) and est.n_iter_.dtype == np.int32
+    assert 1 <= est.n_iter_[0] <= est.max_iter
+    coef = est.coef_.copy()
+    est.fit(X, y)  # already at the optimum
+    assert est.n_iter_[0] <= 1
+    np.testing.assert_allclose(est.coef_, coef, atol=1e-9)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_float32_input_keeps_float32(fit_intercept, n_classes):
+    X, y = load_iris(return_X_y=True)
+    X, y = X[y < n_classes], y[y < n_classes]
+    e32 = SoftmaxRegression(fit_intercept=fit_intercept).fit(X.astype(np.float32), y)
+    e64 = SoftmaxRegression(fit_intercept=fit_intercept).fit(X, y)
+    assert e32.coef_.dtype == e32.intercept_.dtype == np.float32
+    assert e64.coef_.dtype == e64.intercept_.dtype == np.float64
+    # the float32 data are the float64 data rounded: the same optimum to float32's accuracy
+    np.testing.assert_allclose(e32.coef_, e64.coef_.astype(np.float32), rtol=1e-4, atol=1e-5)
+    assert e32.predict_proba(X.astype(np.float32)).shape == (len(y), n_classes)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_zero_max_iter_returns_the_initial_state(n_classes):
+    X, y = load_iris(return_X_y=True)
+    y = (y == 2).astype(int) if n_classes == 2 else y
+    with pytest.warns(ConvergenceWarning, match="max_iter = 0 reached"):
+        est = SoftmaxRegression(max_iter=0).fit(X, y)
+    assert est.n_iter_[0] == 0
+    np.testing.assert_array_equal(est.coef_, 0.0)
+    np.testing.assert_array_equal(est.intercept_, 0.0)
+    np.testing.assert_allclose(est.predict_proba(X), 1.0 / n_classes)
+    assert est.score(X, y) < 0.7
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_unpenalized_matches_logistic_regression(n_classes):
+    # C = inf on a problem with a finite unpenalised optimum (noisy labels, not separable)
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(
+        n_samples=400, n_features=6, n_informative=4, n_redundant=0, n_classes=n_classes,
+        flip_y=0.2,
+        random_state=0,
+    )  # fmt: skip
+    ours = SoftmaxRegression(tol=1e-10, C=np.inf).fit(X, y)
+    ref = sklearn_reference(X, y, np.inf)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-5)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-5)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_intercept_is_not_penalised(n_classes):
+    # a penalty so strong that coef_ ~ 0: the intercept alone fits the class frequencies
+    X, y = load_iris(return_X_y=True)
+    keep = np.r_[0:50, 50:80, 100:110] if n_classes == 3 else np.r_[0:50, 50:70]
+    X, y = X[keep], y[keep]
+    est = SoftmaxRegression(C=1e-8).fit(X, y)
+    assert np.max(np.abs(est.coef_)) < 1e-5
+    freq = np.bincount(y) / len(y)
+    np.testing.assert_allclose(est.predict_proba(X).mean(axis=0), freq, atol=1e-5)
+    ref = sklearn_reference(X, y, 1e-8)
+    np.testing.assert_allclose(est.intercept_, ref.intercept_, atol=1e-4)
+    # without an intercept the same penalty gives uniform probabilities
+    flat = SoftmaxRegression(C=1e-8, fit_intercept=False).fit(X, y)
+    np.testing.assert_allclose(flat.predict_proba(X), 1.0 / n_classes, atol=1e-5)

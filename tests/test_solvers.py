@@ -1,0 +1,125 @@
+"""The full-batch solvers and the Hessian pieces they use: Newton-CG's iterates stay centred over
+the classes, the cached-softmax and chunked Hessian products equal the plain ones, and the
+mixed-precision solve ends at the float64 optimum."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import softmax_jax as sj
+from softmax_jax import _objective
+from softmax_jax._objective import TrainData, hessian_diag, hessian_probs, hessian_vp
+from softmax_jax._placement import place
+from softmax_jax._solvers import center_classes, solve
+
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
+
+def problem(n=120, d=5, k=4, seed=0, noise=1.0):
+    """Features and labels drawn from a random softmax model (not separable)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) + 0.5
+    A = X @ rng.normal(size=(d, k))
+    y = np.argmax(A + noise * rng.gumbel(size=(n, k)), axis=1).astype(np.int32)
+    return X, y
+
+
+def float64_data(X, y, s=None):
+    """TrainData with float64 Hessian operands (exact comparisons)."""
+    return place(X, y, s, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float64)  # fmt: skip
+
+
+def zeros(d, k):
+    return {"W": jnp.zeros((d, k)), "b": jnp.zeros(k)}
+
+
+@pytest.mark.parametrize("l2", [0.05, 0.0])
+def test_newton_iterates_sum_to_zero_over_classes(l2):
+    # the raw solver output, before any centring by the estimator: the preconditioned CG
+    # directions are projected onto Σ_k w_k = 0, so every iterate stays there
+    X, y = problem()
+    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float32)  # fmt: skip
+    for max_iter in (1, 3, 50):
+        res = solve(data, zeros(5, 4), solver="newton-cg", l2=l2, tol=1e-10, max_iter=max_iter)
+        np.testing.assert_allclose(np.asarray(res.params["W"]).sum(axis=1), 0.0, atol=1e-12)
+        assert abs(float(np.asarray(res.params["b"]).sum())) <= 1e-12
+    assert res.converged
+
+
+def test_center_classes_keeps_the_model():
+    rng = np.random.default_rng(3)
+    p = {"W": jnp.asarray(rng.normal(size=(5, 4))), "b": jnp.asarray(rng.normal(size=4))}
+    c = center_classes(p)
+    X = rng.normal(size=(7, 5))
+    a, b = X @ p["W"] + p["b"], X @ c["W"] + c["b"]
+    np.testing.assert_allclose(jax.nn.softmax(a), jax.nn.softmax(b), rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(c["W"]).sum(axis=1), 0.0, atol=1e-14)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cached_and_chunked_hessian_products_match_the_plain_hvp(getkey, monkeypatch, weighted):
+    monkeypatch.setattr(_objective, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and 5 more
+    n, d, k, l2 = 45, 3, 4, 0.2
+    X = np.asarray(jax.random.normal(getkey(), (n, d)))
+    y = np.asarray(jax.random.randint(getkey(), (n,), 0, k))
+    s = np.asarray(jax.random.uniform(getkey(), (n,))) if weighted else None
+    data = float64_data(X, y, s)
+    params = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    V = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    P = hessian_probs(params, data)
+    hv = hessian_vp(params, V, data, l2, probs=P)
+    # reference: sj.hvp of eq. (2) on Z augmented with ones, [W; b], in one pass
+    Wb = jnp.concatenate([params["W"], params["b"][None]], 0)
+    Vb = jnp.concatenate([V["W"], V["b"][None]], 0)
+    ref = sj.hvp(Wb, data.Zh, y, Vb, weights=s, reduction="mean")
+    np.testing.assert_allclose(hv["W"], ref[:-1] + l2 * V["W"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(hv["b"], ref[-1], rtol=1e-12, atol=1e-14)
+    # the diagonal from the cached softmax is the one computed from scratch
+    d1, d0 = hessian_diag(params, data, l2, probs=P), hessian_diag(params, data, l2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), d1, d0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mixed_precision_solve_ends_at_the_float64_optimum(weighted):
+    X, y = problem(n=400, d=6, k=5, seed=1)
+    s = np.random.default_rng(2).uniform(0.5, 2.0, size=len(y)) if weighted else None
+    data = place(X, y, s, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float32)  # fmt: skip
+    kw = dict(solver="newton-cg", l2=1e-3, max_iter=100)
+    ref = solve(data, zeros(6, 5), tol=1e-12, **kw)
+    for tol in (1e-10, 1e-6):
+        mixed = solve(data, zeros(6, 5), tol=tol, mixed_precision=True, **kw)
+        assert mixed.converged and mixed.grad_max <= tol
+        assert mixed.params["W"].dtype == jnp.float64
+        # the float64 phase decides: the objective is float64's, at the optimum
+        v, _ = _objective.objective_vg(mixed.params, data, 1e-3)
+        assert float(v) == pytest.approx(mixed.value, rel=1e-15)
+        assert (mixed.value - ref.value) / ref.value <= (1e-14 if tol < 1e-8 else 1e-9)
+    np.testing.assert_allclose(mixed.params["W"], ref.params["W"], atol=1e-3)
+
+
+def test_mixed_precision_counts_the_iterations_of_both_phases():
+    X, y = problem(n=400, d=6, k=5, seed=1)
+    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float32)  # fmt: skip
+    kw = dict(solver="newton-cg", l2=1e-3, mixed_precision=True)
+    full = solve(data, zeros(6, 5), tol=1e-9, max_iter=100, **kw)
+    assert full.converged
+    for m in (0, 1, full.n_iter - 1):
+        res = solve(data, zeros(6, 5), tol=1e-9, max_iter=m, **kw)
+        assert res.n_iter == m and not res.converged
+
+
+def test_trainData_without_hessian_operands_still_solves_with_lbfgs():
+    X, y = problem()
+    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
+    res = solve(
+        data, zeros(5, 4), solver="lbfgs", l2=0.05, tol=1e-8, max_iter=500, mixed_precision=True
+    )  # mixed precision is Newton-CG's only: ignored here
+    assert res.converged and isinstance(data, TrainData)
