@@ -4,6 +4,7 @@
 float32, integer labels, for three methods:
 
 - ``head``     ``sj.linear_cross_entropy(Z, W, y, chunk_size=1024)``;
+- ``head_default`` ``sj.linear_cross_entropy(Z, W, y)`` (``chunk_size="auto"``);
 - ``unfused``  ``optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean()`` (autodiff);
 - ``jax_cce``  ``jax_cce.linear_cross_entropy(Z, Wt, y)`` (PyPI ``jax-cce``, vocabulary chunks of
                4096, its default), given ``Wt`` in its own ``(K, D)`` layout so no transpose is
@@ -17,7 +18,12 @@ Three measurements:
   memory is invisible to the analysis, so that column is the honest upper bound.
 - time: median of interleaved rounds after a warm-up, ``block_until_ready`` on every call, at
   N=4096, D=512, K=8192; ratios against ``unfused`` from the same round.
-- a chunk-size sweep of the head: memory at the memory shape, time at the time shape.
+- a chunk-size sweep of the head: memory at the memory shape, time at the time shape;
+- a language-model row (``lm``): N=8192 tokens, D=1024, K=50257 (GPT-2's vocabulary), float32,
+  the head with *default* arguments (``chunk_size="auto"``; also the tied ``(K, D)`` layout,
+  memory only) against ``unfused`` and ``jax_cce``: compiled memory and time (few rounds: each
+  call is ~1.7 TFLOP on this CPU). ``--lm-only`` runs just this row and merges it into the
+  existing ``head.json``.
 
 Writes ``head.json`` and ``head_memory.png`` (memory against K) to ``bench/results``.
 Run: ``python bench/head.py [--quick]`` or ``softmax-jax bench --only head``.
@@ -40,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: this folder is the package ``b
 
 from bench import _common as C
 
-METHODS = ("head", "unfused", "jax_cce")
+METHODS = ("head", "head_default", "unfused", "jax_cce")
 CHUNK = 1024
 #: A smaller chunk, in the memory table and plot only: the knob for large K.
 SMALL_CHUNK = 256
@@ -49,17 +55,22 @@ FULL = {
     "memory": (16384, 1024, [32768, 131072], 32771),
     "time": (4096, 512, 8192),
     "sweep": [256, 512, 1024, 2048, 4096],
+    "lm": (8192, 1024, 50257),
 }
 QUICK = {
     "memory": (4096, 512, [8192, 32768], 8195),
     "time": (2048, 256, 4096),
     "sweep": [256, 512, 1024, 2048],
+    "lm": (2048, 256, 8192),
 }
 TINY = {
     "memory": (256, 32, [64, 128], 67),
     "time": (256, 32, 64),
     "sweep": [64, 256],
+    "lm": (256, 32, 67),
 }
+#: Timed rounds of the LM row (each call is long; the machine is shared).
+LM_ROUNDS = {"full": 3, "quick": 3, "tiny": 2}
 #: Issue 3's targets at the full memory shape (K=32768) and time shape.
 TARGET_MEMORY_RATIO = 15.0
 TARGET_TIME_RATIO = 1.0
@@ -83,6 +94,7 @@ def _losses(small_chunk: bool = False) -> dict[str, Any]:
     head = _head_fn()
     out = {
         "head": (lambda Z, W, y: head(Z, W, y, chunk_size=CHUNK), "DK"),
+        "head_default": (lambda Z, W, y: head(Z, W, y), "DK"),
         "unfused": (
             lambda Z, W, y: optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean(),
             "DK",
@@ -190,6 +202,79 @@ def _ratio_stats(samples: dict[str, list[float]], base: str) -> dict[str, float]
     }
 
 
+def _lm_losses() -> dict[str, Any]:
+    """The LM row's methods: the head with default arguments (both layouts), unfused, jax-cce."""
+    head = _head_fn()
+    base = _losses()
+    out = {
+        "head_default": (lambda Z, W, y: head(Z, W, y), "DK"),
+        "head_default_kd": (lambda Z, Wt, y: head(Z, Wt, y, weight_layout="kd"), "KD"),
+        "unfused": base["unfused"],
+    }
+    if "jax_cce" in base:
+        out["jax_cce"] = base["jax_cce"]
+    return out
+
+
+def bench_lm(n: int, d: int, k: int, rounds: int) -> dict[str, Any]:
+    """Compiled memory of every LM method, then interleaved timing (the kd variant: memory)."""
+    fns = _lm_losses()
+    memory = []
+    for name, (loss, layout) in fns.items():
+        print(f"head: LM memory {name} N={n} D={d} K={k} ...", flush=True)
+        memory.append({"method": name, "N": n, "D": d, "K": k,
+                       **compiled_memory(loss, _specs(n, d, k, layout))})  # fmt: skip
+    timed = {name: f for name, f in fns.items() if name != "head_default_kd"}
+    print(f"head: LM time, {rounds} rounds ...", flush=True)
+    timing = bench_time(timed, n, d, k, rounds)
+    samples = timing["samples_s"]
+    ratios = _ratio_stats(samples, "unfused") if "unfused" in samples else {}
+    return {"shape": {"N": n, "D": d, "K": k}, "rounds": rounds, "memory": memory,
+            "time": {"samples_s": samples, "ratio_vs_unfused_median": ratios,
+                     "errors": timing["errors"]}}  # fmt: skip
+
+
+def _lm_table(lm: dict[str, Any]) -> str:
+    shape = lm["shape"]
+    by = {r["method"]: r for r in lm["memory"]}
+    unf = by.get("unfused", {}).get("temp_bytes")
+    samples, ratios = lm["time"]["samples_s"], lm["time"]["ratio_vs_unfused_median"]
+    rows = []
+    for name, r in by.items():
+        temp = r.get("temp_bytes")
+        rows.append({
+            "method": name,
+            "GB": temp / GB if temp is not None else r.get("error", "-"),
+            "unfused / this": unf / temp if unf and temp else "-",
+            "median s": statistics.median(samples[name]) if name in samples else "-",
+            "time vs unfused": ratios.get(name, "-"),
+        })  # fmt: skip
+    for name, err in lm["time"]["errors"].items():
+        rows.append({"method": name, "median s": err})
+    title = (f"language-model row N={shape['N']}, D={shape['D']}, K={shape['K']}, float32, "
+             f"value_and_grad wrt (Z, W), {lm['rounds']} rounds")  # fmt: skip
+    return C.print_table(rows, list(rows[0]), title=title)
+
+
+def run_lm_only(quick: bool = False, *, tiny: bool | None = None) -> dict:
+    """Runs only the LM row and merges it into the existing ``head.json``."""
+    import json
+
+    tiny = C.tiny_mode() if tiny is None else tiny
+    cfg = TINY if tiny else QUICK if quick else FULL
+    mode = "tiny" if tiny else "quick" if quick else "full"
+    lm = bench_lm(*cfg["lm"], LM_ROUNDS[mode])
+    lm["machine"] = C.machine_info()
+    text = _lm_table(lm)
+    path = C.results_dir() / f"{C.result_name('head')}.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"config": {}}
+    payload.pop("suite", None)
+    payload["lm"] = lm
+    payload["lm_table_text"] = text
+    C.write_json("head", payload)
+    return payload
+
+
 def _plot(rows: list[dict[str, Any]], ks: list[int], n: int, d: int) -> None:
     fig, ax = C.new_figure(figsize=(6, 4))
     labels = {"head": f"head, chunk {CHUNK}", f"head_c{SMALL_CHUNK}": f"head, chunk {SMALL_CHUNK}"}
@@ -289,6 +374,11 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
     ]
     text += "\n" + C.print_table(sweep_rows, list(sweep_rows[0]), title="chunk-size sweep (head)")
 
+    mode = "tiny" if tiny else "quick" if quick else "full"
+    lm = bench_lm(*cfg["lm"], LM_ROUNDS[mode])
+    lm_text = _lm_table(lm)
+    text += "\n" + lm_text
+
     _plot(memory, mks, mn, md)
 
     targets = {}
@@ -325,6 +415,8 @@ def run(quick: bool = False, *, tiny: bool | None = None, rounds: int | None = N
             "time_samples_s": sw_samples,
             "ratio_vs_unfused_median": sw_ratios,
         },
+        "lm": lm,
+        "lm_table_text": lm_text,
         "targets_met": targets,
         "table_text": text,
         "machine": C.machine_info(),
@@ -337,9 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--lm-only", action="store_true", help="only the language-model row")
     args = parser.parse_args(argv)
     try:
-        run(args.quick, rounds=args.rounds)
+        if args.lm_only:
+            run_lm_only(args.quick)
+        else:
+            run(args.quick, rounds=args.rounds)
     except Exception:
         traceback.print_exc()
         return 1

@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._check import GradCheckReport, check_grad
 from ._checkpoint import CheckpointError
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
-from ._head import linear_cross_entropy
+from ._head import CrossEntropyAux, linear_cross_entropy
 from ._loss import loss
 from ._parallel import sharded_linear_cross_entropy
 from ._train import TrainingDiverged, fit
@@ -34,6 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "CrossEntropyAux",
     "GradCheckReport",
     "SoftmaxRegression",
     "TrainingDiverged",

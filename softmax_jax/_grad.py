@@ -14,6 +14,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._precision import acc_dtype, gemm, mean_normaliser, operand
 from ._validate import as_array, check_problem
 
 
@@ -37,13 +38,14 @@ def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     return M if c is None else M * c[:, None]
 
 
-def _dW(Z: jax.Array, M: jax.Array, out_dtype) -> jax.Array:
-    """``Zᵀ M`` (D, K): the second GEMM; bf16/f16 features keep their dtype, accumulate in f32."""
-    if jnp.finfo(Z.dtype).bits < 32:
-        M = M.astype(Z.dtype)
-    else:
-        Z = Z.astype(M.dtype)
-    G = jnp.einsum("nd,nk->dk", Z, M, preferred_element_type=jnp.result_type(M.dtype, jnp.float32))
+def _dW(Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None) -> jax.Array:
+    """``scale · Zᵀ M`` (D, K): the second GEMM, under the precision policy of ``_precision``:
+    operands in ``W``'s dtype (``out_dtype``), accumulated in float32 at least, the scalar
+    ``scale`` (the mean's ``1 / Σ s``) applied to the accumulated result."""
+    acc = acc_dtype(out_dtype, M.dtype)
+    G = gemm(operand(Z, out_dtype), operand(M, out_dtype), (0, 0), acc)
+    if scale is not None:
+        G = G * scale.astype(acc)
     return G.astype(out_dtype)
 
 
@@ -51,9 +53,11 @@ def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
     lse, E, S = logsumexp_rows(A)
     value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
-    c = mean_scale(weights, A.shape[0], A.dtype, reduction)
+    # The residual carries the raw weights s_i; the mean's 1 / Σ s multiplies the GEMM's result.
+    c = None if weights is None else weights.astype(A.dtype)
     M = _residual(A, E, S, Y, c, int_labels)
-    return value, _dW(Z, M, jnp.result_type(W.dtype))
+    inv = mean_normaliser(weights, A.shape[0], reduction, A.dtype)
+    return value, _dW(Z, M, jnp.result_type(W.dtype), inv)
 
 
 _value_and_grad_impl = jax.jit(_value_and_grad_math, static_argnames=("reduction", "int_labels"))

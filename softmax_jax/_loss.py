@@ -9,14 +9,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from ._precision import gemm, operand
 from ._validate import check_problem, compute_dtype
 
 
 def logits(W: jax.Array, Z: jax.Array) -> jax.Array:
-    """``A = Z W`` accumulated in the compute dtype (float32 for bf16/f16 inputs)."""
+    """``A = Z W`` with ``Z`` cast to ``W``'s dtype (the precision policy, ``_precision``),
+    accumulated in the compute dtype (the promoted dtype, float32 for bf16/f16 inputs)."""
     cdt = compute_dtype(W.dtype, Z.dtype)
-    in_dt = jnp.result_type(W.dtype, Z.dtype)
-    return jnp.dot(Z.astype(in_dt), W.astype(in_dt), preferred_element_type=cdt)
+    return gemm(operand(Z, W.dtype), W, (1, 0), cdt)
 
 
 def logsumexp_rows(A: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
