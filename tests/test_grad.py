@@ -210,13 +210,9 @@ FUNCTIONS = {
 
 @pytest.mark.parametrize("fn", sorted(FUNCTIONS))
 @pytest.mark.parametrize("case, w_dtype, z_dtype, s_dtype", MIXED, ids=[m[0] for m in MIXED])
-def test_strict_dtype_promotion(request, getkey, fn, case, w_dtype, z_dtype, s_dtype):
+def test_strict_dtype_promotion(getkey, fn, case, w_dtype, z_dtype, s_dtype):
     """Mixed input dtypes under jax_numpy_dtype_promotion="strict" give what they give under
     the standard promotion (the library casts explicitly, never promotes implicitly)."""
-    if w_dtype != z_dtype and fn != "linear_cross_entropy":
-        # _loss.logits / _grad._dW promote Z with W (jnp.result_type); the precision policy
-        # casts Z to W's dtype instead.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="needs issue9 precision policy"))
     W, Z, y, s = problem(getkey(), 24, 4, 5, "integer", weighted=True, dtype=jnp.float32)
     W, Z = W.astype(w_dtype), Z.astype(z_dtype)
     s = None if s_dtype is None else s.astype(s_dtype)

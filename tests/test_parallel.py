@@ -207,6 +207,7 @@ def heads_run() -> dict:
     return _result(proc.stdout)
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 @pytest.mark.parametrize(
     "case",
     [f"{m}_{r}" for m in ("Mesh_p4", "make_mesh_p4", "make_mesh_data2_model4") for r in ("mean", "none")],
@@ -223,6 +224,7 @@ def test_sharded_head_equals_the_head_on_every_option(heads_run, case):
     assert got["dE_spec"].startswith("P('model'")  # the (K, D) gradient stays sharded like E
 
 
+@pytest.mark.multiprocess  # runs in subprocesses (8 host devices, 2 processes)
 def test_plain_head_with_class_sharded_w(heads_run):
     """W sharded over classes, known at trace time (explicit mesh under jit, a concrete array on
     an automatic mesh): the plain head runs the class-sharded kernel; same values, per-device
