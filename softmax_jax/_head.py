@@ -62,14 +62,18 @@ class _Prepared(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+def _is_int(x) -> bool:
+    """A Python or NumPy integer (``bool`` excluded)."""
+    try:
+        return not isinstance(x, bool) and operator.index(x) == x
+    except TypeError:
+        return False
+
+
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == "auto"):
         return
-    try:
-        ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) == chunk_size
-    except TypeError:
-        ok = False
-    if not ok:
+    if not _is_int(chunk_size):
         raise TypeError(
             f"`chunk_size` must be a positive int, 'auto' or None, got "
             f"{type(chunk_size).__name__} {chunk_size!r}"
@@ -96,11 +100,7 @@ def _check_options(label_smoothing, z_loss, ignore_index, softcap, weight_layout
     if not zl >= 0.0:
         raise ValueError(f"`z_loss` must be >= 0, got {zl}")
     if ignore_index is not None:
-        try:
-            ok = not isinstance(ignore_index, bool) and operator.index(ignore_index) == ignore_index
-        except TypeError:
-            ok = False
-        if not ok:
+        if not _is_int(ignore_index):
             raise TypeError(
                 f"`ignore_index` must be an int or None, got {type(ignore_index).__name__} "
                 f"{ignore_index!r}"
