@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ._chunks import host_chunks
+
 __all__ = ["CheckpointError", "Checkpointer", "data_digest"]
 
 FORMAT_VERSION = 1
@@ -253,7 +255,7 @@ def data_digest(*arrays: Any) -> str:
             parts.append(a)
             continue
         rows = max(1, (64 << 20) // max(1, a[:1].nbytes))
-        parts += [a[i : i + rows] for i in range(0, a.shape[0], rows)]
+        parts += [a[part] for part in host_chunks(a.shape[0], rows)]
 
     def block_digest(part) -> bytes:
         if isinstance(part, bytes):

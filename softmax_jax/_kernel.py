@@ -26,6 +26,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ._chunks import fold_chunks
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 
 # Columns of a logits chunk handled per step of the inner (class) loops: besides the (chunk, K)
@@ -57,20 +58,6 @@ class Spec(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Loops, slices, collectives, layouts.
 # --------------------------------------------------------------------------------------------
-
-
-def _loop(n: int, block: int, body, carry):
-    """``carry = body(start, size, carry)`` over the blocks ``[start, start + size)`` of
-    ``range(n)``: a ``fori_loop`` over the full blocks and one static remainder block (nothing
-    padded; ``body`` reads its block with ``dynamic_slice``)."""
-    nfull, rem = divmod(n, block)
-    if nfull == 1:
-        carry = body(0, block, carry)
-    elif nfull > 1:
-        carry = lax.fori_loop(0, nfull, lambda i, c: body(i * block, block, c), carry)
-    if rem:
-        carry = body(nfull * block, rem, carry)
-    return carry
 
 
 def _slice(x, start, size, axis):
@@ -139,7 +126,7 @@ def _row_stats(A, b, yl, offset, spec, kblock):
     z = jnp.zeros((c,), A.dtype)
     ninf = jnp.full((c,), -jnp.inf, A.dtype)
     init = (ninf, z, z, z, ninf, jnp.zeros((c,), jnp.int32))
-    m, s, tgt, tot, best, idx = _loop(kl, kblock, body, init)
+    m, s, tgt, tot, best, idx = fold_chunks(kl, kblock, body, init)
     lse_p = m + jnp.log(s)
     if spec.axis is None:
         lse = lse_p
@@ -200,7 +187,7 @@ def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants):
         return dZc, dW, db
 
     init = (jnp.zeros((c if want_dZ else 0, d), acc), dW, db)
-    return _loop(kl, kblock, body, init)
+    return fold_chunks(kl, kblock, body, init)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +254,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         jnp.zeros(w_shape, acc),
         jnp.zeros((kl if want_db else 0,), acc),
     )
-    per, lse, pred, dZ, dW, db = _loop(n, spec.chunk, body, init)
+    per, lse, pred, dZ, dW, db = fold_chunks(n, spec.chunk, body, init)
     if inv is not None:
         dW, db = dW * inv, db * inv
     return per, lse, pred, dZ, dW, db

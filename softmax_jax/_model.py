@@ -24,9 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import ArrayLike
 
+from ._chunks import map_chunks
 from ._loss import logits, logsumexp_rows
 from ._objective import CHUNK_ROWS
 
@@ -56,18 +56,9 @@ def _block_outputs(W, b, Zc, what: str):
 
 @functools.partial(jax.jit, static_argnames=("chunk", "what"))
 def _predict_rows(W, b, Z, *, chunk: int, what: str):
-    """``what`` (``"proba"`` (N, K) or ``"label"`` (N,)) over the rows of ``Z``: ``lax.map`` over
-    the whole blocks of ``chunk`` rows, then the remainder."""
-    n = Z.shape[0]
-    full = n // chunk
-    parts = []
-    if full:
-        blocks = Z[: full * chunk].reshape(full, chunk, Z.shape[1])
-        out = lax.map(lambda Zc: _block_outputs(W, b, Zc, what), blocks)
-        parts.append(out.reshape(full * chunk, *out.shape[2:]))
-    if n > full * chunk:
-        parts.append(_block_outputs(W, b, Z[full * chunk :], what))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    """``what`` (``"proba"`` (N, K) or ``"label"`` (N,)) over the rows of ``Z``, ``chunk`` rows
+    at a time (:func:`softmax_jax._chunks.map_chunks`)."""
+    return map_chunks(lambda Zc: _block_outputs(W, b, Zc, what), chunk, Z)
 
 
 def _check_params(params: Any) -> tuple[jax.Array, jax.Array | None]:

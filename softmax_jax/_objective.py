@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._chunks import fold_chunks
 from ._grad import _dW, _hvp_from_probs, _residual
 from ._loss import logits, logsumexp_rows, mean_scale, reduce_losses, target_term
 
@@ -96,7 +97,7 @@ def chunk_rows(n: int) -> int | None:
 
 def data_vg(params: Params, data: TrainData) -> tuple[jax.Array, Params]:
     """Weighted mean of eq. (2) over ``data`` and its hand-written gradient, in chunks of
-    :data:`CHUNK_ROWS` rows (a loop over the whole chunks, then the remainder) for large N.
+    :data:`CHUNK_ROWS` rows (:func:`softmax_jax._chunks.fold_chunks`) for large N.
     Rows left on the host (``softmax_jax._stream``) are summed there, chunk by chunk."""
     if hasattr(data.Z, "data_vg"):
         return data.Z.data_vg(params)
@@ -107,21 +108,15 @@ def data_vg(params: Params, data: TrainData) -> tuple[jax.Array, Params]:
         value, g, _ = vg_sum(params, data.Z, data.y, data.s)
     else:
 
-        def body(i, acc):
+        def body(lo, size, acc):
             def cut(x):
-                return None if x is None else lax.dynamic_slice_in_dim(x, i * c, c)
+                return None if x is None else lax.dynamic_slice_in_dim(x, lo, size)
 
             v, g, _ = vg_sum(params, cut(data.Z), cut(data.y), cut(data.s))
             return acc[0] + v, jax.tree.map(jnp.add, acc[1], g)
 
-        full = n // c
         zero = (jnp.zeros((), dt), jax.tree.map(jnp.zeros_like, params))
-        value, g = lax.fori_loop(0, full, body, zero)
-        if n > full * c:
-            tail = slice(full * c, n)
-            s_tail = None if data.s is None else data.s[tail]
-            v, g_tail, _ = vg_sum(params, data.Z[tail], data.y[tail], s_tail)
-            value, g = value + v, jax.tree.map(jnp.add, g, g_tail)
+        value, g = fold_chunks(n, c, body, zero)
     total = jnp.asarray(n, dt) if data.s is None else jnp.sum(data.s.astype(dt))
     total = jnp.where(total > 0, total, 1)
     return value / total, jax.tree.map(lambda x: x / total, g)
@@ -190,16 +185,13 @@ def hessian_vp(
         H = _hvp_from_probs(P, Zh, V1, c, Zh.dtype)
     else:
 
-        def part(lo, size):
+        def body(lo, size, acc):
             def cut(x):
                 return None if x is None else lax.dynamic_slice_in_dim(x, lo, size)
 
-            return _hvp_from_probs(cut(P), cut(Zh), V1, cut(c), Zh.dtype)
+            return acc + _hvp_from_probs(cut(P), cut(Zh), V1, cut(c), Zh.dtype)
 
-        full = n // rows
-        H = lax.fori_loop(0, full, lambda i, acc: acc + part(i * rows, rows), jnp.zeros_like(V1))
-        if n > full * rows:
-            H = H + part(full * rows, n - full * rows)
+        H = fold_chunks(n, rows, body, jnp.zeros_like(V1))
     if c is None:
         H = H / n
     hv = unstack(H.astype(dt), params)

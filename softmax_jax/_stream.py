@@ -30,6 +30,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ._chunks import host_chunks
 from ._minibatch import epoch_order, minibatch_step
 from ._objective import TrainData, predict_stats, vg_sum
 from ._placement import DATA_AXIS, DataParallel
@@ -65,8 +66,8 @@ def _first_bad_row(Z: Any, order: np.ndarray, name: str) -> None:
     """Raises the ``ValueError`` of the first non-finite row of ``Z`` in ``order`` (rows read
     again, a chunk at a time: only after a chunk was found non-finite on the device)."""
     rows = max(1, CHUNK_BYTES // max(1, Z.shape[1] * Z.dtype.itemsize))
-    for j in range(0, order.size, rows):
-        ix = np.sort(order[j : j + rows])
+    for part in host_chunks(order.size, rows):
+        ix = np.sort(order[part])
         _check_rows(np.take(Z, ix, axis=0), ix, name)
 
 

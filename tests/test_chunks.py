@@ -1,0 +1,64 @@
+"""The one row-chunk loop: every block visited once, in order, the remainder included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softmax_jax._chunks import fold_chunks, host_chunks, map_chunks
+
+sizes = st.tuples(st.integers(0, 40), st.integers(1, 50))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes)
+def test_fold_chunks_visits_every_row_once(nb):
+    n, block = nb
+    x = jnp.arange(n, dtype=jnp.float32) + 1.0
+
+    def body(start, size, carry):
+        total, count, visits = carry
+        part = jax.lax.dynamic_slice_in_dim(x, start, size)
+        assert part.shape == (size,)
+        seen = jax.lax.dynamic_slice_in_dim(visits, start, size) + 1
+        visits = jax.lax.dynamic_update_slice_in_dim(visits, seen, start, 0)
+        return total + jnp.sum(part), count + size, visits
+
+    init = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((n,), jnp.int32))
+    total, count, visits = jax.jit(lambda: fold_chunks(n, block, body, init))()
+    assert int(count) == n
+    np.testing.assert_array_equal(np.asarray(visits), np.ones(n, np.int32))
+    assert float(total) == pytest.approx(n * (n + 1) / 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes)
+def test_map_chunks_equals_whole_call(nb):
+    n, block = nb
+    Z = jnp.arange(n * 3, dtype=jnp.float32).reshape(n, 3)
+    y = jnp.arange(n)
+
+    def f(Zc, yc):
+        return {"s": jnp.sum(Zc, axis=1) + yc, "z": 2 * Zc}
+
+    got = jax.jit(lambda Z, y: map_chunks(f, block, Z, y))(Z, y)
+    want = f(Z, y)
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes)
+def test_host_chunks_partition_the_rows(nb):
+    n, block = nb
+    parts = list(host_chunks(n, block))
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    assert all(p.stop - p.start == block for p in parts[:-1])
+    assert len(parts) == -(-n // block)
+
+
+def test_bad_block_is_an_internal_error():
+    with pytest.raises(AssertionError):
+        list(host_chunks(3, 0))
