@@ -23,7 +23,7 @@ from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
-from ._validate import check_training_data, compute_dtype
+from ._validate import check_fit_options, check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -212,6 +212,11 @@ def fit(
       ((5, 2), 5)
     """
     dp = data_parallel(mesh)
+    check_fit_options(  # issue 19: every scalar option's type and range, named
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
+        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+    )  # fmt: skip
     _check_fit_args(device, dp, epochs, l2, checkpoint_every)
     local_rows = stream or (dp is not None and jax.process_count() > 1)  # not all of Z here
     Zh, yh, sw, k = check_training_data(
