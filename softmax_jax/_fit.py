@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from ._checkpoint import Checkpointer, CheckpointError, data_digest
+from ._checkpoint import Checkpointer, CheckpointError, data_digest, transformation_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
 from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
@@ -73,8 +73,9 @@ def _describe_optimizer(optimizer, learning_rate) -> str:
         lr = learning_rate
         if lr is None and optimizer in OPTIMIZERS:
             lr = OPTIMIZERS[optimizer][1]
-        return optimizer if lr is None else f"{optimizer}(lr={lr if not callable(lr) else 'fn'})"
-    return f"custom {type(optimizer).__name__}"
+        lr = f"fn {transformation_digest(lr)}" if callable(lr) else lr  # issue 19: hyperparameters
+        return optimizer if lr is None else f"{optimizer}(lr={lr})"
+    return f"custom {type(optimizer).__name__} {transformation_digest(optimizer)}"
 
 
 def _output(params: Params, k: int) -> Params:
