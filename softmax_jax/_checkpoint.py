@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from ._chunks import host_chunks
+from ._validate import check_mapped
 
 __all__ = ["CheckpointError", "Checkpointer", "data_digest", "transformation_digest"]
 
@@ -314,6 +315,7 @@ def data_digest(*arrays: Any) -> str:
         if a is None:
             parts.append(b"none;")
             continue
+        check_mapped(a, "Z")
         a = np.asarray(a)
         parts.append(f"{a.dtype.str}{a.shape};".encode())
         if a.ndim == 0:

@@ -12,6 +12,7 @@ array; arrays that are not fully addressable (multi-host) are not checked.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Literal
 
 import jax
@@ -240,6 +241,7 @@ def check_training_data(
       classes ``K`` (``num_classes``, or ``max(y) + 1``). With ``finite=False`` the values of ``Z``
       are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
+    check_mapped(Z, z_name)
     Zh = as_host_array(Z, z_name)
     yh = as_host_array(y, y_name)
     if Zh.ndim != 2:
@@ -351,3 +353,23 @@ def check_fit_options(
     check_real(tol, "tol", minimum=0.0, optional=True)
     check_int(checkpoint_every, "checkpoint_every", minimum=1)
     check_int(max_to_keep, "max_to_keep", minimum=1)
+
+
+def check_mapped(Z: Any, name: str = "Z") -> None:
+    """A memory-mapped ``Z`` whose file still holds every byte it mapped: reading past the end
+    of a file truncated after it was opened would kill the process (SIGBUS)."""
+    filename = getattr(Z, "filename", None)
+    if not isinstance(Z, np.memmap) or not isinstance(filename, str):
+        return
+    need = int(getattr(Z, "offset", 0)) + Z.nbytes
+    try:
+        size = os.path.getsize(filename)
+    except OSError as e:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} cannot be read: {e}"
+        ) from None
+    if size < need:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
+            "it held when opened (truncated while in use); reading it would crash the process"
+        )
