@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from ._cli import PROG, CLIError
+from ._cli_common import PROG, CLIError
 
 DESCRIPTION = """\
 Apply a model saved by `softmax-jax train --save` (or softmax_jax.save_model) to raw features:

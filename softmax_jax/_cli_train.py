@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from ._cli import PROG, CLIError
+from ._cli_common import PROG, CLIError
 from ._minibatch import OPTIMIZERS
 from ._solvers import FULL_BATCH_SOLVERS
 
@@ -484,6 +484,6 @@ def _run_streamed(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from ._cli import main
+    from ._cli_common import main
 
     sys.exit(main(["train", *sys.argv[1:]]))
