@@ -359,8 +359,9 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
     """A memory-mapped ``Z`` whose file still holds every byte it mapped: reading past the end
     of a file truncated after it was opened would kill the process (SIGBUS)."""
     filename = getattr(Z, "filename", None)
-    if not isinstance(Z, np.memmap) or not isinstance(filename, str):
+    if not isinstance(Z, np.memmap) or not isinstance(filename, str | os.PathLike):
         return
+    filename = os.fspath(filename)
     need = int(getattr(Z, "offset", 0)) + Z.nbytes
     try:
         size = os.path.getsize(filename)
