@@ -374,3 +374,27 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+
+
+@jax.jit
+def _all_finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_result(result: Any, *, W: jax.Array, Z: jax.Array) -> Any:
+    """``result`` of a concrete call, or a ``ValueError`` when it holds NaN/inf: naming the first
+    non-finite input (``Z`` or ``W``), else the overflow of the logits. One reduction on the
+    device and one flag brought back; traced results (under ``jax.jit``) are returned as they are.
+    """
+    leaves = [x for x in jax.tree.leaves(result) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves or not all(_checkable(x) for x in leaves):
+        return result
+    if bool(jax.device_get(_all_finite(leaves))):
+        return result
+    check_finite(Z, "Z")
+    check_finite(W, "W")
+    raise ValueError(
+        f"the result is not finite: `Z` @ `W` overflows {leaves[0].dtype} (max |Z| "
+        f"{float(jnp.max(jnp.abs(Z))):.3g}, max |W| {float(jnp.max(jnp.abs(W))):.3g}); scale the "
+        "features or weights, or use float64 (jax_enable_x64)"
+    )
