@@ -31,10 +31,14 @@ def as_array(x: Any, name: str) -> jax.Array:
     """Converts ``x`` to an array, with an error naming the argument if that is impossible."""
     if isinstance(x, jax.Array):
         return x
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+        raise TypeError(f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}")
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {first}") from None
 
 
 def check_reduction(reduction: str, *, allow_none: bool = True) -> None:
