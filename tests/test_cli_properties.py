@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from softmax_jax._cli import main
@@ -91,6 +91,7 @@ def _check_exit(argv, command: str) -> None:
         except SystemExit as e:  # argparse: bad flag syntax
             rc = e.code
     err = err.getvalue()
+    event(f"exit {rc}: {err.split(': error: ')[-1][:40] if rc == 2 else ''}")
     assert rc in (0, 1, 2), (argv, rc, err)
     if rc == 2:
         lines = err.strip().splitlines()
@@ -99,7 +100,7 @@ def _check_exit(argv, command: str) -> None:
     assert "Traceback" not in err, (argv, err)
 
 
-TRAIN_DATA = ["good.csv", "semi.csv", "names.csv", "nan.csv", "ragged.csv", "one.csv", "empty.csv",
+TRAIN_DATA = ["good.csv", "semi.csv", "names.csv", "good.npz", "X.npy"] * 3 + ["good.csv", "semi.csv", "names.csv", "nan.csv", "ragged.csv", "one.csv", "empty.csv",
               "binary.csv", "big.csv", "data.txt", "missing.csv", "dir", "good.npz", "floaty.npz",
               "noy.npz", "X.npy", "X1d.npy"]  # fmt: skip
 TRAIN_FLAGS = {
@@ -120,7 +121,7 @@ TRAIN_FLAGS = {
 @settings(max_examples=20, derandomize=True)
 @given(
     data=st.sampled_from(TRAIN_DATA),
-    flags=st.dictionaries(st.sampled_from(sorted(TRAIN_FLAGS)), st.integers(0, 5), max_size=3),
+    flags=st.dictionaries(st.sampled_from(sorted(TRAIN_FLAGS)), st.integers(0, 9), max_size=2),
     standardize=st.booleans(),
 )
 def test_train_exits_0_1_or_2_with_one_line(files, data, flags, standardize):
@@ -128,7 +129,7 @@ def test_train_exits_0_1_or_2_with_one_line(files, data, flags, standardize):
     if "--epochs" not in flags:
         argv += ["--epochs", "1"]
     for flag, i in flags.items():
-        value = TRAIN_FLAGS[flag][i % len(TRAIN_FLAGS[flag])]
+        value = TRAIN_FLAGS[flag][i if i < len(TRAIN_FLAGS[flag]) else 0]  # mostly the good one
         if flag in ("--labels", "--checkpoint-dir", "--save"):
             value = files.get(value, f"{files['tmp']}/{value}")
         argv += [flag, value]
@@ -155,10 +156,12 @@ def test_train_exits_0_1_or_2_with_one_line(files, data, flags, standardize):
             "missing.csv",
         ]
     ),  # fmt: skip
-    out=st.sampled_from([None, "p.csv", "nodir/p.csv", "dir"]),
+    out=st.sampled_from([None, "p.csv"] * 3 + ["nodir/p.csv", "dir"]),
     proba=st.booleans(),
+    damaged=st.integers(0, 3),
 )
-def test_predict_exits_0_or_2_with_one_line(files, model, data, out, proba):
+def test_predict_exits_0_or_2_with_one_line(files, model, data, out, proba, damaged):
+    model = model if damaged == 3 else "model.npz"  # a damaged model one time in four
     argv = ["predict", "--model", files[model], "--data", files[data]]
     if out is not None:
         argv += ["--out", files.get(out, f"{files['tmp']}/{out}")]
@@ -166,7 +169,8 @@ def test_predict_exits_0_or_2_with_one_line(files, model, data, out, proba):
     _check_exit(argv, "predict")
 
 
-@settings(max_examples=6, derandomize=True)
-@given(dtypes=st.sampled_from(["float32", "float64,bfloat16", "int8", "", "float32,,x"]))
+@settings(max_examples=5, derandomize=True)
+@given(dtypes=st.sampled_from(["int8", "", " , ", "float32,,x", "bfloat16,float99", "FLOAT32"]))
 def test_check_exits_0_1_or_2_with_one_line(dtypes):
+    """Unknown or empty dtype lists (the runs of the table itself are test_check.py's)."""
     _check_exit(["check", "--quick", "--dtypes", dtypes], "check")
