@@ -110,7 +110,7 @@ def test_streamed_lbfgs_nan_row_is_the_one_line_error_of_the_minibatch_path(tmp_
 
 # --- property: every public array function either names the culprit or is right -------------
 
-from hypothesis import event, given, settings  # noqa: E402
+from hypothesis import event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DTYPES = ["float32", "float64", "float16", "int32", "uint8", "bool", "object"]
@@ -169,8 +169,22 @@ def _reference_loss(W, Z, Y):
     return float(np.sum(lse - np.sum(T * A, axis=1))), np.asarray(Z, np.float64).T @ (P - T)
 
 
+_TIED = {
+    "W": np.ones((1, 3), np.float32),
+    "Z": np.full((6, 1), 1e30, np.float32),
+    "Y": np.arange(6) % 3,
+}
+_INF = {
+    "W": np.ones((2, 2), np.float32),
+    "Z": np.array([[1, np.inf], [0, 1]], np.float32),
+    "Y": np.array([0, 1]),
+}
+
+
 @settings(max_examples=25, derandomize=True)
 @given(problem=arrays_problem(), fn=st.sampled_from(["loss", "grad", "value_and_grad"]))
+@example(problem=(_TIED, 1e30), fn="loss")  # the instances of issue 19
+@example(problem=(_INF, 1.0), fn="value_and_grad")
 def test_math_functions_name_the_culprit_or_match_numpy(problem, fn):
     args, scale = problem
     try:
