@@ -33,7 +33,9 @@ def as_array(x: Any, name: str) -> jax.Array:
         return x
     dtype = getattr(x, "dtype", None)
     if isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
-        raise TypeError(f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}")
+        raise TypeError(
+            f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}"
+        )
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
@@ -312,11 +314,16 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bo
     ``optional``."""
     if value is None and optional:
         return None
+    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        want = "an integer" + (" or None" if optional else "")
-        raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"`{name}` must be {want}{' or None' if optional else ''}, got "
+            f"{type(value).__name__} {value!r}"
+        )
     if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"`{name}` must be {want}, got {value!r}")
     return int(value)
 
 
@@ -336,8 +343,10 @@ def check_real(value: Any, name: str, *, minimum: float | None = None, strict: b
         raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
     v = float(value)
     if not np.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
+        if strict and minimum == 0:
+            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}")
+        raise ValueError(f"`{name}` must be a finite float{bound}, got {value!r}")
     return v
 
 
