@@ -247,7 +247,8 @@ def hvp(
               - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
 
     Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
-    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    on ``Y``: any valid ``Y`` gives the same ``H V``. ``Y`` is taken and validated so the problem
+    is passed as to :func:`softmax_jax.grad`, and a problem ``grad`` rejects is rejected here.
     Three GEMMs and no autodiff; the basis of the Newton-CG solver.
 
     Args:

@@ -75,6 +75,19 @@ def test_second_derivative_through_grad(getkey, reduction):
         assert_close(hv, ref, dtype=jnp.float32)
 
 
+def test_hvp_takes_y_as_grad_does_and_ignores_its_values(getkey):
+    """The Hessian of eq. (2) does not depend on Y; a Y that grad rejects, hvp rejects too."""
+    W, Z, y, _ = problem(getkey(), 8, 3, 4, "integer", dtype=jnp.float32)
+    V = jax.random.normal(getkey(), W.shape, jnp.float32)
+    soft = jax.nn.softmax(jax.random.normal(getkey(), (8, 4)), axis=-1)
+    hv = sj.hvp(W, Z, y, V)
+    for other in ((y + 1) % 4, soft):
+        assert_close(sj.hvp(W, Z, other, V), hv, dtype=jnp.float32)
+    for fn in (sj.grad, lambda W, Z, Y: sj.hvp(W, Z, Y, V)):
+        with pytest.raises(ValueError, match="`Y`"):
+            fn(W, Z, y[:-1])
+
+
 def test_reduction_none_rejected(getkey):
     W, Z, y, _ = problem(getkey(), 4, 3, 5, "integer", dtype=jnp.float32)
     for fn in (sj.grad, sj.value_and_grad):
