@@ -135,3 +135,16 @@ def test_trainData_without_hessian_operands_still_solves_with_lbfgs():
         data, zeros(5, 4), solver="lbfgs", l2=0.05, tol=1e-8, max_iter=500, mixed_precision=True
     )  # mixed precision is Newton-CG's only: ignored here
     assert res.converged and isinstance(data, TrainData)
+
+
+def test_newton_cg_converges_in_a_few_iterations():
+    # Newton's method with the exact Hessian (eq. (2)'s plus l2·I) converges quadratically: 6
+    # iterations (26 CG products) here. A Hessian product or preconditioner that drops or
+    # mis-scales a term still converges, but linearly (the L2 term left out of the Hessian
+    # product: 27 iterations, 194 products), which a bound on the counts sees.
+    X, y = problem()
+    res = solve(
+        float64_data(X, y), zeros(5, 4), solver="newton-cg", l2=0.1, tol=1e-10, max_iter=100
+    )
+    assert res.converged and res.n_iter <= 8 and res.n_inner <= 40, res
+    assert res.value == pytest.approx(numpy_objective(X, y, None, res.params, 0.1), rel=1e-13)
