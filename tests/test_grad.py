@@ -249,3 +249,18 @@ def test_strict_dtype_promotion(getkey, fn, case, w_dtype, z_dtype, s_dtype):
         got = FUNCTIONS[fn](W, Z, y, s)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mean_of_one_row_no_rows_and_zero_weights(getkey):
+    # the mean's normaliser at its edges: N = 1 (divides by 1), N = 0 and all-zero weights
+    # (every term is zero: a zero gradient and value, not NaN or a division error)
+    W, Z, y, _ = problem(getkey(), 1, 4, 3, "integer", dtype=jnp.float32)
+    value, g = sj.value_and_grad(W, Z, y, reduction="mean")
+    ref_value, ref_g, _ = numpy_reference(W, Z, y)
+    assert_close(g, ref_g, dtype=jnp.float32)
+    np.testing.assert_allclose(float(value), ref_value, rtol=1e-6)
+    for rows, weights in ((Z[:0], None), (Z, jnp.zeros(1))):
+        labels = y[: rows.shape[0]]
+        value, g = sj.value_and_grad(W, rows, labels, weights=weights, reduction="mean")
+        assert float(value) == 0.0 and np.array_equal(g, np.zeros((4, 3))), (value, g)
+        assert np.array_equal(sj.hvp(W, rows, labels, W, weights=weights, reduction="mean"), g)
