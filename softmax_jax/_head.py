@@ -23,8 +23,11 @@ from . import _kernel, _shard
 from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete
 
-#: The default ``chunk_size="auto"`` keeps one chunk's float32 logits ``(chunk, K)`` (per device)
-#: within this many bytes: rows per chunk = the largest power of two ≤ budget / (4 K).
+#: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
+#: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
+#: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
+#: most LOGITS_BUDGET bytes.
+MIN_ROWS = 128
 LOGITS_BUDGET = 64 * 2**20
 
 
@@ -208,14 +211,17 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
 
 
-def rows_per_chunk(chunk_size, n: int, k_local: int) -> int:
-    """The static rows per chunk: ``chunk_size``, all ``n`` rows (``None``) or, for ``"auto"``,
-    the largest power of two keeping the ``(chunk, K_local)`` float32 logits ≤ LOGITS_BUDGET."""
+def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
+    """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
+    or, for ``"auto"``, the power of two ≥ ``n / ⌈k / d⌉`` clamped to
+    ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]``."""
     if chunk_size is None:
         rows = n
     elif isinstance(chunk_size, str):
-        fit = max(1, LOGITS_BUDGET // (4 * max(k_local, 1)))
-        rows = 1 << (fit.bit_length() - 1)
+        share = max(1, n // max(1, -(-k // max(d, 1))))
+        rows = 1 << (share - 1).bit_length()
+        cap = max(1, LOGITS_BUDGET // (4 * max(k, 1)))
+        rows = min(max(rows, MIN_ROWS), 1 << (cap.bit_length() - 1))
     else:
         rows = int(chunk_size)
     return max(1, min(rows, n))
@@ -257,7 +263,8 @@ def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
     layout = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis, **where)
     n_local = _shard.local_rows(layout, p.lead)
     return p.spec._replace(
-        chunk=rows_per_chunk(p.chunk_size, n_local, p.spec.num_classes), placement=layout
+        chunk=rows_per_chunk(p.chunk_size, n_local, p.spec.num_classes, p.Z.shape[-1]),
+        placement=layout,
     )
 
 
