@@ -417,3 +417,32 @@ def test_checks_catch_what_they_look_for():
     assert private_uses("from softmax_jax._head import linear_cross_entropy\n")
     assert private_uses("import softmax_jax as sj\nsj._head.dispatch\n")
     assert not private_uses("import softmax_jax as sj\nsj.fit\nsj.__version__\n")
+
+
+def test_init_exports_what_it_imports():
+    """``__init__`` only re-exports: every name it imports from a private module is in
+    ``__all__``, and every name of ``__all__`` is imported there (or served by ``__getattr__``)."""
+    tree = _tree(SRC / "__init__.py")
+    imported = {
+        alias.asname or alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+    }
+    exported = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
+    )
+    getattr_fn = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"
+    ]
+    lazy = {
+        node.value
+        for fn in getattr_fn
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    assert len(exported) == len(set(exported)), "a name appears twice in __all__"
+    assert imported - set(exported) == set(), "imported but not in __all__"
+    assert set(exported) - imported - lazy == set(), "in __all__ but never imported"
