@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._cli import PROG, CLIError
+from ._cli_common import PROG, CLIError
 
 BENCH_DIR_ENV = "SOFTMAX_JAX_BENCH_DIR"
 DEFAULT_OUT = "bench_results"

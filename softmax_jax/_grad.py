@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._loss import (
+    label_validity,
+    logits,
+    logsumexp_rows,
+    mean_scale,
+    nll_rows,
+    reduce_losses,
+)
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 from ._validate import as_array, check_problem
 
@@ -51,8 +58,8 @@ def _dW(Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None) -
 
 def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
-    lse, E, S = logsumexp_rows(A)
-    value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
+    _, E, S = logsumexp_rows(A)
+    value = reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
     # The residual carries the raw weights s_i; the mean's 1 / Σ s multiplies the GEMM's result.
     c = None if weights is None else weights.astype(A.dtype)
     M = _residual(A, E, S, Y, c, int_labels)
