@@ -74,9 +74,9 @@ def test_center_classes_keeps_the_model():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cached_and_chunked_hessian_products_match_the_plain_hvp(getkey, weighted):
-    # enough rows for the chunked passes: 4 full chunks of CHUNK_ROWS and a remainder of 45
-    n, d, k, l2 = 4 * _objective.CHUNK_ROWS + 45, 3, 4, 0.2
+def test_cached_and_chunked_hessian_products_match_the_plain_hvp(getkey, monkeypatch, weighted):
+    monkeypatch.setattr(_objective, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and 5 more
+    n, d, k, l2 = 45, 3, 4, 0.2
     X = np.asarray(jax.random.normal(getkey(), (n, d)))
     y = np.asarray(jax.random.randint(getkey(), (n,), 0, k))
     s = np.asarray(jax.random.uniform(getkey(), (n,))) if weighted else None
