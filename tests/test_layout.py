@@ -34,10 +34,17 @@ LAYER_OF = {
     "_loss": MATH,
     "_grad": MATH,
     "_check": MATH,
+    # sparse (CSR) products of eq. (2), (6) and the HVP: imports math only; training and the
+    # model file call it.
+    "_sparse": MATH,
     # head: the fused linear + softmax cross-entropy kernel and the heads built on it.
     "_kernel": HEAD,
     "_head": HEAD,
     "_parallel": HEAD,
+    "_shard": HEAD,  # issue16: mesh / sharding helpers of the head
+    "_vocab": HEAD,  # issue17: the vocabulary losses' row-chunk pass
+    "_logprobs": HEAD,
+    "_distill": HEAD,
     # training: the objective, the solvers, the minibatch / streamed loops, placement, checkpoints.
     "_objective": TRAINING,
     "_solvers": TRAINING,
@@ -46,8 +53,8 @@ LAYER_OF = {
     "_stream": TRAINING,
     "_checkpoint": TRAINING,
     "_fit": TRAINING,
-    # sparse input (CSR/CSC) for the objective: imported by training, imports math only.
-    "_sparse": TRAINING,
+    "_progress": TRAINING,  # issue18: fit's history, progress bar and notices
+    "_compile_cache": TRAINING,  # issue18: the persistent compilation cache fit turns on
     # model / estimator: a trained model's file and predictions, the scikit-learn estimator, data.
     "_model": MODEL,
     "_estimator": MODEL,
