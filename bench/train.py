@@ -176,16 +176,7 @@ class SklearnProcess:
     """scikit-learn in a child process started with the OpenBLAS knobs unset; ``fit(tol)``."""
 
     def __enter__(self) -> SklearnProcess:
-        env = dict(os.environ)
-        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
-            env.pop(var, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--sklearn-worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
+        self.proc = C.start_worker(__file__, "--sklearn-worker")
         return self
 
     def ask(self, **msg) -> dict:
