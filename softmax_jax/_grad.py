@@ -32,7 +32,7 @@ def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
     or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program). A
     scatter-add at the label positions would do the same arithmetic but cost a second pass over
-    (N, K) on the materialised ``Ŷ`` (measured 1.3× slower at N=8192, K=1000). A row with an
+    (N, K) on the materialised ``Ŷ`` (bench/grad.py times it: ``scatter``). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
     n, k = A.shape
@@ -256,7 +256,8 @@ def hvp(
               - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
 
     Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
-    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    on ``Y``: any valid ``Y`` gives the same ``H V``. ``Y`` is taken and validated so the problem
+    is passed as to :func:`softmax_jax.grad`, and a problem ``grad`` rejects is rejected here.
     Three GEMMs and no autodiff; the basis of the Newton-CG solver.
 
     Args:

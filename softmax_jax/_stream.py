@@ -39,7 +39,7 @@ from ._validate import check_mapped
 #: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
 #: one batch). Small enough to be still in cache when the device reads it (on a CPU the device
 #: aliases the host block) and to be nothing next to a dataset, large enough to amortise the
-#: per-call overhead (bench/stream.py: 2 MB beat 1, 4, 8 and 32 MB).
+#: per-call overhead (chosen with bench/stream.py).
 CHUNK_BYTES = 2 << 20
 
 
