@@ -184,7 +184,7 @@ def test_saved_model_predicts_raw_features_as_training_reported(tmp_path, capsys
     acc = _accuracies(capsys.readouterr().out)
     model = load_model(tmp_path / "m")
     overall = (120 * acc["train accuracy"] + 40 * acc["test accuracy"]) / 160
-    assert acc["test accuracy"] > 0.9
+    assert acc["test accuracy"] > 0.8  # chance is 0.25 (one batch of 120 rows per epoch)
     assert model.score(X, y) == pytest.approx(overall, abs=1e-4)  # printed to 4 decimals
 
 
@@ -361,7 +361,7 @@ def test_help_states_each_default_and_how_it_differs_from_fit(capsys):
     assert (
         f"(default: {_cli_train.DEFAULT_EPOCHS}; fit's is {fit_default['epochs'].default})" in text
     )
-    assert f"(default: {_cli_train.DEFAULT_BATCH_SIZE}; fit's is {DEFAULT_BATCH_SIZE})" in text
+    assert f"(default: {DEFAULT_BATCH_SIZE}, as fit)" in text  # one batch size: _minibatch's
     assert f"(default: {_cli_train.DEFAULT_L2:g}; fit's is {fit_default['l2'].default})" in text
     assert "(default: adam, as fit)" in text and "(default: 0, as fit)" in text
     assert f"(default: {fit_default['checkpoint_every'].default}, as fit)" in text
