@@ -42,6 +42,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from . import _compile_cache
 from ._placement import place
 from ._solvers import SOLVERS, solve
 
@@ -160,6 +161,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
           ``self``.
         """
         self._check_params()
+        _compile_cache.enable()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
@@ -201,7 +203,6 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 dtype=np.float64,
                 device=None,
                 shape=(m, dp),
-                hessian_dtype=np.float32 if self.solver == "newton-cg" else None,
             )
             params = {"W": jax.numpy.asarray(W0)}
             if self.fit_intercept:

@@ -173,15 +173,6 @@ def resolve_device(device: Any) -> jax.Device:
     raise TypeError(f"`device` must be None, 'cpu', 'gpu' or a jax.Device, got {device!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("fit_intercept", "dtype"))
-def hessian_operands(Z: jax.Array, *, fit_intercept: bool, dtype) -> tuple[jax.Array, jax.Array]:
-    """``Zh = [Z, 1]`` (or ``Z``) in ``dtype`` and ``Zh ⊙ Zh``, built on the device."""
-    Zh = Z.astype(dtype)
-    if fit_intercept:
-        Zh = jnp.concatenate([Zh, jnp.ones((Z.shape[0], 1), dtype)], axis=1)
-    return Zh, Zh * Zh
-
-
 def place(
     Z: np.ndarray,
     y: np.ndarray,
@@ -196,7 +187,8 @@ def place(
 ) -> TrainData:
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
-    with ``hessian_dtype`` the operands of Newton-CG's Hessian products. ``device`` may be a
+    with ``hessian_dtype`` a copy of ``Z`` in that dtype for Newton-CG's Hessian products (none
+    when it is ``dtype``: the products then use ``Z``). ``device`` may be a
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
@@ -208,6 +200,11 @@ def place(
             sb = np.zeros(rows, dtype)
             sb[:n] = 1 if s is None else s
         Zd = device.put_rows(Z, rows=rows, dtype=dtype, check=check)
+        Zh = (
+            None
+            if not _needs_copy(hessian_dtype, dtype)
+            else device.put_rows(Z, rows=rows, dtype=hessian_dtype)
+        )
         yd = device.put_rows(np.asarray(y, np.int32), rows=rows)
         sd = device.put_rows(sb)
     else:
@@ -225,9 +222,9 @@ def place(
             sb[:n] = 1 if s is None else s
         put = functools.partial(jax.device_put, device=device)
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
-    Zh = Zsq = None
-    if hessian_dtype is not None:
-        Zh, Zsq = hessian_operands(
-            Zd, fit_intercept=fit_intercept, dtype=np.dtype(hessian_dtype).name
-        )
-    return TrainData(Zd, yd, sd, Zh, Zsq)
+        Zh = put(Zp.astype(hessian_dtype)) if _needs_copy(hessian_dtype, dtype) else None
+    return TrainData(Zd, yd, sd, Zh)
+
+
+def _needs_copy(hessian_dtype, dtype) -> bool:
+    return hessian_dtype is not None and np.dtype(hessian_dtype) != np.dtype(dtype)

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import softmax_jax as sj
 from softmax_jax import _objective
-from softmax_jax._objective import TrainData, hessian_diag, hessian_probs, hessian_vp
+from softmax_jax._objective import TrainData
 from softmax_jax._placement import place
 from softmax_jax._solvers import center_classes, solve
 
@@ -60,29 +59,6 @@ def test_center_classes_keeps_the_model():
     a, b = X @ p["W"] + p["b"], X @ c["W"] + c["b"]
     np.testing.assert_allclose(jax.nn.softmax(a), jax.nn.softmax(b), rtol=1e-13)
     np.testing.assert_allclose(np.asarray(c["W"]).sum(axis=1), 0.0, atol=1e-14)
-
-
-@pytest.mark.parametrize("weighted", [False, True])
-def test_cached_and_chunked_hessian_products_match_the_plain_hvp(getkey, monkeypatch, weighted):
-    monkeypatch.setattr(_objective, "CHUNK_ROWS", 8)  # 45 rows: 5 chunks of 8 and 5 more
-    n, d, k, l2 = 45, 3, 4, 0.2
-    X = np.asarray(jax.random.normal(getkey(), (n, d)))
-    y = np.asarray(jax.random.randint(getkey(), (n,), 0, k))
-    s = np.asarray(jax.random.uniform(getkey(), (n,))) if weighted else None
-    data = float64_data(X, y, s)
-    params = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
-    V = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
-    P = hessian_probs(params, data)
-    hv = hessian_vp(params, V, data, l2, probs=P)
-    # reference: sj.hvp of eq. (2) on Z augmented with ones, [W; b], in one pass
-    Wb = jnp.concatenate([params["W"], params["b"][None]], 0)
-    Vb = jnp.concatenate([V["W"], V["b"][None]], 0)
-    ref = sj.hvp(Wb, data.Zh, y, Vb, weights=s, reduction="mean")
-    np.testing.assert_allclose(hv["W"], ref[:-1] + l2 * V["W"], rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(hv["b"], ref[-1], rtol=1e-12, atol=1e-14)
-    # the diagonal from the cached softmax is the one computed from scratch
-    d1, d0 = hessian_diag(params, data, l2, probs=P), hessian_diag(params, data, l2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), d1, d0)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
