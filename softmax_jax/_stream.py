@@ -34,11 +34,12 @@ from ._chunks import host_chunks
 from ._minibatch import epoch_order, minibatch_step
 from ._objective import TrainData, predict_stats, vg_sum
 from ._placement import DATA_AXIS, DataParallel
+from ._precision import mean_normaliser
 
 #: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
 #: one batch). Small enough to be still in cache when the device reads it (on a CPU the device
 #: aliases the host block) and to be nothing next to a dataset, large enough to amortise the
-#: per-call overhead (bench/stream.py: 2 MB beat 1, 4, 8 and 32 MB).
+#: per-call overhead (chosen with bench/stream.py).
 CHUNK_BYTES = 2 << 20
 
 
@@ -236,8 +237,8 @@ def stream_epoch(
     if not bool(finite):  # every process of a mesh learns it: all raise
         _first_bad_row(Z, idx[:, lo:hi].reshape(-1), name)
         raise ValueError(f"`{name}` must be finite, got NaN/inf in rows another process read")
-    total = n if s is None else float(jnp.sum(s_dev))
-    return params, opt_state, tot / total, correct / total
+    inv = mean_normaliser(s_dev, n, "mean", dtype)
+    return params, opt_state, tot * inv, correct * inv
 
 
 # Full-batch passes -------------------------------------------------------------------------------
