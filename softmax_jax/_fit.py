@@ -19,7 +19,7 @@ from . import _compile_cache
 from ._checkpoint import Checkpointer, CheckpointError, data_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
 from ._objective import Params
-from ._placement import data_parallel, place, resolve_device
+from ._placement import bucket_rows, data_parallel, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
@@ -263,16 +263,21 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
     plan = _plan(optimizer, learning_rate, batch_size, tol, n)
     dev = resolve_device(device) if dp is None else dp
     put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
-    data = (host_data if stream else place)(
-        Zh,
-        yh,
-        sw,
-        fit_intercept=fit_intercept,
-        dtype=dtype,
-        device=dev,
-        hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
-        check="Z" if local_rows else None,
-    )
+    if stream:
+        data = host_data(Zh, yh, sw, fit_intercept=fit_intercept, dtype=dtype, device=dev)
+    else:  # full batch on one device: rows padded (weight 0) to a size shared with nearby N
+        rows = bucket_rows(n) if plan.full_batch and dp is None else n
+        data = place(
+            Zh,
+            yh,
+            sw,
+            fit_intercept=fit_intercept,
+            dtype=dtype,
+            device=dev,
+            shape=None if rows == n else (rows, d),
+            hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
+            check="Z" if local_rows else None,
+        )
     if stream and plan.full_batch:
         data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
