@@ -37,6 +37,7 @@ def test_padded_placement(dtype, hessian_dtype, copied):
         assert data.Zh.dtype == np.float32 and data.Zh.shape == (16, 3)
 
 
+@pytest.mark.slow
 def test_full_batch_fit_on_padded_rows_equals_the_sizes_own_fit():
     # fit pads N = 1030 to a bucket of 1056 rows with weight 0: the result is the unpadded
     # problem's (reached through sample weights of one, which take the weighted path too)
