@@ -52,10 +52,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 import numpy as np
 
@@ -92,10 +90,18 @@ def synthetic(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 def dataset(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X_train, y_train, X_test, y_test)`` in float64 for a spec from :func:`specs`."""
     if spec["kind"] in ("digits", "digits-raw"):
-        from softmax_jax._data import load_digits
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
-        ds = load_digits(test_size=0.25, seed=0, standardize=spec["kind"] == "digits")
-        return ds.X_train, ds.y_train, ds.X_test, ds.y_test
+        X, y = load_digits(return_X_y=True)
+        Xtr, Xte, ytr, yte = train_test_split(
+            X.astype(np.float64), y.astype(np.int32), test_size=0.25, random_state=0, stratify=y
+        )
+        if spec["kind"] == "digits":  # standardised with the training split's mean and std
+            mean, std = Xtr.mean(axis=0), Xtr.std(axis=0)
+            std[std == 0] = 1.0
+            Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+        return Xtr, ytr, Xte, yte
     n, t = spec["n_train"], spec["n_test"]
     X, y = synthetic(n + t, spec["d"], spec["k"], seed=spec.get("seed", 0))
     return X[:n], y[:n], X[n:], y[n:]

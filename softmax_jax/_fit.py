@@ -16,14 +16,14 @@ import optax
 from jax.typing import ArrayLike
 
 from . import _compile_cache
-from ._checkpoint import Checkpointer, CheckpointError, data_digest
+from ._checkpoint import Checkpointer, CheckpointError, data_digest, transformation_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
 from ._objective import Params
-from ._placement import bucket_rows, data_parallel, place, resolve_device
+from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
-from ._validate import check_training_data, compute_dtype
+from ._validate import check_fit_options, check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -44,33 +44,14 @@ class TrainingDiverged(FloatingPointError):
         self.history = history
 
 
-def _init_params(init_params, d: int, k: int, fit_intercept: bool, dtype) -> Params:
-    if init_params is None:
-        params = {"W": jnp.zeros((d, k), dtype)}
-        if fit_intercept:
-            params["b"] = jnp.zeros((k,), dtype)
-        return params
-    if not isinstance(init_params, dict) or "W" not in init_params:
-        raise TypeError(f"`init_params` must be a dict with 'W' (and 'b'), got {init_params!r}")
-    W = jnp.asarray(init_params["W"], dtype)
-    if W.shape != (d, k):
-        raise ValueError(f"`init_params['W']` must have shape (D, K) = {(d, k)}, got {W.shape}")
-    params = {"W": W}
-    if fit_intercept:
-        b = jnp.asarray(init_params.get("b", np.zeros(k)), dtype)
-        if b.shape != (k,):
-            raise ValueError(f"`init_params['b']` must have shape (K,) = ({k},), got {b.shape}")
-        params["b"] = b
-    return params
-
-
 def _describe_optimizer(optimizer, learning_rate) -> str:
     if isinstance(optimizer, str):
         lr = learning_rate
         if lr is None and optimizer in OPTIMIZERS:
             lr = OPTIMIZERS[optimizer][1]
-        return optimizer if lr is None else f"{optimizer}(lr={lr if not callable(lr) else 'fn'})"
-    return f"custom {type(optimizer).__name__}"
+        lr = f"fn {transformation_digest(lr)}" if callable(lr) else lr  # issue 19: hyperparameters
+        return optimizer if lr is None else f"{optimizer}(lr={lr})"
+    return f"custom {type(optimizer).__name__} {transformation_digest(optimizer)}"
 
 
 def _output(params: Params, k: int) -> Params:
@@ -198,13 +179,18 @@ def fit(
       ((5, 2), 5)
     """
     _compile_cache.enable()
+    check_fit_options(  # issue 19: every scalar option's type and range, named
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
+        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+    )  # fmt: skip
     setup = _setup(
         Z, y, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size, l2=l2,
         fit_intercept=fit_intercept, sample_weight=sample_weight, num_classes=num_classes,
         tol=tol, eval_data=eval_data, device=device, mesh=mesh, stream=stream, epochs=epochs,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
-    params = setup.put(_init_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
+    params = setup.put(initial_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
     run = _Run(
         state=_initial_state(setup.plan, params, setup.data, setup.l2, setup.put),
         key=jax.random.key(seed),

@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._loss import (
+    label_validity,
+    logits,
+    logsumexp_rows,
+    mean_scale,
+    nll_rows,
+    reduce_losses,
+)
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 from ._validate import as_array, check_problem
 
@@ -30,8 +37,9 @@ def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
 
     Integer labels subtract ``c_i`` at ``(i, y_i)``: the label position is an index compare
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
-    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program); a
-    scatter-add at the label positions would cost a second pass over (N, K). A row with an
+    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program). A
+    scatter-add at the label positions would do the same arithmetic but cost a second pass over
+    (N, K) on the materialised ``Ŷ`` (bench/grad.py times it: ``scatter``). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
     n, k = A.shape
@@ -59,8 +67,8 @@ def transpose_gemm(
 
 def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
-    lse, E, S = logsumexp_rows(A)
-    value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
+    _, E, S = logsumexp_rows(A)
+    value = reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
     # The residual carries the raw weights s_i; the mean's 1 / Σ s multiplies the GEMM's result.
     c = None if weights is None else weights.astype(A.dtype)
     M = residual(A, E, S, Y, c, int_labels)
@@ -253,7 +261,8 @@ def hvp(
               - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
 
     Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
-    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    on ``Y``: any valid ``Y`` gives the same ``H V``. ``Y`` is taken and validated so the problem
+    is passed as to :func:`softmax_jax.grad`, and a problem ``grad`` rejects is rejected here.
     Three GEMMs and no autodiff; the basis of the Newton-CG solver.
 
     Args:

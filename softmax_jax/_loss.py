@@ -48,6 +48,20 @@ def target_term(A: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
     return jnp.sum(Y.astype(A.dtype) * A, axis=1)
 
 
+def nll_rows(A: jax.Array, S: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
+    """Per-sample eq. (2), ``ℓ_i = lse_i − Σ_k y_ik a_ik``, as ``Σ_k y_ik (m_i − a_ik) + log S_i
+    + m_i (1 − Σ_k y_ik)`` with ``m_i = max_k a_ik`` and ``S`` from :func:`logsumexp_rows`.
+
+    Exact where ``lse − a_y`` cancels: huge tied logits (``a ≈ 1e30``) give ``log K``, not 0.
+    The last term is 0 for rows of ``Y`` that sum to one (and absent for integer labels).
+    """
+    m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
+    per = target_term(m - A, Y, int_labels) + jnp.log(S[:, 0])
+    if not int_labels:
+        per = per + m[:, 0] * (1 - jnp.sum(Y.astype(A.dtype), axis=1))
+    return per
+
+
 def reduce_losses(per: jax.Array, weights: jax.Array | None, reduction: str) -> jax.Array:
     """Applies the sample weights ``s`` and the reduction to per-sample losses ``ℓ`` (N,)."""
     if weights is not None:
@@ -79,9 +93,8 @@ def mean_scale(weights: jax.Array | None, n: int, dtype, reduction: str) -> jax.
 @functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
 def _loss_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool) -> jax.Array:
     A = logits(W, Z)
-    lse, _, _ = logsumexp_rows(A)
-    per = lse - target_term(A, Y, int_labels)
-    return reduce_losses(per, weights, reduction)
+    _, _, S = logsumexp_rows(A)
+    return reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
 
 
 def loss(

@@ -157,6 +157,27 @@ def data_parallel(mesh) -> DataParallel | None:
     return DataParallel(mesh)
 
 
+def initial_params(init_params, d: int, k: int, fit_intercept: bool, dtype) -> dict:
+    """``fit``'s starting parameters: zeros, or ``init_params`` checked against ``(D, K)``."""
+    if init_params is None:
+        params = {"W": jnp.zeros((d, k), dtype)}
+        if fit_intercept:
+            params["b"] = jnp.zeros((k,), dtype)
+        return params
+    if not isinstance(init_params, dict) or "W" not in init_params:
+        raise TypeError(f"`init_params` must be a dict with 'W' (and 'b'), got {init_params!r}")
+    W = jnp.asarray(init_params["W"], dtype)
+    if W.shape != (d, k):
+        raise ValueError(f"`init_params['W']` must have shape (D, K) = {(d, k)}, got {W.shape}")
+    params = {"W": W}
+    if fit_intercept:
+        b = jnp.asarray(init_params.get("b", np.zeros(k)), dtype)
+        if b.shape != (k,):
+            raise ValueError(f"`init_params['b']` must have shape (K,) = ({k},), got {b.shape}")
+        params["b"] = b
+    return params
+
+
 def resolve_device(device: Any) -> jax.Device:
     if device is None:
         default = jax.config.jax_default_device

@@ -177,15 +177,6 @@ def test_hvp_matches_jvp_of_autodiff_gradient(getkey, reduction, weighted):
 # --- progress, callback, devices ---------------------------------------------------------------
 
 
-def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
-    Z, y = blobs()
-    fit(Z, y, epochs=2, batch_size=30, progress=True)
-    err = capsys.readouterr().err
-    assert "train" in err and "2/2" in err and "loss=" in err and "acc=" in err
-    fit(Z, y, epochs=2, batch_size=30, progress=False)
-    assert capsys.readouterr().err == ""
-
-
 def test_callback_can_stop_and_device_placement():
     Z, y = blobs()
     seen = []
