@@ -191,9 +191,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 device=None,
                 shape=(m, dp),
             )
-            params = {"W": jax.numpy.asarray(W0)}
+            params = {"W": W0}  # NumPy: the solve takes them as they are
             if self.fit_intercept:
-                params["b"] = jax.numpy.asarray(b0)
+                params["b"] = b0
             res = solve(
                 data,
                 params,

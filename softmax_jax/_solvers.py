@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -308,9 +309,9 @@ def solve(
     st, gmax = _solve_impl(
         params,
         data,
-        jnp.asarray(l2, dt),
-        jnp.asarray(tol, dt),
-        jnp.int32(max_iter),
+        np.asarray(l2, dt),  # NumPy scalars: no conversion programs to compile
+        np.asarray(tol, dt),
+        np.int32(max_iter),
         solver=solver,
         mixed=mixed,
     )
