@@ -82,10 +82,8 @@ KNOWN = {
     ("test_file", "_version"): "issue19: no tests/test_version.py",
     ("test_file", "_kernel"): "issue16: no tests/test_kernel.py",
     ("test_file", "_precision"): "no tests/test_precision.py",
-    ("test_file", "_minibatch"): "issue18: no tests/test_minibatch.py",
     ("test_file", "_cli"): "issue19: no tests/test_cli.py",
     ("test_file", "_cli_check"): "issue19: no tests/test_cli_check.py",
-    ("test_file", "_fit"): "issue18: fit is tested in tests/test_train.py, not tests/test_fit.py",
 }
 
 

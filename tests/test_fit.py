@@ -135,27 +135,6 @@ def test_solvers_agree_with_sample_weights_as_repetitions():
         np.testing.assert_allclose(pw["b"] - pw["b"].mean(), p["b"] - p["b"].mean(), atol=1e-8)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
-def test_permutation_is_a_permutation(n):
-    p = np.asarray(permutation(jax.random.key(n), n))
-    np.testing.assert_array_equal(np.sort(p), np.arange(n))
-    q = np.asarray(permutation(jax.random.key(n + 1), n))
-    assert n < 3 or not np.array_equal(p, q)
-
-
-def test_permutation_positions_are_uniform():
-    # where each element lands, over 20000 keys: uniform up to multinomial noise
-    n, draws = 12, 20000
-    keys = jax.random.split(jax.random.key(0), draws)
-    P = np.asarray(jax.jit(jax.vmap(lambda k: permutation(k, n)))(keys))
-    counts = np.stack([np.bincount(P[:, i], minlength=n) for i in range(n)]) / (draws / n)
-    noise = np.sqrt(n / draws)  # relative sd of one count
-    assert counts.std() < 1.5 * noise and np.abs(counts - 1).max() < 6 * noise
-
-
-# --- derivatives used by the solvers, against autodiff (float64) --------------------------------
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_hvp_matches_jvp_of_autodiff_gradient(getkey, reduction, weighted):
