@@ -46,8 +46,14 @@ def test_csv_without_header_and_integer_valued_float_labels(tmp_path):
     "text, match",
     [
         ("1,2,0\n3,x,1\n", r"d\.csv: row 2, column 2: non-numeric feature 'x'"),
-        ("f1,f2,y\n1,2,0\n3,4,1e20\n", r"row 3: label 1e20 is out of range \(\|label\| < 2\*\*53\)"),
-        ("1,2,0\n3,4,99999999999999999999\n", r"row 2: label 99999999999999999999 is out of the int64"),
+        (
+            "f1,f2,y\n1,2,0\n3,4,1e20\n",
+            r"row 3: label 1e20 is out of range \(\|label\| < 2\*\*53\)",
+        ),
+        (
+            "1,2,0\n3,4,99999999999999999999\n",
+            r"row 2: label 99999999999999999999 is out of the int64",
+        ),
         ("1,2,0\n3,4,nan\n", r"row 2: label nan is not an integer"),
         ("1,2,0\n3,4, \n", r"row 2: empty label"),
         ("1;2,5;0\n3;4,5;1\n", r"row 1, column 2: non-numeric feature '2,5' \(a decimal comma"),
