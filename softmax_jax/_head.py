@@ -21,7 +21,7 @@ from jax.typing import ArrayLike
 
 from . import _kernel, _shard
 from ._precision import acc_dtype
-from ._validate import as_array, check_float, check_reduction, is_concrete
+from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
 #: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
 #: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
@@ -128,9 +128,8 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
     if weights is not None and not is_concrete(weights):
         return  # which rows count is known only at run time: NaN rows there, as under jit
     y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
-    bad = (y < 0) | (y >= k)
-    if ignore_index is not None:
-        bad &= y != ignore_index
+    ignored, in_range = label_masks(y, k, ignore_index)
+    bad = ~(ignored | in_range)
     if weights is not None:
         bad &= np.asarray(weights).reshape(-1) != 0
     if bad.any():
@@ -138,6 +137,9 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
         where = np.unravel_index(idx, labels.shape) if labels.ndim != 1 else idx
         where = tuple(int(i) for i in where) if labels.ndim != 1 else idx
         extra = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
+        stored = None if ignore_index is None else np.array(ignore_index).astype(y.dtype)
+        if stored is not None and int(stored) != ignore_index:
+            extra += f" (held as {int(stored)} in {y.dtype})"
         raise ValueError(
             f"`labels` must lie in [0, K) = [0, {k}){extra}, got {int(y[idx])} at index {where}"
         )
@@ -236,13 +238,14 @@ def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
 def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     """Runs the kernel on prepared arguments (shared by both heads; ``spec`` says where)."""
     acc = acc_dtype(W.dtype)
-    labels = labels.astype(jnp.int32)
+    # Masks in the labels' own dtype, then int32 (-1 for a label outside [0, K)).
+    ignored, in_range = label_masks(labels, spec.num_classes, ignore_index, jnp)
+    labels = jnp.where(in_range, labels.astype(jnp.int32), -1)
     # Casts outside the custom_vjp: the gradients of floating weights and of the bias flow back
     # through them into the inputs' dtypes.
     s = jnp.ones(labels.shape, acc) if weights is None else weights.astype(acc)
     bias = None if bias is None else bias.astype(acc)
-    if ignore_index is not None:
-        s = jnp.where(labels == ignore_index, jnp.zeros((), acc), s)
+    s = jnp.where(ignored, jnp.zeros((), acc), s)
     out = _kernel.fused(Z, W, bias, labels, s, spec)
     loss = out[0] if spec.aux else out
     if not spec.aux:

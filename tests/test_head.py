@@ -760,3 +760,31 @@ def test_docstring_examples(monkeypatch):
         runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.attempted > 5 and results.failed == 0
+
+
+LABEL_DTYPES = ("int8", "int16", "int32", "uint8", "uint16", "uint32")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [*LABEL_DTYPES, pytest.param("int64", marks=pytest.mark.x64),
+     pytest.param("uint64", marks=pytest.mark.x64)],
+)  # fmt: skip
+def test_labels_of_every_integer_dtype(getkey, dtype):
+    """Every integer dtype gives the int32 result, eagerly and under jit: ``-100`` as the dtype
+    holds it (65436 in uint16) is ignored; a counted label outside [0, K) is the same clear
+    error eagerly, whatever the dtype (no wrap-around into range through a narrower dtype)."""
+    Z, W, _, y, _ = make(getkey(), n=9, d=4, k=6)
+    y = np.asarray(y).copy()
+    y[[1, 4]] = -100
+    ref = linear_cross_entropy(Z, W, jnp.asarray(y, jnp.int32), reduction="none")
+    held = y.astype(dtype)  # -100's bit pattern in unsigned dtypes
+    eager = linear_cross_entropy(Z, W, held, reduction="none")
+    traced = jax.jit(lambda Z, W, y: linear_cross_entropy(Z, W, y, reduction="none"))(Z, W, held)
+    for got in (eager, traced):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    bad = held.copy()
+    bad[2] = np.iinfo(dtype).max  # not a class, not ignore_index
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, K\)"):
+        linear_cross_entropy(Z, W, bad)
