@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from . import _kernel, _shard
+from . import _fused, _kernel, _shard
 from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
@@ -27,7 +27,7 @@ from ._validate import as_array, check_float, check_reduction, is_concrete, labe
 #: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
 #: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
 #: most LOGITS_BUDGET bytes.
-MIN_ROWS = 128
+MIN_ROWS = 64
 LOGITS_BUDGET = 64 * 2**20
 
 
@@ -246,7 +246,7 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     s = jnp.ones(labels.shape, acc) if weights is None else weights.astype(acc)
     bias = None if bias is None else bias.astype(acc)
     s = jnp.where(ignored, jnp.zeros((), acc), s)
-    out = _kernel.fused(Z, W, bias, labels, s, spec)
+    out = _fused.fused(Z, W, bias, labels, s, spec)
     loss = out[0] if spec.aux else out
     if not spec.aux:
         return loss

@@ -788,3 +788,23 @@ def test_labels_of_every_integer_dtype(getkey, dtype):
     bad[2] = np.iinfo(dtype).max  # not a class, not ignore_index
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, K\)"):
         linear_cross_entropy(Z, W, bad)
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.float64))
+@pytest.mark.parametrize("smoothing", (0.0, 0.2))
+def test_huge_equal_tied_logits_do_not_cancel(dtype, smoothing):
+    """Z ≈ 1e30 against equal columns of a tied table: every logit equal and huge, so the
+    exact loss is log K per row (smoothing or not) and the gradient (softmax − targets) Zᵀ;
+    lse − a_y would round to 0 (m + log K = m in floating point)."""
+    k, d = 10, 4
+    E = jnp.ones((k, d), dtype)
+    h = jnp.full((3, d), 2.5e29, dtype)
+    y = jnp.array([0, 3, 9])
+    per = linear_cross_entropy(h, E, y, weight_layout="kd", reduction="none",
+                               label_smoothing=smoothing)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(per), np.log(k), rtol=1e-6)
+    dE = jax.grad(lambda E: linear_cross_entropy(h, E, y, weight_layout="kd",
+                                                 label_smoothing=smoothing))(E)  # fmt: skip
+    t = (1 - smoothing) * np.eye(k)[np.asarray(y)] + smoothing / k
+    ref = (1.0 / k - t).T @ np.asarray(h, np.float64) / 3
+    np.testing.assert_allclose(np.asarray(dE, np.float64), ref, rtol=1e-5)
