@@ -43,7 +43,7 @@ class _Cfg(NamedTuple):
 def _log_probs(blk, cfg, lse_a, lse_t):
     """``(log q, log p)`` of a column block: student and teacher at temperature ``T``."""
     inv_t = 1.0 / cfg.temperature
-    return blk.a * inv_t - lse_a[:, None], blk.t * inv_t - lse_t[:, None]
+    return lse_a.log_softmax(blk.a * inv_t), lse_t.log_softmax(blk.t * inv_t)
 
 
 def _log_mix(lq, lp, beta):
@@ -52,7 +52,8 @@ def _log_mix(lq, lp, beta):
 
 
 def _stats(ch, cfg):
-    """Rows ``(lse_a, lse_t, lse_r, div, S, ce)``: the log-sum-exps of the tempered student
+    """Rows ``(lse_a, lse_t, lse_r, div, S, ce)``: the log-sum-exps (:class:`_vocab.Lse`) of
+    the tempered student
     and teacher logits and of the raw student logits ``r`` (for the hard loss; ``lse_a`` when
     ``T = 1``), the divergence, its gradient's row sum ``S`` (JSD: ``(1 − β) KL(q‖m)``) and the
     cross-entropy ``lse_r − r_y`` (0 without a hard loss)."""
@@ -76,7 +77,7 @@ def _stats(ch, cfg):
 
     sums = _vocab.row_sums(ch, terms, 2 if cfg.divergence == "jsd" else 1)
     div, S = sums[0], sums[-1]
-    ce = lse_r - tgt if hard else jnp.zeros_like(lse_r)
+    ce = (lse_r.m - tgt) + lse_r.ls if hard else jnp.zeros_like(div)
     return lse_a, lse_t, lse_r, div, S, ce
 
 
@@ -98,14 +99,14 @@ def _gblock(ch, cfg, cc, lse_a, lse_t, lse_r, div, S):
         G = (cc * inv_t)[:, None] * Gd
         if hw != 0.0:
             onehot = blk.cols == ch.yl[:, None]
-            G = G + (cc * hw)[:, None] * (jnp.exp(blk.a - lse_r[:, None]) - onehot)
+            G = G + (cc * hw)[:, None] * (jnp.exp(lse_r.log_softmax(blk.a)) - onehot)
         return G
 
     return gblock
 
 
 def _forward_chunk(cfg):
-    """Rows ``(ℓ, lse_a, lse_t, lse_r, div, S)`` with ``ℓ = D + λ_h ce`` (NaN for a counted
+    """Rows ``(ℓ, *lse_a, *lse_t, *lse_r, div, S)`` (9) with ``ℓ = D + λ_h ce`` (NaN for a counted
     token whose label is no class when there is a hard loss), and the residual block for the
     row coefficients ``rows = (c,)`` when given."""
 
@@ -119,14 +120,15 @@ def _forward_chunk(cfg):
                 ell = jnp.where(ch.valid, ell, jnp.where(cc == 0, 0.0, jnp.nan))
                 cc = jnp.where(ch.valid | (cc == 0), cc, jnp.nan)
             gblock = _gblock(ch, cfg, cc, lse_a, lse_t, lse_r, div, S)
-        return (ell, lse_a, lse_t, lse_r, div, S), gblock
+        return (ell, *lse_a, *lse_t, *lse_r, div, S), gblock
 
     return fn
 
 
 def _backward_chunk(cfg):
     def fn(ch, rows):
-        cc, lse_a, lse_t, lse_r, div, S = rows
+        cc, ma, la, mt, lt, mr, lr, div, S = rows
+        lse_a, lse_t, lse_r = _vocab.Lse(ma, la), _vocab.Lse(mt, lt), _vocab.Lse(mr, lr)
         if cfg.hard_weight != 0.0:
             cc = jnp.where(ch.valid | (cc == 0), cc, jnp.nan)
         return (), _gblock(ch, cfg, cc, lse_a, lse_t, lse_r, div, S)
@@ -150,7 +152,7 @@ def _reduce(ell, s, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _distill(Z, W, Zt, Wt, labels, s, cfg: _Cfg):
-    (ell, *_), *_ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay, _forward_chunk(cfg), 6)
+    (ell, *_), *_ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay, _forward_chunk(cfg), 9)
     return _reduce(ell, s, cfg)
 
 
@@ -160,13 +162,13 @@ def _distill_fwd(Z, W, Zt, Wt, labels, s, cfg: _Cfg):
     Z, W, Zt, Wt, labels, s = (x.value for x in (Z, W, Zt, Wt, labels, s))
     proto = jnp.zeros((0,), W.dtype)
     if cfg.reduction == "none":
-        outs, *_ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay, _forward_chunk(cfg), 6)
+        outs, *_ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay, _forward_chunk(cfg), 9)
         ell = outs[0]
         res = (Z, W, Zt, Wt, labels, s, outs[1:], ell if want_ds else None, wants, proto)
         return _reduce(ell, s, cfg), res
     inv = mean_normaliser(s, s.shape[0], cfg.reduction, acc_dtype(W.dtype))
     (ell, *_), dZ, dW, _ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay,
-                                      _forward_chunk(cfg), 6, wants=wants, inv=inv)  # fmt: skip
+                                      _forward_chunk(cfg), 9, wants=wants, inv=inv)  # fmt: skip
     value = _reduce(ell, s, cfg)
     ds = None
     if want_ds:  # ∂L/∂s_i: ℓ_i (sum), (ℓ_i − L) / Σ s (mean)

@@ -44,21 +44,21 @@ class _Cfg(NamedTuple):
 
 
 def _forward_chunk(cfg: _Cfg):
-    """Rows ``(logp, H, lse)``: ``lse`` of ``a = r / T``, ``logp = a_y − lse`` (NaN for a
-    token outside ``[0, K)``), ``H = −Σ_k q_k (a_k − lse)`` (a second pass, once ``lse`` is
-    known: no cancellation between ``lse`` and ``Σ q a``)."""
+    """Rows ``(logp, H, m, ls)``: ``lse = m + ls`` of ``a = r / T`` (:class:`_vocab.Lse`),
+    ``logp = a_y − lse`` (NaN for a token outside ``[0, K)``), ``H = −Σ_k q_k log q_k`` (a
+    second pass, once ``lse`` is known: no cancellation between ``lse`` and ``Σ q a``)."""
     inv_t = 1.0 / cfg.temperature
 
     def fn(ch, rows):
         (lse,), tgt = _vocab.lses_and_target(ch, [lambda blk: blk.a * inv_t])
 
         def terms(blk):
-            la = blk.a * inv_t - lse[:, None]
-            return (jnp.exp(la) * la,)
+            lq = lse.log_softmax(blk.a * inv_t)
+            return (jnp.exp(lq) * lq,)
 
         (neg_h,) = _vocab.row_sums(ch, terms, 1)
-        logp = jnp.where(ch.valid, tgt * inv_t - lse, jnp.nan)
-        return (logp, -neg_h, lse), None
+        logp = jnp.where(ch.valid, (tgt * inv_t - lse.m) - lse.ls, jnp.nan)
+        return (logp, -neg_h, lse.m, lse.ls), None
 
     return fn
 
@@ -69,18 +69,19 @@ def _backward_chunk(cfg: _Cfg, use_logp: bool, use_entropy: bool):
     inv_t = 1.0 / cfg.temperature
 
     def fn(ch, rows):
-        g_l, g_h, lse, ent = rows
+        g_l, g_h, m, ls, ent = rows
+        lse = _vocab.Lse(m, ls)
 
         def gblock(blk):
-            la = blk.a * inv_t - lse[:, None]
-            q = jnp.exp(la)
-            coef = jnp.zeros_like(la)
-            G = jnp.zeros_like(la)
+            lq = lse.log_softmax(blk.a * inv_t)
+            q = jnp.exp(lq)
+            coef = jnp.zeros_like(lq)
+            G = jnp.zeros_like(lq)
             if use_logp:
                 coef = coef + g_l[:, None]
                 G = jnp.where(blk.cols == ch.yl[:, None], g_l[:, None], 0.0)
             if use_entropy:
-                coef = coef + g_h[:, None] * (la + ent[:, None])
+                coef = coef + g_h[:, None] * (lq + ent[:, None])
             return (G - q * coef) * inv_t
 
         return (), gblock
@@ -95,8 +96,8 @@ def _backward_chunk(cfg: _Cfg, use_logp: bool, use_entropy: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _log_probs(Z, W, b, tokens, cfg: _Cfg):
-    (logp, ent, _), *_ = _vocab.run(Z, W, b, None, None, tokens, (), cfg.lay,
-                                    _forward_chunk(cfg), 3)  # fmt: skip
+    (logp, ent, _, _), *_ = _vocab.run(Z, W, b, None, None, tokens, (), cfg.lay,
+                                       _forward_chunk(cfg), 4)  # fmt: skip
     return logp, ent
 
 
@@ -104,20 +105,21 @@ def _log_probs_fwd(Z, W, b, tokens, cfg: _Cfg):
     wants = (Z.perturbed, W.perturbed, b is not None and b.perturbed)
     Z, W, tokens = Z.value, W.value, tokens.value
     b = None if b is None else b.value
-    (logp, ent, lse), *_ = _vocab.run(Z, W, b, None, None, tokens, (), cfg.lay,
-                                      _forward_chunk(cfg), 3)  # fmt: skip
+    (logp, ent, m, ls), *_ = _vocab.run(Z, W, b, None, None, tokens, (), cfg.lay,
+                                        _forward_chunk(cfg), 4)  # fmt: skip
     protos = (jnp.zeros((0,), W.dtype), None if b is None else jnp.zeros((0,), b.dtype))
-    return (logp, ent), (Z, W, b, tokens, lse, ent, wants, protos)
+    return (logp, ent), (Z, W, b, tokens, (m, ls, ent), wants, protos)
 
 
 def _log_probs_bwd(cfg: _Cfg, res, g):
-    Z, W, b, tokens, lse, ent, wants, (w_proto, b_proto) = res
+    Z, W, b, tokens, stats, wants, (w_proto, b_proto) = res
     g_l, g_h = g
     use_l, use_h = (not isinstance(x, SymbolicZero) for x in (g_l, g_h))
-    zero = jnp.zeros(lse.shape, lse.dtype)
-    g_l = g_l.astype(lse.dtype) if use_l else zero
-    g_h = g_h.astype(lse.dtype) if use_h else zero
-    _, dZ, dW, db = _vocab.run(Z, W, b, None, None, tokens, (g_l, g_h, lse, ent), cfg.lay,
+    m = stats[0]
+    zero = jnp.zeros(m.shape, m.dtype)
+    g_l = g_l.astype(m.dtype) if use_l else zero
+    g_h = g_h.astype(m.dtype) if use_h else zero
+    _, dZ, dW, db = _vocab.run(Z, W, b, None, None, tokens, (g_l, g_h, *stats), cfg.lay,
                                _backward_chunk(cfg, use_l, use_h), 0, wants=wants)  # fmt: skip
     dZ = dZ if wants[0] else None
     dW = dW.astype(w_proto.dtype) if wants[1] else None

@@ -89,10 +89,23 @@ def fold_columns(ch: Chunk, body, init):
     return fold_chunks(ch.A.shape[1], ch.kblock, step, init)
 
 
+class Lse(NamedTuple):
+    """A row-wise log-sum-exp over all K classes kept as ``m + ls``: ``m`` the row maximum,
+    ``ls = log Σ_k exp(x_k − m)`` (``0 ≤ ls ≤ log K``). Log-probabilities are formed as
+    ``(x − m) − ls``, never ``x − (m + ls)``: rounding ``m + ls`` at the logits' magnitude would
+    scale a whole row of probabilities by ``1 + δ`` and leave their sum off 1 by ``δ``."""
+
+    m: jax.Array  # (C,)
+    ls: jax.Array  # (C,)
+
+    def log_softmax(self, x: jax.Array) -> jax.Array:
+        return (x - self.m[:, None]) - self.ls[:, None]
+
+
 def lses_and_target(ch: Chunk, picks: Sequence[Callable]):
-    """``([lse_k(x) for x = pick(a, t)], a_{i, y_i})``: max-shifted log-sum-exps over all K
-    classes (online over the column blocks, then across the shards) of each family of logits
-    ``pick(block)``, and the student's raw target logit (0 where the label is no class)."""
+    """``([Lse of pick(block) for each pick], a_{i, y_i})``: the max-shifted log-sum-exps over
+    all K classes (online over the column blocks, then across the shards) of each family of
+    logits ``pick(block)``, and the student's raw target logit (0 where the label is no class)."""
     c = ch.A.shape[0]
     acc = ch.A.dtype
 
@@ -110,8 +123,7 @@ def lses_and_target(ch: Chunk, picks: Sequence[Callable]):
     init = ([(jnp.full((c,), -jnp.inf, acc), jnp.zeros((c,), acc)) for _ in picks],
             jnp.zeros((c,), acc))  # fmt: skip
     ms, tgt = fold_columns(ch, body, init)
-    lses = [_combine_lse(m + jnp.log(s), ch.axis) for m, s in ms]
-    return lses, allsum(tgt, ch.axis)
+    return [_combine(m, s, ch.axis) for m, s in ms], allsum(tgt, ch.axis)
 
 
 def row_sums(ch: Chunk, terms: Callable, count: int):
@@ -130,12 +142,12 @@ def allsum(x, axis):
     return x if axis is None else lax.psum(x, axis)
 
 
-def _combine_lse(lse_p, axis):
-    """``lse`` over all shards: ``M + log Σ_p exp(lse_p − M)``, ``M = max_p lse_p``."""
-    if axis is None:
-        return lse_p
-    big = lax.pmax(lse_p, axis)
-    return big + jnp.log(lax.psum(jnp.exp(lse_p - big), axis))
+def _combine(m, s, axis) -> Lse:
+    """Across the shards: ``M = max_p m_p``, ``ls = log Σ_p s_p exp(m_p − M)``."""
+    if axis is not None:
+        big = lax.pmax(m, axis)
+        m, s = big, lax.psum(s * jnp.exp(m - big), axis)
+    return Lse(m, jnp.log(s))
 
 
 def _grad_gemms(ch: Chunk, gblock, Zc, W, dW, db, layout, wants):

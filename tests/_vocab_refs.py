@@ -31,7 +31,7 @@ def divergence_ref(lq, lp, divergence, beta):
 
 def distillation_ref(Z, W, Zt, Wt, labels=None, *, temperature=1.0, divergence="kl", beta=0.5,
                      hard_weight=0.0, ignore_index=-100, weights=None, reduction="mean",
-                     weight_layout="dk"):  # fmt: skip
+                     weight_layout="dk", chunk_size=None):  # fmt: skip
     mm = (lambda x, w: x @ w) if weight_layout == "dk" else (lambda x, w: x @ w.T)
     r = mm(Z, W)
     t = jax.lax.stop_gradient(mm(Zt, Wt))
