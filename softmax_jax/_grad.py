@@ -29,7 +29,7 @@ from ._loss import (
     reduce_losses,
 )
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
-from ._validate import as_array, check_problem
+from ._validate import as_array, check_problem, check_result
 
 
 def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
@@ -138,7 +138,8 @@ def value_and_grad(
     """
     _scalar_reduction(reduction, "value_and_grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 def grad(
@@ -162,7 +163,8 @@ def grad(
     """
     _scalar_reduction(reduction, "grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 class DerivationTerms(NamedTuple):
