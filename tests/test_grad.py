@@ -264,3 +264,12 @@ def test_mean_of_one_row_no_rows_and_zero_weights(getkey):
         value, g = sj.value_and_grad(W, rows, labels, weights=weights, reduction="mean")
         assert float(value) == 0.0 and np.array_equal(g, np.zeros((4, 3))), (value, g)
         assert np.array_equal(sj.hvp(W, rows, labels, W, weights=weights, reduction="mean"), g)
+
+
+def test_mean_is_invariant_to_the_weights_scale(getkey):
+    # 1 / Σ s for any Σ s > 0, below 1 too: weights scaled by 1e-3 give the same mean
+    W, Z, y, s = problem(getkey(), 8, 4, 3, "integer", weighted=True, dtype=jnp.float32)
+    v1, g1 = sj.value_and_grad(W, Z, y, weights=s, reduction="mean")
+    v2, g2 = sj.value_and_grad(W, Z, y, weights=1e-3 * s / s.sum(), reduction="mean")
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    assert_close(g2, g1, dtype=jnp.float32)
