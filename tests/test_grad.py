@@ -14,7 +14,6 @@ import pytest
 from helpers import RTOL, assert_close, numpy_hvp, numpy_reference, problem
 
 import softmax_jax as sj
-from softmax_jax import _grad
 
 X64 = pytest.param(jnp.float64, marks=pytest.mark.x64, id="float64")
 
@@ -103,6 +102,19 @@ def test_second_derivative_through_grad(getkey, reduction):
         assert_close(hv, ref, dtype=jnp.float32)
 
 
+def test_hvp_takes_y_as_grad_does_and_ignores_its_values(getkey):
+    """The Hessian of eq. (2) does not depend on Y; a Y that grad rejects, hvp rejects too."""
+    W, Z, y, _ = problem(getkey(), 8, 3, 4, "integer", dtype=jnp.float32)
+    V = jax.random.normal(getkey(), W.shape, jnp.float32)
+    soft = jax.nn.softmax(jax.random.normal(getkey(), (8, 4)), axis=-1)
+    hv = sj.hvp(W, Z, y, V)
+    for other in ((y + 1) % 4, soft):
+        assert_close(sj.hvp(W, Z, other, V), hv, dtype=jnp.float32)
+    for fn in (sj.grad, lambda W, Z, Y: sj.hvp(W, Z, Y, V)):
+        with pytest.raises(ValueError, match="`Y`"):
+            fn(W, Z, y[:-1])
+
+
 def test_reduction_none_rejected(getkey):
     W, Z, y, _ = problem(getkey(), 4, 3, 5, "integer", dtype=jnp.float32)
     for fn in (sj.grad, sj.value_and_grad):
@@ -125,9 +137,8 @@ def test_integer_labels_never_build_one_hot(getkey):
     """No (N, K) boolean/integer buffer exists in the compiled program for integer labels."""
     n, d, k = 37, 3, 11
     W, Z, y, _ = problem(getkey(), n, d, k, "integer", dtype=jnp.float32)
-    for impl in (_grad._value_and_grad_impl, _grad._grad_impl):
-        fn = jax.jit(lambda W, Z, y: impl(W, Z, y, None, reduction="sum", int_labels=True))
-        assert _nk_nonfloat_buffers(fn, (W, Z, y), n, k) == []
+    for public in (sj.value_and_grad, sj.grad):
+        assert _nk_nonfloat_buffers(jax.jit(public), (W, Z, y), n, k) == []
     # ... whereas a materialised one-hot is caught by the same scan:
     onehot = jax.jit(lambda y: (jax.nn.one_hot(y, k) == 1, jnp.sum(y)))
     assert _nk_nonfloat_buffers(onehot, (y,), n, k)
