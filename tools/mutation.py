@@ -139,6 +139,10 @@ def main(argv=None) -> int:
     db = work / "session.sqlite"
     if not args.resume:
         _copy_tree(repo, work)
+        head = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        (work / "commit.txt").write_text(head + "\n")  # the code and tests that were mutated
         (work / "cosmic-ray.toml").write_text(_config(args.module, args.timeout))
         subprocess.run(["cosmic-ray", "init", "cosmic-ray.toml", db.name], cwd=work, check=True)
         subprocess.run(["cr-filter-operators", db.name, "cosmic-ray.toml"], cwd=work, check=True)
@@ -149,9 +153,7 @@ def main(argv=None) -> int:
     counts, survivors = summary(db)
     done = counts["killed"] + counts["timeout"]
     score = done / counts["run"] if counts["run"] else float("nan")
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
-    ).stdout.strip()
+    head = (work / "commit.txt").read_text().strip()
     lines = [f"{args.module} @ {head}: score {score:.1%} {counts}"]
     for item, res in survivors:
         lines.append(f"--- survived {item.job_id}\n{res.diff}")
