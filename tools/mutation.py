@@ -14,12 +14,15 @@ the diff of every survivor are left in that folder.
 Operators left out (``EXCLUDED_OPERATORS``): arithmetic operators turned into bitwise, shift,
 ``**``, ``%`` or ``//`` ones and comparisons turned into identity tests (and back): on float arrays
 they raise at trace time, so they only inflate the score; and ``RemoveDecorator``, whose mutants
-here are removals of ``jax.jit`` (equivalent: the same function, not compiled).
+here are removals of ``jax.jit`` (equivalent: the same function, not compiled). Mutants inside
+annotations are skipped too (never evaluated: every module has ``from __future__ import
+annotations``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import random
 import shutil
@@ -85,6 +88,36 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        notes = []
+        if isinstance(node, ast.arg | ast.AnnAssign):
+            notes.append(node.annotation)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            notes.append(node.returns)
+        spans += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in notes if a]
+    return spans
+
+
+def _skip_annotations(db: Path, source: str) -> None:
+    """Marks mutants inside annotations as skipped: with ``from __future__ import annotations``
+    (every module here) annotations are never evaluated, so these mutants are equivalent."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    spans = _annotation_spans(source)
+    with use_db(str(db), WorkDB.Mode.open) as work_db:
+        inside = [
+            item.job_id
+            for item in work_db.pending_work_items
+            if any(a <= tuple(item.mutations[0].start_pos) < b for a, b in spans)
+        ]
+        result = WorkResult(output="in an annotation", worker_outcome=WorkerOutcome.SKIPPED)
+        if inside:
+            work_db.set_multiple_results(inside, result)
+
+
 def _sample(db: Path, n: int, seed: int) -> None:
     """Marks all but ``n`` pending mutants (drawn with ``seed``) as skipped."""
     from cosmic_ray.work_db import WorkDB, use_db
@@ -146,6 +179,7 @@ def main(argv=None) -> int:
         (work / "cosmic-ray.toml").write_text(_config(args.module, args.timeout))
         subprocess.run(["cosmic-ray", "init", "cosmic-ray.toml", db.name], cwd=work, check=True)
         subprocess.run(["cr-filter-operators", db.name, "cosmic-ray.toml"], cwd=work, check=True)
+        _skip_annotations(db, (work / "softmax_jax" / f"{args.module}.py").read_text())
         if args.sample is not None:
             _sample(db, args.sample, args.seed)
     subprocess.run(["cosmic-ray", "exec", "cosmic-ray.toml", db.name], cwd=work, check=True)
