@@ -26,8 +26,7 @@ import jax
 
 #: The environment variable: ``0``/``off``/``false``/``no`` turns the cache off, a path moves it.
 ENV = "SOFTMAX_JAX_COMPILATION_CACHE"
-#: Compilations at least this long (seconds) are written to the cache; JAX's own default is
-#: higher and would leave the small solvers out.
+#: Compilations at least this long are written to the cache (below JAX's own default threshold).
 MIN_COMPILE_SECONDS = 0.05
 _JAX_DEFAULT_MIN_COMPILE_SECONDS = 1.0
 _OFF = ("0", "off", "false", "no")

@@ -178,6 +178,11 @@ def fit(
       >>> params["W"].shape, len(history["loss"])
       ((5, 2), 5)
     """
+    check_fit_options(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
+        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+    )  # fmt: skip
     _compile_cache.enable()
     check_fit_options(  # issue 19: every scalar option's type and range, named
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,

@@ -29,7 +29,7 @@ from ._loss import (
     reduce_losses,
 )
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
-from ._validate import as_array, check_problem
+from ._validate import as_array, check_problem, check_result
 
 
 def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
@@ -37,9 +37,8 @@ def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
 
     Integer labels subtract ``c_i`` at ``(i, y_i)``: the label position is an index compare
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
-    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program). A
-    scatter-add at the label positions would do the same arithmetic but cost a second pass over
-    (N, K) on the materialised ``Ŷ`` (bench/grad.py times it: ``scatter``). A row with an
+    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program); a
+    scatter-add at the label positions would cost a second pass over (N, K). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
     n, k = A.shape
@@ -139,7 +138,8 @@ def value_and_grad(
     """
     _scalar_reduction(reduction, "value_and_grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 def grad(
@@ -163,7 +163,8 @@ def grad(
     """
     _scalar_reduction(reduction, "grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 class DerivationTerms(NamedTuple):

@@ -1,10 +1,10 @@
 """The reusable head: fused linear + softmax cross-entropy that never holds the (N, K) logits.
 
 ``linear_cross_entropy(Z, W, labels)`` is the loss of ``softmax(Z W + b)`` against integer labels,
-as a ``jax.custom_vjp`` whose backward pass is the hand-written gradient of eq. (6) carried to the
-head's inputs. The math lives in ``_kernel`` (shared with the sharded head); this module checks
-the arguments, flattens leading dimensions, applies ``ignore_index`` and the weights, and picks
-the class-sharded kernel when ``W``'s class axis is sharded.
+differentiated by the hand-written gradient of eq. (6) carried to the head's inputs (``_fused``:
+forward and reverse mode). The per-chunk math lives in ``_kernel``, where it runs (one device or
+a mesh, from the inputs' shardings) in ``_shard``; this module checks the arguments, applies
+``ignore_index`` and the weights, and picks the rows per chunk.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from . import _kernel
+from . import _fused, _kernel, _shard
 from ._precision import acc_dtype
-from ._validate import as_array, check_float, check_reduction, is_concrete
+from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
-#: The default ``chunk_size="auto"`` keeps one chunk's float32 logits ``(chunk, K)`` (per device)
-#: within this many bytes: rows per chunk = the largest power of two ≤ budget / (4 K).
+#: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
+#: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
+#: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
+#: most LOGITS_BUDGET bytes.
+MIN_ROWS = 64
 LOGITS_BUDGET = 64 * 2**20
 
 
@@ -46,11 +49,11 @@ class CrossEntropyAux(NamedTuple):
 class _Prepared(NamedTuple):
     """Arguments checked and flattened, ready for the kernel (the heads' shared interface)."""
 
-    Z: jax.Array  # (N, D)
+    Z: jax.Array  # (..., D)
     W: jax.Array  # (D, K) or (K, D)
-    labels: jax.Array  # (N,)
+    labels: jax.Array  # (...)
     bias: jax.Array | None
-    weights: jax.Array | None  # (N,)
+    weights: jax.Array | None  # (...)
     lead: tuple[int, ...]  # the leading shape of Z (labels' shape)
     spec: _kernel.Spec  # mesh fields unset; chunk 0 means "auto" (set per device count)
     chunk_size: int | str | None
@@ -125,9 +128,8 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
     if weights is not None and not is_concrete(weights):
         return  # which rows count is known only at run time: NaN rows there, as under jit
     y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
-    bad = (y < 0) | (y >= k)
-    if ignore_index is not None:
-        bad &= y != ignore_index
+    ignored, in_range = label_masks(y, k, ignore_index)
+    bad = ~(ignored | in_range)
     if weights is not None:
         bad &= np.asarray(weights).reshape(-1) != 0
     if bad.any():
@@ -135,6 +137,9 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
         where = np.unravel_index(idx, labels.shape) if labels.ndim != 1 else idx
         where = tuple(int(i) for i in where) if labels.ndim != 1 else idx
         extra = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
+        stored = None if ignore_index is None else np.array(ignore_index).astype(y.dtype)
+        if stored is not None and int(stored) != ignore_index:
+            extra += f" (held as {int(stored)} in {y.dtype})"
         raise ValueError(
             f"`labels` must lie in [0, K) = [0, {k}){extra}, got {int(y[idx])} at index {where}"
         )
@@ -142,7 +147,8 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
 
 def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss,
             ignore_index, softcap, weight_layout, return_aux) -> _Prepared:  # fmt: skip
-    """Checks every argument of the heads; flattens ``Z (..., D)`` to ``(N, D)`` (a reshape)."""
+    """Checks every argument of the heads (the leading dims stay: each device flattens its own
+    rows, so any sharding of them works)."""
     check_reduction(reduction)
     _check_chunk_size(chunk_size)
     ls, zl, ignore_index, softcap = _check_options(
@@ -202,30 +208,29 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                 idx = int(np.flatnonzero(w < 0)[0])
                 raise ValueError(f"`weights` must be >= 0, got {w[idx]} at flat index {idx}")
     _check_label_values(labels, weights, k, ignore_index)
-    n = int(np.prod(lead, dtype=np.int64))
-    Z = Z.reshape(n, d)
-    labels = labels.reshape(n)
-    weights = None if weights is None else weights.reshape(n)
     spec = _kernel.Spec(reduction, 0, _kernel.K_BLOCK, ls, zl, softcap, weight_layout, k,
                         return_aux)  # fmt: skip
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
 
 
-def rows_per_chunk(chunk_size, n: int, k_local: int) -> int:
-    """The static rows per chunk: ``chunk_size``, all ``n`` rows (``None``) or, for ``"auto"``,
-    the largest power of two keeping the ``(chunk, K_local)`` float32 logits ≤ LOGITS_BUDGET."""
+def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
+    """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
+    or, for ``"auto"``, the power of two ≥ ``n / ⌈k / d⌉`` clamped to
+    ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]``."""
     if chunk_size is None:
         rows = n
     elif isinstance(chunk_size, str):
-        fit = max(1, LOGITS_BUDGET // (4 * max(k_local, 1)))
-        rows = 1 << (fit.bit_length() - 1)
+        share = max(1, n // max(1, -(-k // max(d, 1))))
+        rows = 1 << (share - 1).bit_length()
+        cap = max(1, LOGITS_BUDGET // (4 * max(k, 1)))
+        rows = min(max(rows, MIN_ROWS), 1 << (cap.bit_length() - 1))
     else:
         rows = int(chunk_size)
     return max(1, min(rows, n))
 
 
 # --------------------------------------------------------------------------------------------
-# The call: weights and ignore_index outside the custom_vjp, aux, leading dims.
+# The call: weights and ignore_index outside the custom rules, aux, leading dims.
 # --------------------------------------------------------------------------------------------
 
 
@@ -233,17 +238,16 @@ def rows_per_chunk(chunk_size, n: int, k_local: int) -> int:
 def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     """Runs the kernel on prepared arguments (shared by both heads; ``spec`` says where)."""
     acc = acc_dtype(W.dtype)
-    labels = labels.astype(jnp.int32)
-    # Casts outside the custom_vjp: the gradients of floating weights and of the bias flow back
+    # Masks in the labels' own dtype, then int32 (-1 for a label outside [0, K)).
+    ignored, in_range = label_masks(labels, spec.num_classes, ignore_index, jnp)
+    labels = jnp.where(in_range, labels.astype(jnp.int32), -1)
+    # Casts outside the custom rules: the gradients of floating weights and of the bias flow back
     # through them into the inputs' dtypes.
     s = jnp.ones(labels.shape, acc) if weights is None else weights.astype(acc)
     bias = None if bias is None else bias.astype(acc)
-    if ignore_index is not None:
-        s = jnp.where(labels == ignore_index, jnp.zeros((), acc), s)
-    out = _kernel.fused(Z, W, bias, labels, s, spec)
+    s = jnp.where(ignored, jnp.zeros((), acc), s)
+    out = _fused.fused(Z, W, bias, labels, s, spec)
     loss = out[0] if spec.aux else out
-    if spec.reduction == "none":
-        loss = loss.reshape(lead)
     if not spec.aux:
         return loss
     lse, pred = (jax.lax.stop_gradient(x) for x in out[1:])
@@ -251,51 +255,29 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     total = jnp.sum(s)
     hits = jnp.sum(jnp.where(pred == labels, s, 0.0))
     accuracy = hits / jnp.where(total > 0, total, 1)
-    return loss, CrossEntropyAux(lse.reshape(lead), pred.reshape(lead), accuracy)
+    return loss, CrossEntropyAux(lse, pred, accuracy)
 
 
-def class_sharding(W, kaxis: int) -> tuple[Mesh, str] | None:
-    """``(mesh, axis)`` when ``W``'s class axis is known (now, at trace time) to be sharded
-    over one mesh axis of size > 1: a concrete array's sharding, or an explicit-axis type."""
-    if isinstance(W, jax.core.Tracer):
-        sharding = getattr(jax.typeof(W), "sharding", None)
-    else:
-        sharding = getattr(W, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return None
-    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    name = spec[kaxis]
-    if isinstance(name, tuple):
-        if len(name) != 1:
-            return None
-        name = name[0]
-    if name is None or sharding.mesh.shape[name] == 1:
-        return None
-    if isinstance(W, jax.core.Tracer):
-        ax = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))[name]
-        if ax != jax.sharding.AxisType.Explicit:
-            return None
-    return sharding.mesh, name
-
-
-def sharded_spec(p: _Prepared, mesh: Mesh, axis: str, *, split_rows: bool) -> _kernel.Spec:
-    """The kernel spec for a class-sharded call over ``mesh.shape[axis]`` devices; the other axes
-    split the rows when ``split_rows`` (the caller checked N), else hold replicas."""
-    batch = tuple(a for a in mesh.axis_names if a != axis) if split_rows else ()
-    nb = int(np.prod([mesh.shape[a] for a in batch], dtype=np.int64))
-    # "auto" budgets the logits chunk of the whole K: each device holds 1/P of it.
-    chunk = rows_per_chunk(p.chunk_size, max(p.Z.shape[0] // max(nb, 1), 1), p.spec.k)
-    return p.spec._replace(chunk=chunk, mesh=mesh, axis=axis, batch=batch)
+def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
+    """The kernel spec of a prepared call: where it runs (:func:`_shard.layout_of` reading the
+    inputs' shardings, or ``where`` = the sharded head's ``mesh``/``classes``/``rows``) and the
+    rows per chunk of one device."""
+    kaxis = 1 if p.spec.weight_layout == "dk" else 0
+    layout = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis, **where)
+    n_local = _shard.local_rows(layout, p.lead)
+    return p.spec._replace(
+        chunk=rows_per_chunk(p.chunk_size, n_local, p.spec.num_classes, p.Z.shape[-1]),
+        placement=layout,
+    )
 
 
 def dispatch(p: _Prepared, spec: _kernel.Spec):
-    """:func:`call`; an eager call with a mesh of explicit axes runs inside ``jax.set_mesh``
+    """:func:`call`; an eager call on a mesh of explicit axes runs inside ``jax.set_mesh``
     (JAX's explicit-sharding mode types the outputs from the mesh in context)."""
-    mesh = spec.mesh
-    explicit = mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    layout = spec.placement
     traced = any(isinstance(x, jax.core.Tracer) for x in (p.Z, p.W, p.labels))
-    if explicit and isinstance(mesh, Mesh) and not traced:
-        with jax.set_mesh(mesh):
+    if layout is not None and layout.explicit and isinstance(layout.mesh, Mesh) and not traced:
+        with jax.set_mesh(layout.mesh):
             return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
                         ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
     return call(
@@ -349,13 +331,25 @@ def linear_cross_entropy(
         \frac{\partial L}{\partial W} = Z^\top G, \quad
         \frac{\partial L}{\partial b} = \sum_i G_i
 
-    (the last factor only with a softcap). A ``jax.custom_vjp`` (reverse mode only). Rows are
+    (the last factor only with a softcap). For ``"sum"``/``"mean"`` a ``jax.custom_jvp`` whose
+    tangent is ``⟨∂L/∂Z, Ż⟩ + ⟨∂L/∂W, Ẇ⟩ + ⟨∂L/∂b, ḃ⟩ + ⟨∂L/∂s, ṡ⟩``: ``jax.jvp``,
+    ``jax.linearize``, ``jax.jacfwd``, ``jax.grad`` and their compositions (Hessian-vector
+    products) all work; for ``"none"`` a ``jax.custom_vjp`` (reverse mode). Rows are
     processed ``chunk_size`` at a time in a ``lax.fori_loop`` and classes in blocks of 2048, so
     the live temporaries are one ``(chunk, K)`` logits chunk, a few ``(chunk, 2048)`` and
     ``(D, 2048)`` blocks and the ``∂L/∂W`` accumulator. For ``"sum"``/``"mean"`` the gradients
     are accumulated during the forward pass (three GEMMs, as the unfused loss); gradients of
     inputs that are not differentiated (``Z`` when only the head is trained, ``W`` when it is
     frozen) are skipped. For ``"none"`` the backward pass recomputes the logits chunk by chunk.
+    ``chunk_size="auto"`` sizes a chunk's logits like the hidden-state block they come from
+    (Liger-Kernel's rule), at least 64 rows, at most 64 MiB of float32 logits.
+
+    Meshes: the shardings ``Z``, ``W``, the bias, labels and weights carry are read (concrete
+    arrays, or the types of arrays on a mesh of explicit axes, ``jax.make_mesh``'s default) and
+    the pass runs under ``jax.shard_map`` with them: rows (any leading dim) over data axes, the
+    classes of ``W`` and the bias over model axes, ``W`` split along D (FSDP) gathered for the
+    call; gradients come back sharded like their inputs. Inside a user's ``jax.shard_map`` it
+    works on the local shards.
 
     Precision: GEMM operands in ``W``'s dtype (``Z`` and residual chunks are cast to it; ``W`` is
     never cast, padded or copied), accumulation in float32 at least, the mean's ``1 / Σ s``
@@ -450,18 +444,5 @@ def linear_cross_entropy(
     with jax.named_scope("linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                     z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
-        kaxis = 1 if weight_layout == "dk" else 0
-        sharded = class_sharding(p.W, kaxis)
-        if sharded is None:
-            spec = p.spec._replace(chunk=rows_per_chunk(p.chunk_size, p.Z.shape[0], p.spec.k))
-        else:
-            mesh, axis = sharded
-            size = mesh.shape[axis]
-            if p.spec.k % size:
-                raise ValueError(
-                    f"`W` is sharded over its class axis on mesh axis {axis!r} of size {size}, "
-                    f"but K = {p.spec.k} is not divisible by {size}; shard W evenly or gather it"
-                )
-            others = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a != axis]))
-            spec = sharded_spec(p, mesh, axis, split_rows=p.Z.shape[0] % others == 0)
+        spec = placed_spec(p)
         return dispatch(p, spec)

@@ -539,11 +539,14 @@ def test_named_scope_in_the_program(getkey):
 
 
 def test_default_chunk_is_frugal():
-    assert _head.rows_per_chunk("auto", 16384, 32768) == 512
-    assert _head.rows_per_chunk("auto", 16384, 50257) == 256
-    assert _head.rows_per_chunk("auto", 100, 1000) == 100  # small K: one chunk of all rows
-    assert _head.rows_per_chunk(None, 100, 10**6) == 100
-    assert 4 * 50257 * _head.rows_per_chunk("auto", 10**6, 50257) <= _head.LOGITS_BUDGET
+    """ "auto": the logits chunk about the size of the hidden-state block (Liger's rule), at
+    least MIN_ROWS rows, within the logits budget."""
+    assert _head.rows_per_chunk("auto", 16384, 32768, 1024) == 512
+    assert _head.rows_per_chunk("auto", 8192, 50257, 1024) == 256
+    assert _head.rows_per_chunk("auto", 1024, 4096, 128) == _head.MIN_ROWS  # a small LM
+    assert _head.rows_per_chunk("auto", 100, 1000, 8) == 100  # fewer rows than one chunk
+    assert _head.rows_per_chunk(None, 100, 10**6, 8) == 100
+    assert 4 * 50257 * _head.rows_per_chunk("auto", 10**6, 50257, 10**5) <= _head.LOGITS_BUDGET
 
 
 # Low precision at N = 65536 with reduction="mean": the mean's 1/N (1.5e-5) and the softmax
@@ -588,13 +591,15 @@ def test_low_precision_mean_at_large_n(dtype):
     assert sj.check_grad(W, Z, y, reduction="mean").passed
 
 
-@pytest.mark.parametrize("layout", ("dk", "kd"))
-def test_memory_with_default_arguments(monkeypatch, layout):
-    """Compile only. Default arguments (chunk_size="auto": 512 rows at K = 32768) hold ≥ 15×
-    less than the unfused loss at N=16384, D=1024, K=32768; the tied (K, D) layout holds
-    within 1.25× of (D, K) (no transposed copy of W: that alone would be 128 MiB)."""
+@pytest.mark.parametrize(
+    ("layout", "n", "d", "k", "ratio"),
+    [("dk", 16384, 1024, 32768, 15), ("kd", 16384, 1024, 32768, 15), ("kd", 16 * 64, 128, 4096, 4)],
+)
+def test_memory_with_default_arguments(monkeypatch, layout, n, d, k, ratio):
+    """Compile only. Default arguments (chunk_size="auto") hold ≥ 15× less than the unfused
+    loss at N=16384, D=1024, K=32768 and ≥ 4× less at a small LM's B=16, T=64, D=128, K=4096
+    (tied); the tied (K, D) layout holds within 1.25× of (D, K) (no transposed copy of W)."""
     monkeypatch.setattr(_kernel, "K_BLOCK", 2048)
-    n, d, k = 16384, 1024, 32768
     w_shape = (d, k) if layout == "dk" else (k, d)
     specs = (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
@@ -610,8 +615,8 @@ def test_memory_with_default_arguments(monkeypatch, layout):
         return optax.softmax_cross_entropy_with_integer_labels(A, y).mean()
 
     fused = _temp_bytes(jax.value_and_grad(head, (0, 1)), *specs)
-    assert _temp_bytes(jax.value_and_grad(unfused, (0, 1)), *specs) / fused >= 15
-    if layout == "kd":
+    assert _temp_bytes(jax.value_and_grad(unfused, (0, 1)), *specs) / fused >= ratio
+    if layout == "kd" and ratio == 15:
         dk_specs = (specs[0], jax.ShapeDtypeStruct((d, k), jnp.float32), specs[2])
         dk = _temp_bytes(jax.value_and_grad(linear_cross_entropy, (0, 1)), *dk_specs)
         assert fused <= 1.25 * dk, f"kd {fused / 2**20:.1f} MiB vs dk {dk / 2**20:.1f} MiB"
@@ -755,3 +760,51 @@ def test_docstring_examples(monkeypatch):
         runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.attempted > 5 and results.failed == 0
+
+
+LABEL_DTYPES = ("int8", "int16", "int32", "uint8", "uint16", "uint32")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [*LABEL_DTYPES, pytest.param("int64", marks=pytest.mark.x64),
+     pytest.param("uint64", marks=pytest.mark.x64)],
+)  # fmt: skip
+def test_labels_of_every_integer_dtype(getkey, dtype):
+    """Every integer dtype gives the int32 result, eagerly and under jit: ``-100`` as the dtype
+    holds it (65436 in uint16) is ignored; a counted label outside [0, K) is the same clear
+    error eagerly, whatever the dtype (no wrap-around into range through a narrower dtype)."""
+    Z, W, _, y, _ = make(getkey(), n=9, d=4, k=6)
+    y = np.asarray(y).copy()
+    y[[1, 4]] = -100
+    ref = linear_cross_entropy(Z, W, jnp.asarray(y, jnp.int32), reduction="none")
+    held = y.astype(dtype)  # -100's bit pattern in unsigned dtypes
+    eager = linear_cross_entropy(Z, W, held, reduction="none")
+    traced = jax.jit(lambda Z, W, y: linear_cross_entropy(Z, W, y, reduction="none"))(Z, W, held)
+    for got in (eager, traced):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    bad = held.copy()
+    bad[2] = np.iinfo(dtype).max  # not a class, not ignore_index
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, K\)"):
+        linear_cross_entropy(Z, W, bad)
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.float64))
+@pytest.mark.parametrize("smoothing", (0.0, 0.2))
+def test_huge_equal_tied_logits_do_not_cancel(dtype, smoothing):
+    """Z ≈ 1e30 against equal columns of a tied table: every logit equal and huge, so the
+    exact loss is log K per row (smoothing or not) and the gradient (softmax − targets) Zᵀ;
+    lse − a_y would round to 0 (m + log K = m in floating point)."""
+    k, d = 10, 4
+    E = jnp.ones((k, d), dtype)
+    h = jnp.full((3, d), 2.5e29, dtype)
+    y = jnp.array([0, 3, 9])
+    per = linear_cross_entropy(h, E, y, weight_layout="kd", reduction="none",
+                               label_smoothing=smoothing)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(per), np.log(k), rtol=1e-6)
+    dE = jax.grad(lambda E: linear_cross_entropy(h, E, y, weight_layout="kd",
+                                                 label_smoothing=smoothing))(E)  # fmt: skip
+    t = (1 - smoothing) * np.eye(k)[np.asarray(y)] + smoothing / k
+    ref = (1.0 / k - t).T @ np.asarray(h, np.float64) / 3
+    np.testing.assert_allclose(np.asarray(dE, np.float64), ref, rtol=1e-5)

@@ -112,17 +112,6 @@ def test_trainData_without_hessian_operands_still_solves_with_lbfgs():
     assert res.converged and isinstance(data, TrainData)
 
 
-def test_newton_stops_where_tol_asks_not_far_past_it():
-    # the last Newton step's CG stops once its residual (about the next gradient) is inside tol:
-    # max|∇f| ends below tol but within a small factor of it, with fewer Hessian products
-    X, y = problem(n=400, d=6, k=5, seed=1, noise=0.3)
-    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
-                 hessian_dtype=np.float32)  # fmt: skip
-    for tol in (1e-6, 1e-8):
-        res = solve(data, zeros(6, 5), solver="newton-cg", l2=1e-3, tol=tol, max_iter=100)
-        assert res.converged and tol / 30 <= res.grad_max <= tol
-
-
 def test_newton_cg_converges_in_a_few_iterations():
     # Newton's method with the exact Hessian (eq. (2)'s plus l2·I) converges quadratically: 6
     # iterations (26 CG products) here. A Hessian product or preconditioner that drops or
@@ -134,3 +123,14 @@ def test_newton_cg_converges_in_a_few_iterations():
     )
     assert res.converged and res.n_iter <= 8 and res.n_inner <= 40, res
     assert res.value == pytest.approx(numpy_objective(X, y, None, res.params, 0.1), rel=1e-13)
+
+
+def test_newton_stops_where_tol_asks_not_far_past_it():
+    # the last Newton step's CG stops once its residual (about the next gradient) is inside tol:
+    # max|∇f| ends below tol but within a small factor of it, with fewer Hessian products
+    X, y = problem(n=400, d=6, k=5, seed=1, noise=0.3)
+    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float32)  # fmt: skip
+    for tol in (1e-6, 1e-8):
+        res = solve(data, zeros(6, 5), solver="newton-cg", l2=1e-3, tol=tol, max_iter=100)
+        assert res.converged and tol / 30 <= res.grad_max <= tol
