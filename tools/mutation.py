@@ -30,7 +30,8 @@ from pathlib import Path
 MODULE_TESTS = {
     "_precision": ["tests/test_grad.py"],  # no test file of its own: its users' exactness tests
     "_chunks": ["tests/test_chunks.py"],
-    "_loss": ["tests/test_loss.py"],
+    # mean_scale (the per-sample factor of the mean) is used by _grad and _objective, not by loss
+    "_loss": ["tests/test_loss.py", "tests/test_grad.py"],
     "_grad": ["tests/test_grad.py"],
     "_kernel": ["tests/test_head.py"],  # the head's kernel: tested through the head
     "_head": ["tests/test_head.py"],
