@@ -87,7 +87,6 @@ KNOWN = {
     ("test_file", "_shard"): "issue16: no tests/test_shard.py",
     ("function_length", "_fit"): "issue18: fit is over 80 lines of code",
     ("test_file", "_kernel"): "issue16: no tests/test_kernel.py",
-    ("test_file", "_precision"): "no tests/test_precision.py",
     ("test_file", "_objective"): "issue18: no tests/test_objective.py",
     ("test_file", "_placement"): "issue18: no tests/test_placement.py",
     ("test_file", "_minibatch"): "issue18: no tests/test_minibatch.py",
