@@ -387,6 +387,22 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):
+    """``(ignored, in_range)`` of integer labels, compared in their own dtype (``xp`` is NumPy
+    for concrete checks, ``jax.numpy`` under tracing: both give the same masks). A label is
+    ignored when it holds ``ignore_index`` as that dtype stores it (``-100`` in ``uint16`` is
+    65436, its bit pattern), and in range when ``0 ≤ y < K`` — no wrap-around through a
+    narrower dtype, so every integer dtype, signed or unsigned, 8 to 64 bits, agrees."""
+    dtype = np.dtype(labels.dtype)
+    info = np.iinfo(dtype)
+    if ignore_index is None:
+        ignored = xp.zeros(labels.shape, bool)
+    else:
+        ignored = labels == xp.asarray(np.array(ignore_index).astype(dtype), dtype)
+    in_range = labels >= 0 if info.min < 0 else xp.ones(labels.shape, bool)
+    if num_classes <= info.max:
+        in_range = in_range & (labels < xp.asarray(num_classes, dtype))
+    return ignored, in_range
 
 
 @jax.jit
