@@ -184,11 +184,6 @@ def fit(
         max_to_keep=max_to_keep,
     )  # fmt: skip
     _compile_cache.enable()
-    check_fit_options(  # issue 19: every scalar option's type and range, named
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
-        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
-        max_to_keep=max_to_keep,
-    )  # fmt: skip
     setup = _setup(
         Z, y, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size, l2=l2,
         fit_intercept=fit_intercept, sample_weight=sample_weight, num_classes=num_classes,
