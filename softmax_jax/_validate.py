@@ -314,16 +314,13 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bo
     ``optional``."""
     if value is None and optional:
         return None
-    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
-        minimum, f"an integer >= {minimum}"
-    )
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         raise TypeError(
-            f"`{name}` must be {want}{' or None' if optional else ''}, got "
+            f"`{name}` must be an integer{' or None' if optional else ''}, got "
             f"{type(value).__name__} {value!r}"
         )
     if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be {want}, got {value!r}")
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -343,10 +340,8 @@ def check_real(value: Any, name: str, *, minimum: float | None = None, strict: b
         raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
     v = float(value)
     if not np.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
-        if strict and minimum == 0:
-            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"`{name}` must be a finite float{bound}, got {value!r}")
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}")
     return v
 
 
@@ -387,6 +382,8 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+
+
 def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):
     """``(ignored, in_range)`` of integer labels, compared in their own dtype (``xp`` is NumPy
     for concrete checks, ``jax.numpy`` under tracing: both give the same masks). A label is
