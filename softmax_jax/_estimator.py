@@ -44,6 +44,10 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._placement import place
 from ._solvers import SOLVERS, solve
+from ._validate import check_sparse, is_sparse
+
+#: scipy.sparse X: CSR and CSC as they are, other formats converted to CSR (softmax_jax._sparse)
+_SPARSE = {"accept_sparse": ("csr", "csc"), "accept_large_sparse": True}
 
 __all__ = ["SoftmaxRegression"]
 
@@ -160,7 +164,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
           ``self``.
         """
         self._check_params()
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X, y = validate_data(
+            self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1, **_SPARSE
+        )
+        sparse = is_sparse(X)  # scipy.sparse X (softmax_jax._sparse)
+        if sparse:
+            X = check_sparse(X, "X")
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -213,7 +222,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 tol=float(self.tol),
                 max_iter=int(self.max_iter),
-                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE,
+                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE and not sparse,
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)
@@ -252,7 +261,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Logits ``X Wᵀ + b`` ``(N, K)``; for two classes the margin ``a_1 − a_0`` ``(N,)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, **_SPARSE)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 

@@ -29,6 +29,8 @@ from jax.typing import ArrayLike
 from ._chunks import map_chunks
 from ._loss import logits, logsumexp_rows
 from ._objective import CHUNK_ROWS
+from ._sparse import predict_sparse
+from ._validate import check_sparse, is_sparse
 
 __all__ = ["Model", "ModelFileError", "load_model", "predict", "predict_proba", "save_model"]
 
@@ -92,9 +94,16 @@ def _check_features(Z: Any, d: int, name: str = "Z"):
 
 def _run(params, Z, chunk_size: int, what: str) -> jax.Array:
     W, b = _check_params(params)
-    Z = _check_features(Z, W.shape[0])
     if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
+    if is_sparse(Z):  # scipy.sparse rows, never densified (softmax_jax._sparse)
+        Zs = check_sparse(Z, "Z")
+        if Zs.shape[1] != W.shape[0]:
+            raise ValueError(
+                f"`Z` must have shape (N, D) with D = {W.shape[0]} features, got {Zs.shape}"
+            )
+        return predict_sparse(W, b, Zs, what)
+    Z = _check_features(Z, W.shape[0])
     if Z.shape[0] == 0:
         if what == "label":
             return jnp.zeros((0,), jnp.int32)

@@ -72,6 +72,8 @@ def vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
     of :func:`softmax_jax.value_and_grad` (``logits``, ``logsumexp_rows``, ``_residual``, ``_dW``)
     so that no ones column has to be appended to ``Z``. Also returns the logits ``A`` (N, K).
     """
+    if hasattr(Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse)
+        return Z.vg_sum(params, y, s)
     W = params["W"]
     A = logits(W, Z)
     if "b" in params:
@@ -152,6 +154,8 @@ objective.defvjp(_objective_fwd, _objective_bwd)
 def hessian_probs(params: Params, data: TrainData) -> jax.Array:
     """``Ŷ = softmax(Zh [W; b])`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
     depends on the parameters, computed once per Newton step and shared by the products."""
+    if hasattr(data.Zh, "probs"):  # scipy.sparse rows (softmax_jax._sparse)
+        return data.Zh.probs(params)
     W1 = stack(params).astype(data.Zh.dtype)
     _, E, S = logsumexp_rows(logits(W1, data.Zh))
     return E / S
@@ -174,6 +178,8 @@ def hessian_vp(
     ``params``) it is two GEMMs instead of three; over many rows it runs in chunks of
     :data:`CHUNK_ROWS` (the chunk of ``Zh`` is still in cache for the second GEMM).
     """
+    if hasattr(data.Zh, "hessian_vp"):  # scipy.sparse rows (softmax_jax._sparse)
+        return data.Zh.hessian_vp(params, V, l2, probs=probs)
     Zh = data.Zh
     dt = params["W"].dtype
     P = hessian_probs(params, data) if probs is None else probs
@@ -241,6 +247,8 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
     r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
     GEMM ``(Z⊙Z)ᵀ M`` given ``probs`` (:func:`hessian_probs`; two without), with ``Z⊙Z`` computed
     once; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
+    if hasattr(data.Zh, "hessian_diag"):  # scipy.sparse rows (softmax_jax._sparse)
+        return data.Zh.hessian_diag(params, l2, probs=probs)
     P = hessian_probs(params, data) if probs is None else probs
     c = mean_scale(data.s, P.shape[0], P.dtype, "mean")
     D1 = _dW(data.Zsq, P * (1 - P) * c[:, None], params["W"].dtype)
