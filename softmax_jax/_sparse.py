@@ -86,41 +86,48 @@ def _pieces(indptr: np.ndarray):
     )
 
 
+def _bucket(n: int) -> int:
+    """``n`` rounded up to 16 or to a multiple of 1/8 of its power of two (at most 12.5% more):
+    the sizes of :class:`Ell`'s arrays, so that data of similar size share compiled programs."""
+    if n <= 16:
+        return 16
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def ell_from_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dtype) -> Ell:
     """The :class:`Ell` (NumPy arrays) of the CSR matrix ``(indptr, indices, data)``."""
     prow, pk, pstart, plen = _pieces(indptr)
     npc = prow.size
     C = int(min(BLOCK, max(8, 1 << max(npc - 1, 0).bit_length())))
     order = np.argsort(-plen, kind="stable")  # longest first
-    nb = max(1, -(-npc // C))
+    nb = _bucket(-(-npc // C))  # whole blocks, then empty ones (no slots)
     sorted_len = np.zeros(nb * C, np.int64)
     sorted_len[:npc] = plen[order]
     length = sorted_len.reshape(nb, C).max(axis=1)
     start = np.cumsum(length) - length
     rank = np.empty(npc, np.int64)
     rank[order] = np.arange(npc)
-    # every stored entry: its piece's rank gives the block and lane, its offset the slot
-    ent_piece = np.repeat(np.arange(npc), plen)
-    ent_slot = np.arange(ent_piece.size) - (np.cumsum(plen) - plen)[ent_piece]
-    ent_src = pstart[ent_piece] + ent_slot
-    r = rank[ent_piece]
-    slots = int(length.sum())
-    idx = np.zeros((slots, C), np.int32)
-    val = np.zeros((slots, C), dtype)
-    idx[start[r // C] + ent_slot, r % C] = indices[ent_src]
-    val[start[r // C] + ent_slot, r % C] = data[ent_src]
+    first = np.zeros(nb * C, np.int64)
+    first[:npc] = pstart[order]
+    idx = np.zeros((_bucket(int(length.sum())), C), np.int32)
+    val = np.zeros(idx.shape, dtype)
+    for b in range(-(-npc // C)):  # block by block: gathers from the CSR arrays, in cache
+        slot = np.arange(length[b])[:, None]
+        inside = slot < sorted_len[b * C : (b + 1) * C][None, :]
+        src = np.where(inside, first[b * C : (b + 1) * C][None, :] + slot, 0)
+        rows = slice(start[b], start[b] + length[b])
+        idx[rows] = np.where(inside, indices[src], 0)
+        val[rows] = np.where(inside, data[src], 0)
     pos = np.full(indptr.size - 1, nb * C, np.int32)
     head = pk == 0
     pos[prow[head]] = rank[head]
-    return Ell(
-        idx,
-        val,
-        start.astype(np.int32),
-        length.astype(np.int32),
-        pos,
-        rank[~head].astype(np.int32),
-        prow[~head].astype(np.int32),
-    )
+    n_extra = int((~head).sum())
+    extra_src = np.full(_bucket(n_extra) if n_extra else 0, nb * C, np.int32)  # padding: + 0
+    extra_dst = np.zeros(extra_src.size, np.int32)
+    extra_src[:n_extra] = rank[~head]
+    extra_dst[:n_extra] = prow[~head]
+    return Ell(idx, val, start.astype(np.int32), length.astype(np.int32), pos, extra_src, extra_dst)
 
 
 def _slot_sum(idx, val, X, first, length, *, square: bool = False) -> jax.Array:
@@ -131,7 +138,7 @@ def _slot_sum(idx, val, X, first, length, *, square: bool = False) -> jax.Array:
         i = lax.dynamic_index_in_dim(idx, first + slot, keepdims=False)
         v = lax.dynamic_index_in_dim(val, first + slot, keepdims=False).astype(X.dtype)
         v = v * v if square else v
-        return acc + v[:, None] * jnp.take(X, i, axis=0)
+        return acc + v[:, None] * X.at[i].get(mode="promise_in_bounds")
 
     return lax.fori_loop(0, length, body, jnp.zeros((idx.shape[1], X.shape[1]), X.dtype))
 
@@ -142,15 +149,18 @@ def ell_apply(ell: Ell, X: jax.Array, *, square: bool = False) -> jax.Array:
     each a loop over its slots that gathers ``C`` rows of ``X`` and accumulates
     ``value · row``."""
     K = X.shape[1]
+    if X.shape[0] == 0:  # S has no columns
+        return jnp.zeros((ell.pos.shape[0], K), X.dtype)
 
     def block(args):
         return _slot_sum(ell.idx, ell.val, X, *args, square=square)
 
     out = lax.map(block, (ell.start, ell.length)).reshape(-1, K)
     stacked = jnp.concatenate([out, jnp.zeros((1, K), X.dtype)])
-    res = jnp.take(stacked, ell.pos, axis=0)
+    res = stacked.at[ell.pos].get(mode="promise_in_bounds")
     if ell.extra_src.shape[0]:
-        res = res.at[ell.extra_dst].add(jnp.take(stacked, ell.extra_src, axis=0))
+        more = stacked.at[ell.extra_src].get(mode="promise_in_bounds")
+        res = res.at[ell.extra_dst].add(more, mode="promise_in_bounds")
     return res
 
 
