@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from ._chunks import host_chunks
+from ._validate import is_sparse
 
 __all__ = ["CheckpointError", "Checkpointer", "data_digest"]
 
@@ -233,6 +234,20 @@ class Checkpointer:
         self._manager.close()
 
 
+def _digest_parts(a, parts: list) -> None:
+    """Appends the digest parts of one array (or ``None``) to ``parts``."""
+    if a is None:
+        parts.append(b"none;")
+        return
+    a = np.asarray(a)
+    parts.append(f"{a.dtype.str}{a.shape};".encode())
+    if a.ndim == 0:
+        parts.append(a)
+        return
+    rows = max(1, (64 << 20) // max(1, a[:1].nbytes))
+    parts += [a[part] for part in host_chunks(a.shape[0], rows)]
+
+
 def data_digest(*arrays: Any) -> str:
     """SHA-256 (hex) of the training arrays (features, labels, weights; ``None`` skipped): their
     dtypes and shapes and, block by block of about 64 MiB of rows, their bytes.
@@ -246,16 +261,13 @@ def data_digest(*arrays: Any) -> str:
 
     parts: list = []
     for a in arrays:
-        if a is None:
-            parts.append(b"none;")
-            continue
-        a = np.asarray(a)
-        parts.append(f"{a.dtype.str}{a.shape};".encode())
-        if a.ndim == 0:
-            parts.append(a)
-            continue
-        rows = max(1, (64 << 20) // max(1, a[:1].nbytes))
-        parts += [a[part] for part in host_chunks(a.shape[0], rows)]
+        if is_sparse(a):  # a canonical CSR (check_training_data): its shape and three arrays
+            parts.append(f"csr{a.shape};".encode())
+            arrays_of_a = (a.indptr, a.indices, a.data)
+        else:
+            arrays_of_a = (a,)
+        for part in arrays_of_a:
+            _digest_parts(part, parts)
 
     def block_digest(part) -> bytes:
         if isinstance(part, bytes):
