@@ -213,3 +213,17 @@ def test_uneven_rows_refuse_minibatches_only():
         warnings.simplefilter("ignore")
         params, _ = sj.fit(X, y, optimizer="lbfgs", epochs=3, progress=False)
     assert np.isfinite(np.asarray(params["W"])).all()
+
+
+@pytest.mark.slow
+def test_bench_sparse_tiny_writes_json(tmp_path):
+    """bench/sparse.py runs end to end (tiny shapes) and reaches the optimum with both."""
+    from softmax_jax._cli import main
+
+    assert main(["bench", "--only", "sparse", "--quick", "--tiny", "--out", str(tmp_path)]) == 0
+    import json
+
+    result = json.loads((tmp_path / "sparse.json").read_text())
+    assert result["suite"] == "sparse" and result["mode"] == "tiny" and not result["missed"]
+    assert {"sklearn-lbfgs", "ours-newton-cg"} <= set(result["results"])
+    assert result["results"]["ours-newton-cg"]["peak_rss_growth"] >= 0
