@@ -125,7 +125,8 @@ def predict_proba(params: dict, Z: ArrayLike, *, chunk_size: int = CHUNK_ROWS) -
     Args:
       params: ``{"W": (D, K), "b": (K,)}`` as returned by :func:`softmax_jax.fit` (``b``
         optional).
-      Z: features ``(N, D)``, preprocessed as for training.
+      Z: features ``(N, D)``, preprocessed as for training: an array, or a ``scipy.sparse``
+        matrix (never densified: its logits come from the sparse rows, ``softmax_jax._sparse``).
       chunk_size: rows per block.
 
     Returns:
