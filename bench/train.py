@@ -47,10 +47,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 import numpy as np
 
@@ -84,10 +82,18 @@ def synthetic(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 def dataset(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X_train, y_train, X_test, y_test)`` in float64 for a spec from :func:`specs`."""
     if spec["kind"] in ("digits", "digits-raw"):
-        from softmax_jax._data import load_digits
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
-        ds = load_digits(test_size=0.25, seed=0, standardize=spec["kind"] == "digits")
-        return ds.X_train, ds.y_train, ds.X_test, ds.y_test
+        X, y = load_digits(return_X_y=True)
+        Xtr, Xte, ytr, yte = train_test_split(
+            X.astype(np.float64), y.astype(np.int32), test_size=0.25, random_state=0, stratify=y
+        )
+        if spec["kind"] == "digits":  # standardised with the training split's mean and std
+            mean, std = Xtr.mean(axis=0), Xtr.std(axis=0)
+            std[std == 0] = 1.0
+            Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+        return Xtr, ytr, Xte, yte
     n, t = spec["n_train"], spec["n_test"]
     X, y = synthetic(n + t, spec["d"], spec["k"], seed=spec.get("seed", 0))
     return X[:n], y[:n], X[n:], y[n:]
@@ -170,16 +176,7 @@ class SklearnProcess:
     """scikit-learn in a child process started with the OpenBLAS knobs unset; ``fit(tol)``."""
 
     def __enter__(self) -> SklearnProcess:
-        env = dict(os.environ)
-        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
-            env.pop(var, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--sklearn-worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
+        self.proc = C.start_worker(__file__, "--sklearn-worker")
         return self
 
     def ask(self, **msg) -> dict:
@@ -204,7 +201,7 @@ class SklearnProcess:
 
 def fit_ours(solver: str, tol: float, Xtr, ytr, Xte, yte) -> dict:
     """One warm ``SoftmaxRegression(C=1, solver=solver, tol=tol)`` fit."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     # Newton-CG: a tolerance below its float32-Hessian floor would run to max_iter, not stop
     est = SoftmaxRegression(
@@ -226,7 +223,7 @@ def fit_ours(solver: str, tol: float, Xtr, ytr, Xte, yte) -> dict:
 
 def compile_seconds(solver: str, Xtr, ytr) -> float:
     """First fit minus a warm one of the same shape: the solver's compile time (once per shape)."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     times = []
     for _ in range(2):
@@ -240,7 +237,7 @@ def compile_seconds(solver: str, Xtr, ytr) -> float:
 
 def run_default(Xtr, ytr) -> dict:
     """``SoftmaxRegression(C=1)`` with every other setting at its default (warm)."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     SoftmaxRegression(C=C_REG).fit(Xtr, ytr)
     t0 = time.perf_counter()
@@ -277,35 +274,29 @@ def throughput(X: np.ndarray, y: np.ndarray, k: int, *, rounds: int, batch: int)
     import jax
     import jax.numpy as jnp
 
-    from softmax_jax import _minibatch, _placement
+    import softmax_jax as sj
 
     n, d = X.shape
     dev = C.default_device()
     Xf = X.astype(np.float32)
-    data = _placement.place(Xf, y, None, fit_intercept=True, dtype=np.float32, device=dev)
-    opt = _minibatch.make_optimizer("adam")
-    params = jax.device_put(
-        {"W": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}, dev
-    )
-    state = jax.device_put(opt.init(params), dev)
-    l2 = jnp.float32(1.0 / n)
-    key = jax.random.key(0)
+    kw = dict(optimizer="adam", batch_size=batch, l2=1.0 / n, seed=0, num_classes=k)
 
-    def epoch():
-        return _minibatch.minibatch_epoch(params, state, data, l2, key, opt=opt, batch_size=batch)
+    def epoch_seconds() -> float:  # fit's own timing of its one epoch (placement excluded)
+        _, history = sj.fit(Xf, y, epochs=1, progress=False, device=dev, **kw)
+        return history["seconds"][0]
 
     Z = jax.device_put(Xf, dev)
     W = jnp.zeros((d, k), jnp.float32)
     M = jax.device_put(np.random.default_rng(0).normal(size=(n, k)).astype(np.float32), dev)
     floor = jax.jit(lambda Z, W, M: (Z @ W, Z.T @ M))
     t_epoch, t_floor = [], []
-    for fn, out in ((epoch, t_epoch), (lambda: floor(Z, W, M), t_floor)):
-        jax.block_until_ready(fn())
+    epoch_seconds()  # compile
+    jax.block_until_ready(floor(Z, W, M))
     for _ in range(rounds):  # interleaved: a load change hits both alike
-        for fn, out in ((epoch, t_epoch), (lambda: floor(Z, W, M), t_floor)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t0)
+        t_epoch.append(epoch_seconds())
+        t0 = time.perf_counter()
+        jax.block_until_ready(floor(Z, W, M))
+        t_floor.append(time.perf_counter() - t0)
     ratio = statistics.median(f / e for f, e in zip(t_floor, t_epoch))
     numpy_floor = None
     try:

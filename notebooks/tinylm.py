@@ -23,9 +23,6 @@ from flax import nnx
 
 import softmax_jax as sj
 
-#: Rows of logits per chunk of the head: (128, K) float32 is 4 MiB at K = 8192. The head's default
-#: ("auto", a 64 MiB budget per chunk) would take all 1024 tokens of a batch in one chunk here.
-CHUNK = 128
 IGNORE = -100  # label of a padded position (the convention of PyTorch, Liger, optax users)
 PAD, BOS = 0, 1  # special token ids; the 256 single bytes follow, then the word pieces
 _SPECIAL = [b"<pad>", b"<bos>"]
@@ -205,11 +202,9 @@ class TinyLM(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def head_loss(h: jax.Array, E: jax.Array, labels: jax.Array, *, chunk_size: int = CHUNK):
+def head_loss(h: jax.Array, E: jax.Array, labels: jax.Array):
     """The fused head: mean cross-entropy over the non-ignored tokens and their accuracy."""
-    loss, aux = sj.linear_cross_entropy(
-        h, E, labels, weight_layout="kd", return_aux=True, chunk_size=chunk_size
-    )
+    loss, aux = sj.linear_cross_entropy(h, E, labels, weight_layout="kd", return_aux=True)
     return loss, aux.accuracy
 
 

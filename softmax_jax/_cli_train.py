@@ -14,19 +14,19 @@ import importlib
 import inspect
 import math
 import os
+import re
 import sys
 
 import numpy as np
 
-from ._cli import PROG, CLIError
-from ._minibatch import OPTIMIZERS
+from ._cli_common import PROG, CLIError
+from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS
 from ._solvers import FULL_BATCH_SOLVERS
 
 # The command line's defaults: chosen for the built-in digits (1347 training samples) and small
-# CSV files, where fit's library defaults (10 epochs of batches of 256) stop short. --help
-# states both.
+# CSV files, where fit's library default of 10 epochs stops short. --help states both. The
+# batch size is fit's (DEFAULT_BATCH_SIZE of _minibatch).
 DEFAULT_EPOCHS = 30
-DEFAULT_BATCH_SIZE = 64
 DEFAULT_L2 = 1e-4
 DEFAULT_TEST_SIZE = 0.25
 EXTRA = "pip install 'softmax-jax[cli]'"
@@ -72,11 +72,13 @@ def _fit_default(name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``train`` options to ``parser``."""
-    from ._minibatch import DEFAULT_BATCH_SIZE as FIT_BATCH
+    """Adds the ``train`` options to ``parser``: data, training, checkpoints and outputs."""
+    _add_data_arguments(parser)
+    _add_training_arguments(parser)
+    _add_output_arguments(parser)
 
-    names = (*OPTIMIZERS, *FULL_BATCH_SOLVERS)
-    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in OPTIMIZERS.items())
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         metavar="PATH",
@@ -87,8 +89,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         metavar="PATH",
-        help="with --data X.npy: a .npy of N integer labels in [0, K) (default: y.npy beside X)",
+        help="with --data X.npy: a .npy of N labels, or an .npz with y (default: y.npy beside X)",
     )
+    parser.add_argument(
+        "--test-size",
+        type=float,
+        default=DEFAULT_TEST_SIZE,
+        metavar="F",
+        help=f"fraction held out for testing, in (0, 1) (default: {DEFAULT_TEST_SIZE})",
+    )
+    parser.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="train on the features as they are (default: standardise with the training split's "
+        "mean and std, saved in the model)",
+    )
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    names = (*OPTIMIZERS, *FULL_BATCH_SOLVERS)
+    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in OPTIMIZERS.items())
     parser.add_argument(
         "--optimizer",
         default="adam",
@@ -117,8 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE}; fit's is {FIT_BATCH}); not for "
-        "lbfgs/newton-cg, which use all samples",
+        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE}, as fit); not for lbfgs/newton-cg, "
+        "which use all samples",
     )
     parser.add_argument(
         "--l2",
@@ -134,19 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="seed of the split and the shuffling, 0 <= N < 2**32 (default: 0, as fit)",
     )
-    parser.add_argument(
-        "--test-size",
-        type=float,
-        default=DEFAULT_TEST_SIZE,
-        metavar="F",
-        help=f"fraction held out for testing, in (0, 1) (default: {DEFAULT_TEST_SIZE})",
-    )
-    parser.add_argument(
-        "--no-standardize",
-        action="store_true",
-        help="train on the features as they are (default: standardise with the training split's "
-        "mean and std, saved in the model)",
-    )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
@@ -262,9 +272,13 @@ def _load(args: argparse.Namespace):
 
 
 def _as_flags(message: str) -> str:
-    """An error of fit with its Python argument names (```batch_size```) as the flags."""
+    """An error of fit with its Python argument names as the flags: ```batch_size``` (quoted)
+    and ``checkpoint_dir`` (a bare name with an underscore) as ``--batch-size``,
+    ``--checkpoint-dir``."""
     for name, flag in FLAG_OF.items():
         message = message.replace(f"`{name}`", flag)
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
     return message
 
 
@@ -381,6 +395,7 @@ def run_cli(args: argparse.Namespace) -> int:
         logger = logging.getLogger("softmax_jax")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        propagate, logger.propagate = logger.propagate, False  # printed once, not again by root
     try:
         params, history = fit(
             ds.X_train.astype(np.float32),
@@ -397,11 +412,12 @@ def run_cli(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
         )
-    except (TrainingDiverged, CheckpointError, ValueError) as e:
+    except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
         raise CLIError(_as_flags(str(e))) from None
     finally:
         if args.no_progress:
             logger.removeHandler(handler)
+            logger.propagate = propagate
 
     W = np.asarray(params["W"])
     b = np.asarray(params["b"])
@@ -440,6 +456,31 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _load_labels(path: str, n: int):
+    """``(codes, classes)`` of the labels of a streamed ``--data X.npy``: a ``.npy`` of N labels or
+    an ``.npz`` holding ``y`` (integers, integer-valued floats or names)."""
+    from ._data import DataError, encode_labels
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if hasattr(loaded, "files"):
+            with loaded:
+                if "y" not in loaded.files:
+                    raise CLIError(
+                        f"--labels {path}: no array y in it, found {sorted(loaded.files)}"
+                    )
+                y = loaded["y"]
+        else:
+            y = np.asarray(loaded)
+        if y.shape != (n,):
+            raise CLIError(f"--labels {path}: must hold ({n},) labels for --data, got {y.shape}")
+        return encode_labels(y, f"--labels {path}")
+    except DataError as e:
+        raise CLIError(str(e)) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise CLIError(f"--labels {path}: cannot read ({type(e).__name__}: {e})") from None
+
+
 def _run_streamed(args: argparse.Namespace) -> int:
     """``--data X.npy``: ``fit(..., stream=True)`` over ``X`` memory-mapped, labels from
     ``--labels``. The features are used as stored (no split, no standardisation: each would be
@@ -451,39 +492,34 @@ def _run_streamed(args: argparse.Namespace) -> int:
 
     labels = args.labels or os.path.join(os.path.dirname(os.path.abspath(args.data)), "y.npy")
     try:
-        X = np.load(args.data, mmap_mode="r")
-        y = np.load(labels, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--data {args.data} / --labels {labels}: {e}") from None
-    if X.ndim != 2 or y.shape != (X.shape[0],):
+        X = np.load(args.data, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
         raise CLIError(
-            f"--data must hold an (N, D) array and --labels (N,) labels, got {X.shape} and {y.shape}"
-        )
+            f"--data {args.data}: cannot read as .npy ({type(e).__name__}: {e})"
+        ) from None
+    if X.ndim != 2 or X.dtype.kind not in "fiu":
+        raise CLIError(f"--data {args.data}: must hold an (N, D) array of numbers, got "
+                       f"{X.dtype}{X.shape}")  # fmt: skip
     n, d = X.shape
+    codes, classes = _load_labels(labels, n)
     print(f"data: {args.data} streamed (memmap): {n} samples, {d} features; labels {labels}")
     try:
         params, history = fit(
-            X, np.asarray(y), optimizer=args.optimizer, learning_rate=args.lr,
+            X, codes, optimizer=args.optimizer, learning_rate=args.lr,
             epochs=args.epochs, l2=args.l2, seed=args.seed, stream=True,
             batch_size=args.batch_size or (None if args.optimizer in FULL_BATCH_SOLVERS
                                            else DEFAULT_BATCH_SIZE),
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
         )  # fmt: skip
-    except (TrainingDiverged, CheckpointError, ValueError) as e:
-        raise CLIError(_as_flags(str(e))) from None
+    except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
+        raise CLIError(_as_flags(str(e)).replace("`Z`", f"--data {args.data}")) from None
     if history["epoch"]:
         print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
         print(f"train accuracy (last epoch, as trained): {history['train_accuracy'][-1]:.4f}")
     if args.save:
         W, b = np.asarray(params["W"]), np.asarray(params["b"])
         info = {"data": args.data, "labels": labels, "n_samples": n, "streamed": True}
-        written = save_model(args.save, Model(W, b, np.arange(W.shape[1]), info=info))
+        written = save_model(args.save, Model(W, b, classes, info=info))
         print(f"wrote the model (no preprocessing, W {W.shape}, b {b.shape}) to {written}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ._cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -17,13 +17,13 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from ._checkpoint import Checkpointer, CheckpointError, data_digest
+from ._checkpoint import Checkpointer, CheckpointError, data_digest, transformation_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
 from ._objective import Params, evaluate
 from ._placement import data_parallel, place, resolve_device
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
-from ._validate import check_training_data, compute_dtype
+from ._validate import check_fit_options, check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -73,8 +73,9 @@ def _describe_optimizer(optimizer, learning_rate) -> str:
         lr = learning_rate
         if lr is None and optimizer in OPTIMIZERS:
             lr = OPTIMIZERS[optimizer][1]
-        return optimizer if lr is None else f"{optimizer}(lr={lr if not callable(lr) else 'fn'})"
-    return f"custom {type(optimizer).__name__}"
+        lr = f"fn {transformation_digest(lr)}" if callable(lr) else lr  # issue 19: hyperparameters
+        return optimizer if lr is None else f"{optimizer}(lr={lr})"
+    return f"custom {type(optimizer).__name__} {transformation_digest(optimizer)}"
 
 
 def _output(params: Params, k: int) -> Params:
@@ -212,6 +213,11 @@ def fit(
       ((5, 2), 5)
     """
     dp = data_parallel(mesh)
+    check_fit_options(  # issue 19: every scalar option's type and range, named
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
+        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+    )  # fmt: skip
     _check_fit_args(device, dp, epochs, l2, checkpoint_every)
     local_rows = stream or (dp is not None and jax.process_count() > 1)  # not all of Z here
     Zh, yh, sw, k = check_training_data(

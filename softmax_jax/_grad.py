@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._loss import (
+    label_validity,
+    logits,
+    logsumexp_rows,
+    mean_scale,
+    nll_rows,
+    reduce_losses,
+)
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 from ._validate import as_array, check_problem
 
@@ -25,7 +32,7 @@ def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
     or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program). A
     scatter-add at the label positions would do the same arithmetic but cost a second pass over
-    (N, K) on the materialised ``Ŷ`` (measured 1.3× slower at N=8192, K=1000). A row with an
+    (N, K) on the materialised ``Ŷ`` (bench/grad.py times it: ``scatter``). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
     n, k = A.shape
@@ -51,8 +58,8 @@ def _dW(Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None) -
 
 def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
-    lse, E, S = logsumexp_rows(A)
-    value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
+    _, E, S = logsumexp_rows(A)
+    value = reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
     # The residual carries the raw weights s_i; the mean's 1 / Σ s multiplies the GEMM's result.
     c = None if weights is None else weights.astype(A.dtype)
     M = _residual(A, E, S, Y, c, int_labels)
@@ -247,7 +254,8 @@ def hvp(
               - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
 
     Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
-    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    on ``Y``: any valid ``Y`` gives the same ``H V``. ``Y`` is taken and validated so the problem
+    is passed as to :func:`softmax_jax.grad`, and a problem ``grad`` rejects is rejected here.
     Three GEMMs and no autodiff; the basis of the Newton-CG solver.
 
     Args:

@@ -16,15 +16,18 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from . import _kernel
+from . import _kernel, _shard
 from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete
 
-#: The default ``chunk_size="auto"`` keeps one chunk's float32 logits ``(chunk, K)`` (per device)
-#: within this many bytes: rows per chunk = the largest power of two ≤ budget / (4 K).
+#: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
+#: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
+#: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
+#: most LOGITS_BUDGET bytes.
+MIN_ROWS = 128
 LOGITS_BUDGET = 64 * 2**20
 
 
@@ -46,11 +49,11 @@ class CrossEntropyAux(NamedTuple):
 class _Prepared(NamedTuple):
     """Arguments checked and flattened, ready for the kernel (the heads' shared interface)."""
 
-    Z: jax.Array  # (N, D)
+    Z: jax.Array  # (..., D)
     W: jax.Array  # (D, K) or (K, D)
-    labels: jax.Array  # (N,)
+    labels: jax.Array  # (...)
     bias: jax.Array | None
-    weights: jax.Array | None  # (N,)
+    weights: jax.Array | None  # (...)
     lead: tuple[int, ...]  # the leading shape of Z (labels' shape)
     spec: _kernel.Spec  # mesh fields unset; chunk 0 means "auto" (set per device count)
     chunk_size: int | str | None
@@ -142,7 +145,8 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
 
 def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss,
             ignore_index, softcap, weight_layout, return_aux) -> _Prepared:  # fmt: skip
-    """Checks every argument of the heads; flattens ``Z (..., D)`` to ``(N, D)`` (a reshape)."""
+    """Checks every argument of the heads (the leading dims stay: each device flattens its own
+    rows, so any sharding of them works)."""
     check_reduction(reduction)
     _check_chunk_size(chunk_size)
     ls, zl, ignore_index, softcap = _check_options(
@@ -202,23 +206,22 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                 idx = int(np.flatnonzero(w < 0)[0])
                 raise ValueError(f"`weights` must be >= 0, got {w[idx]} at flat index {idx}")
     _check_label_values(labels, weights, k, ignore_index)
-    n = int(np.prod(lead, dtype=np.int64))
-    Z = Z.reshape(n, d)
-    labels = labels.reshape(n)
-    weights = None if weights is None else weights.reshape(n)
     spec = _kernel.Spec(reduction, 0, _kernel.K_BLOCK, ls, zl, softcap, weight_layout, k,
                         return_aux)  # fmt: skip
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
 
 
-def rows_per_chunk(chunk_size, n: int, k_local: int) -> int:
-    """The static rows per chunk: ``chunk_size``, all ``n`` rows (``None``) or, for ``"auto"``,
-    the largest power of two keeping the ``(chunk, K_local)`` float32 logits ≤ LOGITS_BUDGET."""
+def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
+    """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
+    or, for ``"auto"``, the power of two ≥ ``n / ⌈k / d⌉`` clamped to
+    ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]``."""
     if chunk_size is None:
         rows = n
     elif isinstance(chunk_size, str):
-        fit = max(1, LOGITS_BUDGET // (4 * max(k_local, 1)))
-        rows = 1 << (fit.bit_length() - 1)
+        share = max(1, n // max(1, -(-k // max(d, 1))))
+        rows = 1 << (share - 1).bit_length()
+        cap = max(1, LOGITS_BUDGET // (4 * max(k, 1)))
+        rows = min(max(rows, MIN_ROWS), 1 << (cap.bit_length() - 1))
     else:
         rows = int(chunk_size)
     return max(1, min(rows, n))
@@ -242,8 +245,6 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
         s = jnp.where(labels == ignore_index, jnp.zeros((), acc), s)
     out = _kernel.fused(Z, W, bias, labels, s, spec)
     loss = out[0] if spec.aux else out
-    if spec.reduction == "none":
-        loss = loss.reshape(lead)
     if not spec.aux:
         return loss
     lse, pred = (jax.lax.stop_gradient(x) for x in out[1:])
@@ -251,51 +252,29 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     total = jnp.sum(s)
     hits = jnp.sum(jnp.where(pred == labels, s, 0.0))
     accuracy = hits / jnp.where(total > 0, total, 1)
-    return loss, CrossEntropyAux(lse.reshape(lead), pred.reshape(lead), accuracy)
+    return loss, CrossEntropyAux(lse, pred, accuracy)
 
 
-def class_sharding(W, kaxis: int) -> tuple[Mesh, str] | None:
-    """``(mesh, axis)`` when ``W``'s class axis is known (now, at trace time) to be sharded
-    over one mesh axis of size > 1: a concrete array's sharding, or an explicit-axis type."""
-    if isinstance(W, jax.core.Tracer):
-        sharding = getattr(jax.typeof(W), "sharding", None)
-    else:
-        sharding = getattr(W, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return None
-    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    name = spec[kaxis]
-    if isinstance(name, tuple):
-        if len(name) != 1:
-            return None
-        name = name[0]
-    if name is None or sharding.mesh.shape[name] == 1:
-        return None
-    if isinstance(W, jax.core.Tracer):
-        ax = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))[name]
-        if ax != jax.sharding.AxisType.Explicit:
-            return None
-    return sharding.mesh, name
-
-
-def sharded_spec(p: _Prepared, mesh: Mesh, axis: str, *, split_rows: bool) -> _kernel.Spec:
-    """The kernel spec for a class-sharded call over ``mesh.shape[axis]`` devices; the other axes
-    split the rows when ``split_rows`` (the caller checked N), else hold replicas."""
-    batch = tuple(a for a in mesh.axis_names if a != axis) if split_rows else ()
-    nb = int(np.prod([mesh.shape[a] for a in batch], dtype=np.int64))
-    # "auto" budgets the logits chunk of the whole K: each device holds 1/P of it.
-    chunk = rows_per_chunk(p.chunk_size, max(p.Z.shape[0] // max(nb, 1), 1), p.spec.k)
-    return p.spec._replace(chunk=chunk, mesh=mesh, axis=axis, batch=batch)
+def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
+    """The kernel spec of a prepared call: where it runs (:func:`_shard.layout_of` reading the
+    inputs' shardings, or ``where`` = the sharded head's ``mesh``/``classes``/``rows``) and the
+    rows per chunk of one device."""
+    kaxis = 1 if p.spec.weight_layout == "dk" else 0
+    layout = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis, **where)
+    n_local = _shard.local_rows(layout, p.lead)
+    return p.spec._replace(
+        chunk=rows_per_chunk(p.chunk_size, n_local, p.spec.num_classes, p.Z.shape[-1]),
+        placement=layout,
+    )
 
 
 def dispatch(p: _Prepared, spec: _kernel.Spec):
-    """:func:`call`; an eager call with a mesh of explicit axes runs inside ``jax.set_mesh``
+    """:func:`call`; an eager call on a mesh of explicit axes runs inside ``jax.set_mesh``
     (JAX's explicit-sharding mode types the outputs from the mesh in context)."""
-    mesh = spec.mesh
-    explicit = mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    layout = spec.placement
     traced = any(isinstance(x, jax.core.Tracer) for x in (p.Z, p.W, p.labels))
-    if explicit and isinstance(mesh, Mesh) and not traced:
-        with jax.set_mesh(mesh):
+    if layout is not None and layout.explicit and isinstance(layout.mesh, Mesh) and not traced:
+        with jax.set_mesh(layout.mesh):
             return call(p.Z, p.W, p.labels, p.bias, p.weights, spec=spec,
                         ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip
     return call(
@@ -450,18 +429,5 @@ def linear_cross_entropy(
     with jax.named_scope("linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                     z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
-        kaxis = 1 if weight_layout == "dk" else 0
-        sharded = class_sharding(p.W, kaxis)
-        if sharded is None:
-            spec = p.spec._replace(chunk=rows_per_chunk(p.chunk_size, p.Z.shape[0], p.spec.k))
-        else:
-            mesh, axis = sharded
-            size = mesh.shape[axis]
-            if p.spec.k % size:
-                raise ValueError(
-                    f"`W` is sharded over its class axis on mesh axis {axis!r} of size {size}, "
-                    f"but K = {p.spec.k} is not divisible by {size}; shard W evenly or gather it"
-                )
-            others = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a != axis]))
-            spec = sharded_spec(p, mesh, axis, split_rows=p.Z.shape[0] % others == 0)
+        spec = placed_spec(p)
         return dispatch(p, spec)

@@ -5,8 +5,8 @@ One implementation of the per-chunk math of :func:`softmax_jax.linear_cross_entr
 log-sum-exp, the target logit and the smoothing mean (read from the same logits, by an iota
 compare), the residual ``G`` block by block into the two gradient GEMMs, and the ``custom_vjp``
 bookkeeping. Its interface for a class shard is two numbers: the shard's first global class
-(``offset``) and the global number of classes (``Spec.k``); the row-wise reductions over classes
-then go through :func:`_allmax` / :func:`_allsum` over ``Spec.axis`` (identities on one device).
+(``offset``) and the global number of classes (``Spec.num_classes``); the row-wise reductions over classes
+then go through :func:`_allmax` / :func:`_allsum` over ``Spec.class_axes`` (identities on one device).
 
 Per sample, with ``r_i = z_i W + b`` and logits ``a_i = r_i`` or ``c · tanh(r_i / c)`` (softcap):
 
@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from . import _shard
 from ._chunks import fold_chunks
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 
@@ -44,15 +43,14 @@ class Spec(NamedTuple):
     reduction: str
     chunk: int  # rows per chunk (per device)
     kblock: int  # columns per block of the inner loops (upper bound)
-    ls: float  # label smoothing ε
-    zl: float  # z-loss weight λ
+    label_smoothing: float  # ε
+    z_loss: float  # λ
     softcap: float | None
-    layout: str  # "dk": W is (D, K); "kd": W is (K, D)
-    k: int  # the global number of classes
+    weight_layout: str  # "dk": W is (D, K); "kd": W is (K, D)
+    num_classes: int  # the global K
     aux: bool  # also return (lse, predictions)
-    mesh: Mesh | None = None  # class-sharded: the mesh, its class axis and its row axes
-    axis: str | None = None
-    batch: tuple[str, ...] = ()
+    placement: _shard.Layout | None = None  # where it runs (None: one device)
+    class_axes: tuple[str, ...] | None = None  # per device: the mesh axes splitting the classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,16 +67,16 @@ def _put(x, start, block, axis):
 
 
 def _allmax(x, spec: Spec):
-    return x if spec.axis is None else lax.pmax(x, spec.axis)
+    return x if spec.class_axes is None else lax.pmax(x, spec.class_axes)
 
 
 def _allsum(x, spec: Spec):
-    return x if spec.axis is None else lax.psum(x, spec.axis)
+    return x if spec.class_axes is None else lax.psum(x, spec.class_axes)
 
 
 def _kaxis(spec: Spec) -> int:
     """The class axis of ``W`` (and of ``dW``)."""
-    return 1 if spec.layout == "dk" else 0
+    return 1 if spec.weight_layout == "dk" else 0
 
 
 def _logits_chunk(Zc, W, spec, acc):
@@ -99,13 +97,13 @@ def _block_logits(A, b, start, size, spec):
     return r if spec.softcap is None else spec.softcap * jnp.tanh(r / spec.softcap)
 
 
-def _row_stats(A, b, yl, offset, spec, kblock):
+def _row_stats(A, b, yl, offset, spec, kblock, vary):
     """Row-wise statistics of one chunk's logits over all K classes (across shards):
     ``lse`` (max-shifted, online over column blocks), the target logit ``a_{i,y_i}`` (an iota
     compare on the same logits the gradient uses; 0 where ``y_i`` is not a class of this shard),
     ``Σ_k a_ik`` (for smoothing) and the argmax (for ``aux``), each ``(C,)``."""
     c, kl = A.shape
-    want_sum, want_arg = spec.ls != 0.0, spec.aux
+    want_sum, want_arg = spec.label_smoothing != 0.0, spec.aux
 
     def body(start, size, carry):
         m, s, tgt, tot, best, idx = carry
@@ -125,43 +123,47 @@ def _row_stats(A, b, yl, offset, spec, kblock):
 
     z = jnp.zeros((c,), A.dtype)
     ninf = jnp.full((c,), -jnp.inf, A.dtype)
-    init = (ninf, z, z, z, ninf, jnp.zeros((c,), jnp.int32))
+    init = vary((ninf, z, z, z, ninf, jnp.zeros((c,), jnp.int32)))
     m, s, tgt, tot, best, idx = fold_chunks(kl, kblock, body, init)
     lse_p = m + jnp.log(s)
-    if spec.axis is None:
+    if spec.class_axes is None:
         lse = lse_p
     else:  # lse = M + log Σ_p exp(lse_p − M) ≥ M ≥ every logit
-        big = lax.pmax(lse_p, spec.axis)
-        lse = big + jnp.log(lax.psum(jnp.exp(lse_p - big), spec.axis))
+        big = lax.pmax(lse_p, spec.class_axes)
+        lse = big + jnp.log(lax.psum(jnp.exp(lse_p - big), spec.class_axes))
     tgt = _allsum(tgt, spec)
     tot = _allsum(tot, spec) if want_sum else None
     pred = None
     if want_arg:  # the first global argmax
         pred = idx + offset
-        if spec.axis is not None:
-            top = lax.pmax(best, spec.axis)
-            pred = lax.pmin(jnp.where(best == top, pred, spec.k), spec.axis)
+        if spec.class_axes is not None:
+            top = lax.pmax(best, spec.class_axes)
+            pred = lax.pmin(jnp.where(best == top, pred, spec.num_classes), spec.class_axes)
     return lse, tgt, tot, pred
 
 
 def _per_sample(lse, tgt, tot, spec):
     """``ℓ_i = lse_i − [(1 − ε) a_{i,y_i} + ε Σ_k a_ik / K] + λ lse_i²`` (≥ 0: lse ≥ every
     logit, from the same logits)."""
-    t = tgt if spec.ls == 0.0 else (1.0 - spec.ls) * tgt + (spec.ls / spec.k) * tot
+    t = (
+        tgt
+        if spec.label_smoothing == 0.0
+        else (1.0 - spec.label_smoothing) * tgt + (spec.label_smoothing / spec.num_classes) * tot
+    )
     per = lse - t
-    return per if spec.zl == 0.0 else per + spec.zl * lse * lse
+    return per if spec.z_loss == 0.0 else per + spec.z_loss * lse * lse
 
 
-def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants):
+def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
     """One chunk's ``G`` block by block into the GEMMs: returns ``(G Wᵀ, dW + Z_cᵀ G,
     db + Σ_i G_i)`` (``dZ_c`` in ``acc``, unnormalised), with ``G = diag(cc) ∂ℓ/∂r``. The
     smoothed targets are never formed: ``cc ε / K`` is subtracted everywhere and ``cc (1 − ε)``
     at the label column (an iota compare); GEMM operands in ``W``'s dtype."""
     want_dZ, want_dW, want_db = wants
-    (c, kl), acc, ls, cap = A.shape, A.dtype, spec.ls, spec.softcap
+    (c, kl), acc, ls, cap = A.shape, A.dtype, spec.label_smoothing, spec.softcap
     ka = _kaxis(spec)
     d = W.shape[1 - ka]
-    coef = (cc if spec.zl == 0.0 else cc * (1.0 + 2.0 * spec.zl * lse))[:, None]
+    coef = (cc if spec.z_loss == 0.0 else cc * (1.0 + 2.0 * spec.z_loss * lse))[:, None]
     hit = (cc * (1.0 - ls))[:, None]
     Zg = operand(Zc, W.dtype)
 
@@ -170,7 +172,7 @@ def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants):
         a = _block_logits(A, b, start, size, spec)
         G = jnp.exp(a - lse[:, None]) * coef
         if ls != 0.0:
-            G = G - (cc * (ls / spec.k))[:, None]
+            G = G - (cc * (ls / spec.num_classes))[:, None]
         cols = lax.broadcasted_iota(yl.dtype, (1, size), 1) + start
         G = G - jnp.where(cols == yl[:, None], hit, 0.0)
         if cap is not None:
@@ -186,7 +188,7 @@ def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants):
             db = _put(db, start, _slice(db, start, size, 0) + jnp.sum(G, axis=0), 0)
         return dZc, dW, db
 
-    init = (jnp.zeros((c if want_dZ else 0, d), acc), dW, db)
+    init = (vary(jnp.zeros((c if want_dZ else 0, d), acc)), dW, db)
     return fold_chunks(kl, kblock, body, init)
 
 
@@ -208,11 +210,14 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     """
     (n, d), kl = Z.shape, W.shape[_kaxis(spec)]
     acc = acc_dtype(W.dtype)
-    kblock = -(-kl // _SHARD_BLOCKS) if spec.axis else spec.kblock
+    kblock = -(-kl // _SHARD_BLOCKS) if spec.class_axes else spec.kblock
     kblock = max(1, min(kblock, kl))
     want_dZ, want_dW, want_db = wants
     want_grads = any(wants)
     want_lse = spec.aux or lse_in is not None
+    refs = (Z, W, b, labels, s, g, lse_in, inv)
+    # Inside a user's shard_map (check_vma) the carries vary over the axes the inputs do.
+    vary = lambda t: jax.tree.map(lambda x: _shard.varying_like(x, *refs), t)  # noqa: E731
 
     def body(start, size, carry):
         per, lse_all, pred_all, dZ, dW, db = carry
@@ -221,11 +226,11 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
             _slice(labels, start, size, 0),
             _slice(s, start, size, 0),
         )
-        valid = (yc >= 0) & (yc < spec.k)
+        valid = (yc >= 0) & (yc < spec.num_classes)
         yl = yc - offset
         A = _logits_chunk(Zc, W, spec, acc)
         if lse_in is None or want_per or spec.aux:
-            lse, tgt, tot, pred = _row_stats(A, b, yl, offset, spec, kblock)
+            lse, tgt, tot, pred = _row_stats(A, b, yl, offset, spec, kblock, vary)
         if lse_in is not None:
             lse = _slice(lse_in, start, size, 0)
         if want_per:
@@ -239,20 +244,22 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         if want_grads:
             cc = sc if g is None else sc * _slice(g, start, size, 0)
             cc = jnp.where(valid | (sc == 0), cc, jnp.nan)
-            dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants)
+            dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary)
             if want_dZ:
                 dZ = _put(dZ, start, dZc if inv is None else dZc * inv, 0)
         return per, lse_all, pred_all, dZ, dW, db
 
     w_shape = list(W.shape)
     w_shape[_kaxis(spec)] = kl if want_dW else 0
-    init = (
-        jnp.zeros((n if want_per else 0,), acc),
-        jnp.zeros((n if want_lse else 0,), acc),
-        jnp.zeros((n if spec.aux else 0,), jnp.int32),
-        jnp.zeros((n if want_dZ else 0, d), dz_dtype),
-        jnp.zeros(w_shape, acc),
-        jnp.zeros((kl if want_db else 0,), acc),
+    init = vary(
+        (
+            jnp.zeros((n if want_per else 0,), acc),
+            jnp.zeros((n if want_lse else 0,), acc),
+            jnp.zeros((n if spec.aux else 0,), jnp.int32),
+            jnp.zeros((n if want_dZ else 0, d), dz_dtype),
+            jnp.zeros(w_shape, acc),
+            jnp.zeros((kl if want_db else 0,), acc),
+        )
     )
     per, lse, pred, dZ, dW, db = fold_chunks(n, spec.chunk, body, init)
     if inv is not None:
@@ -260,52 +267,51 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     return per, lse, pred, dZ, dW, db
 
 
-def _reshard(x, mesh, pspec):
-    have = getattr(jax.typeof(x), "sharding", None)
-    if isinstance(have, NamedSharding) and have.spec == pspec:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(mesh, pspec))
-
-
 def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
          wants=(False, False, False)):  # fmt: skip
-    """:func:`_pass` on one device, or under ``jax.shard_map`` over ``spec.mesh`` (each device
-    its class shard, ``offset = axis_index · K/P``; ``dZ`` summed over the class axis, ``dW``
-    and ``db`` over the row axes). Returns global arrays."""
+    """:func:`_pass` where ``spec.placement`` says: on one device, or on each device of its mesh
+    (its rows, its class shard at ``offset``; ``dZ`` summed over the class axes, ``dW`` and
+    ``db`` over the row axes). ``Z (..., D)`` and the per-row arrays keep their leading dims
+    (each device flattens its own). Returns ``(per, lse, pred, dZ, dW, db)``, the per-row ones
+    shaped like ``labels``, every gradient sharded like its input."""
     acc = acc_dtype(W.dtype)
-    if spec.mesh is None:
-        return _pass(Z, W, b, labels, s, g, lse, inv, 0, spec, want_per=want_per, wants=wants,
-                     dz_dtype=Z.dtype)  # fmt: skip
-    rows, model = (spec.batch or None), spec.axis
-    wspec = P(None, model) if spec.layout == "dk" else P(model, None)
-    opt = {"b": (b, P(model)), "g": (g, P(rows)), "lse": (lse, P(rows)), "inv": (inv, P())}
-    names = [k for k, (x, _) in opt.items() if x is not None]
-    args = [Z, W, labels, s] + [opt[k][0] for k in names]
-    in_specs = [P(rows, None), wspec, P(rows), P(rows)] + [opt[k][1] for k in names]
 
-    def f(Z, W, labels, s, *rest):
-        o = dict(zip(names, rest))
-        offset = lax.axis_index(model) * W.shape[_kaxis(spec)]
-        out = _pass(Z, W, o.get("b"), labels, s, o.get("g"), o.get("lse"), o.get("inv"), offset,
-                    spec, want_per=want_per, wants=wants, dz_dtype=acc)  # fmt: skip
-        per, lse_, pred, dZ, dW, db = out
-        if wants[0]:
-            dZ = lax.psum(dZ, model)
-        if spec.batch:
-            dW = lax.psum(dW, spec.batch) if wants[1] else dW
-            db = lax.psum(db, spec.batch) if wants[2] else db
-        return per, lse_, pred, dZ, dW, db
+    def per_device(local, Z, W, b, labels, s, g, lse, inv):
+        lead = labels.shape
+        flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+        axis = local.classes or None
+        sp = spec._replace(class_axes=axis)
+        offset = local.class_offset(W.shape[_kaxis(spec)])
+        per, lse_, pred, dZ, dW, db = _pass(
+            Z.reshape(-1, Z.shape[-1]),
+            W,
+            b,
+            flat(labels),
+            flat(s),
+            flat(g),
+            flat(lse),
+            inv,
+            offset,
+            sp,
+            want_per=want_per,
+            wants=wants,
+            dz_dtype=acc if axis else Z.dtype,
+        )
+        if wants[0] and axis:
+            dZ = lax.psum(dZ, axis).astype(Z.dtype)
+        if local.rows:
+            dW = lax.psum(dW, local.rows) if wants[1] else dW
+            db = lax.psum(db, local.rows) if wants[2] else db
+        # Outputs not asked for are empty: (0, ..., 0) keeps the rank the specs expect.
+        shape = lambda x: x.reshape(*(lead if x.shape[0] else (0,) * len(lead)), *x.shape[1:])  # noqa: E731
+        return shape(per), shape(lse_), shape(pred), shape(dZ), dW, db
 
-    out_specs = (P(rows), P(rows), P(rows), P(rows, None), wspec, P(model))
-    # check_vma=False: the loops' carries carry no varying-axis types; every output declared
-    # replicated over an axis is a psum/pmax over it, or computed from replicated inputs only.
-    if jax.sharding.AxisType.Explicit in tuple(spec.mesh.axis_types):
-        # Explicit axes: the inputs' types must carry the layouts shard_map is given.
-        args = [_reshard(x, spec.mesh, p) for x, p in zip(args, in_specs)]
-    smap = jax.shard_map(f, mesh=spec.mesh, in_specs=tuple(in_specs), out_specs=out_specs,
-                         check_vma=False)  # fmt: skip
-    per, lse_, pred, dZ, dW, db = smap(*args)
-    return per, lse_, pred, dZ.astype(Z.dtype), dW, db
+    return _shard.run(
+        per_device, spec.placement, (Z, W, b, labels, s, g, lse, inv),
+        ("features", "weight", "classes", "rows", "rows", "rows", "rows", "replicated"),
+        (("rows", None), ("rows", None), ("rows", None), ("features", 0), ("weight", 1),
+         ("classes", 2)),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +350,9 @@ def _fused_fwd(Z, W, b, labels, s, spec: Spec):
     Z, W, labels, s = Z.value, W.value, labels.value, s.value
     b = None if b is None else b.value
     # Zero-size arrays carry the cotangents' dtypes through the residuals.
-    protos = (jnp.zeros((0,), W.dtype), None if b is None else jnp.zeros((0,), b.dtype))
+    # Empty slices of the primals (their dtypes and, in a user's shard_map, their varying axes).
+    protos = tuple(None if x is None else _shard.varying_like(jnp.zeros((0,), x.dtype), x)
+                   for x in (Z, W, b))  # fmt: skip
     acc = acc_dtype(W.dtype)
     bc = None if b is None else b.astype(acc)
     wants = (want_dZ, want_dW, want_db)
@@ -366,19 +374,24 @@ def _fused_fwd(Z, W, b, labels, s, spec: Spec):
 def _fused_bwd(spec: Spec, res, g):
     g = g[0] if spec.aux else g  # aux carries no gradient
     if spec.reduction == "none":
-        Z, W, b, labels, s, per, lse, wants, (w_proto, b_proto) = res
+        Z, W, b, labels, s, per, lse, wants, (z_proto, w_proto, b_proto) = res
         g = jnp.zeros(s.shape, s.dtype) if isinstance(g, SymbolicZero) else g.astype(s.dtype)
         _, _, _, dZ, dW, db = _run(Z, W, b, labels, s, spec._replace(aux=False), g=g, lse=lse,
                                    want_per=False, wants=wants)  # fmt: skip
         dZ, dW, db = (x if w else None for x, w in zip((dZ, dW, db), wants))
         ds = None if per is None else per * g
     else:
-        dZ, dW, db, ds, (w_proto, b_proto) = res
+        dZ, dW, db, ds, (z_proto, w_proto, b_proto) = res
         g = jnp.zeros((), w_proto.dtype) if isinstance(g, SymbolicZero) else g
         scale = lambda x: None if x is None else g.astype(x.dtype) * x  # noqa: E731
         dZ, dW, db, ds = scale(dZ), scale(dW), scale(db), scale(ds)
-    dW = None if dW is None else dW.astype(w_proto.dtype)
-    db = None if b_proto is None or db is None else db.astype(b_proto.dtype)
+    dZ = None if dZ is None else _shard.reduce_like(dZ, z_proto)
+    dW = None if dW is None else _shard.reduce_like(dW.astype(w_proto.dtype), w_proto)
+    db = (
+        None
+        if b_proto is None or db is None
+        else _shard.reduce_like(db.astype(b_proto.dtype), b_proto)
+    )
     return dZ, dW, db, None, ds
 
 

@@ -80,10 +80,10 @@ def permutation(key: jax.Array, n: int, *, rounds: int = 8) -> jax.Array:
     """A pseudo-random permutation of ``range(n)`` (int32), keyed by ``key``, without sorting.
 
     ``jax.random.permutation`` sorts random keys, several rounds of an O(N log N) sort that on a
-    CPU cost more than the epoch's GEMMs (0.17 s at N = 200k against 0.1 s for the two GEMMs). This
+    CPU can cost more than the epoch's GEMMs. This
     is an 8-round keyed Feistel network on the smallest ``2^{2h} >= n`` (a bijection for any round
     function; the round function is a hash of the half-block with a per-round key drawn from
-    ``key``), restricted to ``[0, n)`` by cycle walking: O(N) elementwise work, 8 ms at N = 200k.
+    ``key``), restricted to ``[0, n)`` by cycle walking: O(N) elementwise work.
     The position of each element is uniform to sampling noise (tested).
     """
     if n >= 2**31:

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from ._head import CrossEntropyAux, dispatch, prepare, sharded_spec
+from ._head import CrossEntropyAux, dispatch, placed_spec, prepare
 
 # --------------------------------------------------------------------------------------------
 # Validation and the public wrapper.
@@ -129,6 +129,12 @@ def sharded_linear_cross_entropy(
     with jax.named_scope("sharded_linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                     z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
-        _check_mesh(mesh, axis_name, p.Z.shape[0], p.spec.k)
-        spec = sharded_spec(p, mesh, axis_name, split_rows=True)
+        n = int(np.prod(p.lead, dtype=np.int64))
+        _check_mesh(mesh, axis_name, n, p.spec.num_classes)
+        rows = tuple(a for a in mesh.axis_names if a != axis_name)
+        if rows and not p.lead:
+            raise ValueError(
+                "`Z` must have rows (shape (..., D)) to split over the mesh axes {rows}"
+            )
+        spec = placed_spec(p, mesh=mesh, classes=(axis_name,), rows=rows)
         return dispatch(p, spec)

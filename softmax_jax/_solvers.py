@@ -52,8 +52,8 @@ def init_state(params, data, l2, aux) -> FBState:
 _NEWTON_MAX_CG = 250
 _NEWTON_MAX_LS = 40
 #: Largest relative CG residual of a Newton step. scipy's newton-cg allows ½ (with ``√‖∇f‖₁``,
-#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes about half the Newton
-#: iterations from a zero start for a few more products each (bench/train.py).
+#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes fewer Newton iterations from
+#: a zero start for a few more products each (bench/train.py).
 _NEWTON_FORCING = 0.1
 #: Smallest relative CG residual asked for: the Hessian products are float32, and a tighter
 #: residual than they resolve would only run CG to its iteration cap.

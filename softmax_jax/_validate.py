@@ -12,6 +12,7 @@ array; arrays that are not fully addressable (multi-host) are not checked.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Literal
 
 import jax
@@ -233,8 +234,9 @@ def check_training_data(
 
     ``Z`` must be a non-empty ``(N, D)`` real array of finite values, ``y`` ``(N,)`` integer class
     indices ``>= 0`` (and ``< num_classes`` when given) with at least ``min_classes`` (2) classes, and
-    ``sample_weight`` finite, ``>= 0`` with a positive sum. A ``scipy.sparse`` ``Z`` is
-    returned as a canonical CSR matrix (:func:`check_sparse`), never densified.
+    ``sample_weight`` finite, ``>= 0`` with a positive sum.
+    A ``scipy.sparse`` ``Z`` is returned as a canonical CSR matrix (:func:`check_sparse`), never
+    densified.
 
     Returns:
       ``(Z, y, sample_weight, K)`` as NumPy arrays (``Z`` floating, ``y`` int32) and the number of
@@ -242,8 +244,12 @@ def check_training_data(
       are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
     sparse = is_sparse(Z)
-    Zh = check_sparse(Z, z_name, in_memory=finite) if sparse else np.asarray(Z)
-    yh = np.asarray(y)
+    if sparse:  # a canonical CSR, never densified
+        Zh = check_sparse(Z, z_name, in_memory=finite)
+    else:
+        check_mapped(Z, z_name)
+        Zh = as_host_array(Z, z_name)
+    yh = as_host_array(y, y_name)
     if Zh.ndim != 2:
         raise ValueError(f"`{z_name}` must have shape (N, D), got {Zh.shape}")
     is_bf16 = Zh.dtype == np.dtype(jnp.bfloat16)
@@ -262,13 +268,14 @@ def check_training_data(
         )
     if yh.dtype.kind not in "iu":
         raise TypeError(f"`{y_name}` must hold integer class indices, got dtype {yh.dtype}")
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", minimum=1)
     if finite and not sparse:
         check_finite(Zh, z_name)
-    if yh.min() < 0 or (num_classes is not None and yh.max() >= num_classes):
+    found = _first_bad(yh, "negative" if num_classes is None else "range", int(num_classes or 0))
+    if found is not None:
         hi = "" if num_classes is None else f" and < num_classes = {num_classes}"
-        bad = (yh < 0) | (False if num_classes is None else yh >= num_classes)
-        idx = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"`{y_name}` must be >= 0{hi}, got {int(yh[idx])} at index {idx}")
+        raise ValueError(f"`{y_name}` must be >= 0{hi}, got {int(found[1])} at index {found[0]}")
     k = int(yh.max()) + 1 if num_classes is None else int(num_classes)
     present = np.unique(yh)
     if present.size < min_classes:
@@ -282,6 +289,97 @@ def check_training_data(
         if not sw.sum() > 0:
             raise ValueError("`sample_weight` must have a positive sum, got all zeros")
     return Zh, yh.astype(np.int32), sw, k
+
+
+def as_host_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a NumPy array of numbers, or a ``TypeError`` naming ``name`` and the type given
+    (a scipy.sparse matrix, a string, a ragged list, objects)."""
+    if hasattr(x, "tocsr") or isinstance(x, str | bytes | dict | set):  # sparse / not an array
+        raise TypeError(
+            f"`{name}` must be a dense array (NumPy, JAX or a nested list), got {type(x).__name__}"
+        )
+    try:
+        out = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+    if out.dtype.kind in "OSUVMmc":
+        raise TypeError(
+            f"`{name}` must be a real numeric array, got {type(x).__name__} of dtype {out.dtype}"
+        )
+    return out
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bool = False):
+    """An integer argument (Python or NumPy, never ``bool``) ``>= minimum``; ``None`` when
+    ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        want = "an integer" + (" or None" if optional else "")
+        raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(value: Any, name: str, *, minimum: float | None = None, strict: bool = False,
+               optional: bool = False):  # fmt: skip
+    """A finite real argument (never ``bool``) ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, jax.Array) and value.ndim == 0 and is_concrete(value):
+        value = value.item()
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, int | float | np.number)
+        or (isinstance(value, complex | np.complexfloating))
+    ):
+        want = "a real number" + (" or None" if optional else "")
+        raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}")
+    return v
+
+
+def check_fit_options(
+    *, epochs, batch_size, learning_rate, l2, num_classes, seed, tol, checkpoint_every,
+    max_to_keep,
+) -> None:  # fmt: skip
+    """The scalar options of :func:`softmax_jax.fit`: types and ranges, each error naming its
+    argument (``batch_size=True`` is not a batch of 1, ``learning_rate="fast"`` not a float)."""
+    check_int(epochs, "epochs", minimum=0)
+    check_int(batch_size, "batch_size", minimum=1, optional=True)
+    if learning_rate is not None and not callable(learning_rate):
+        check_real(learning_rate, "learning_rate", minimum=0.0, strict=True)
+    check_real(l2, "l2", minimum=0.0)
+    check_int(num_classes, "num_classes", minimum=2, optional=True)
+    check_int(seed, "seed")
+    check_real(tol, "tol", minimum=0.0, optional=True)
+    check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    check_int(max_to_keep, "max_to_keep", minimum=1)
+
+
+def check_mapped(Z: Any, name: str = "Z") -> None:
+    """A memory-mapped ``Z`` whose file still holds every byte it mapped: reading past the end
+    of a file truncated after it was opened would kill the process (SIGBUS)."""
+    filename = getattr(Z, "filename", None)
+    if not isinstance(Z, np.memmap) or not isinstance(filename, str | os.PathLike):
+        return
+    filename = os.fspath(filename)
+    need = int(getattr(Z, "offset", 0)) + Z.nbytes
+    try:
+        size = os.path.getsize(filename)
+    except OSError as e:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} cannot be read: {e}"
+        ) from None
+    if size < need:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
+            "it held when opened (truncated while in use); reading it would crash the process"
+        )
 
 
 # scipy.sparse features ------------------------------------------------------------------------

@@ -242,3 +242,48 @@ def test_resume_is_announced_and_fewer_epochs_than_saved_is_an_error(tmp_path, c
         f"checkpoint directory {tmp_path} holds epoch 5, more than the `epochs` = 2 asked for: "
         "ask for `epochs` >= 5 to resume from it, or use another checkpoint_dir"
     )
+
+
+# --- issue 19: the optimizer's hyperparameters are part of the run -----------------------------
+
+
+def test_custom_optimizer_with_other_hyperparameters_is_another_run(tmp_path):
+    """A custom optax optimizer resumes only with the same hyperparameters (its closures are in
+    the fingerprint): another learning rate, another transformation or another schedule is
+    refused in one line naming the directory, not resumed into a mix of two runs."""
+    Z, y = blobs()
+    kw = dict(batch_size=20, progress=False)
+    fit(Z, y, optimizer=optax.sgd(0.1), epochs=1, checkpoint_dir=tmp_path, **kw)
+    fit(Z, y, optimizer=optax.sgd(0.1), epochs=2, checkpoint_dir=tmp_path, **kw)  # same: resumes
+    assert steps(tmp_path) == [1, 2]
+    others = [
+        optax.sgd(0.5),
+        optax.adam(0.1),
+        optax.chain(optax.clip(1.0), optax.sgd(0.1)),
+        optax.sgd(optax.linear_schedule(0.1, 0.0, 5)),
+    ]
+    for opt in others:
+        with pytest.raises(CheckpointError, match=rf"{tmp_path} belongs to a different run \(opt"):
+            fit(Z, y, optimizer=opt, epochs=3, checkpoint_dir=tmp_path, **kw)
+    # a named optimizer's schedule: two schedules are two runs
+    d2 = tmp_path / "named"
+    fit(Z, y, learning_rate=optax.linear_schedule(0.1, 0.0, 5), epochs=1, checkpoint_dir=d2, **kw)
+    with pytest.raises(CheckpointError, match=r"different run \(optimizer: saved 'adam\(lr=fn "):
+        fit(
+            Z,
+            y,
+            learning_rate=optax.linear_schedule(0.2, 0.0, 5),
+            epochs=2,
+            checkpoint_dir=d2,
+            **kw,
+        )
+
+
+def test_no_readable_checkpoint_is_one_line_saying_another_run(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    for s in steps(tmp_path):
+        _corrupt(tmp_path / str(s) / "state")
+    with pytest.raises(CheckpointError, match=r"holds the state of another run") as e:
+        fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 1500

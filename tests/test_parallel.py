@@ -237,6 +237,38 @@ def test_plain_head_with_class_sharded_w(heads_run):
     assert mem["four_devices_per_device"] <= 0.5 * mem["one_device"], mem
 
 
+MATRIX = Path(__file__).with_name("_mesh_matrix.py")
+sys.path.insert(0, str(MATRIX.parent))
+import _mesh_matrix  # noqa: E402
+
+MATRIX_CASES = _mesh_matrix.cases(len(_mesh_matrix.MESH_KINDS) * len(_mesh_matrix.SHARDINGS) + 12)
+
+
+@pytest.fixture(scope="module")
+def matrix_run() -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(MATRIX)], env=_env(8), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, f"matrix failed:\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+    return _result(proc.stdout)
+
+
+@pytest.mark.multiprocess  # runs in a subprocess (8 host devices)
+@pytest.mark.parametrize("index", range(len(MATRIX_CASES)))
+def test_head_on_every_mesh_and_sharding(matrix_run, index):
+    """The generated matrix (tests/_mesh_matrix.py): mesh kind (jax.make_mesh explicit, Auto
+    axes, a legacy Mesh) × sharding (rows, the sequence axis, replicated on the mesh, FSDP W,
+    vocabulary-sharded W and bias, 2-D data × model, inside the user's shard_map) × layout ×
+    reduction × option × gradients asked for: float32 values and gradients equal one device's
+    (rtol 1e-5), gradients sharded like their inputs (explicit axes, where types carry them)."""
+    case = MATRIX_CASES[index]
+    name = "-".join(str(v) for v in case.values()) + f"-{index}"
+    got = matrix_run[name]
+    assert "error" not in got, f"{name}: {got.get('error')}"
+    assert got["err"] <= 1e-5, (name, got)
+    assert got["specs_ok"], (name, got["specs"])
+
+
 def _one_device_problem(getkey, n=9, d=4, k=6):
     Z = jax.random.normal(getkey(), (n, d), jnp.float64)
     W = jax.random.normal(getkey(), (d, k), jnp.float64)
