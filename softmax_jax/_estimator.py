@@ -46,8 +46,13 @@ from ._placement import place
 from ._solvers import SOLVERS, solve
 from ._validate import check_sparse, is_sparse
 
-#: scipy.sparse X: CSR and CSC as they are, other formats converted to CSR (softmax_jax._sparse)
-_SPARSE = {"accept_sparse": ("csr", "csc"), "accept_large_sparse": True}
+#: What ``X`` may be: float64/float32 arrays, or scipy.sparse CSR and CSC as they are (other
+#: formats converted to CSR; softmax_jax._sparse)
+_X_TYPES = {
+    "dtype": [np.float64, np.float32],
+    "accept_sparse": ("csr", "csc"),
+    "accept_large_sparse": True,
+}
 
 __all__ = ["SoftmaxRegression"]
 
@@ -164,12 +169,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
           ``self``.
         """
         self._check_params()
-        X, y = validate_data(
-            self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1, **_SPARSE
-        )
-        sparse = is_sparse(X)  # scipy.sparse X (softmax_jax._sparse)
-        if sparse:
-            X = check_sparse(X, "X")
+        X, y = validate_data(self, X, y, ensure_min_samples=1, **_X_TYPES)
+        sparse = is_sparse(X)  # scipy.sparse X: a canonical CSR (softmax_jax._sparse)
+        X = check_sparse(X, "X") if sparse else X
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -261,7 +263,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Logits ``X Wᵀ + b`` ``(N, K)``; for two classes the margin ``a_1 − a_0`` ``(N,)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, **_SPARSE)
+        X = validate_data(self, X, reset=False, **_X_TYPES)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
