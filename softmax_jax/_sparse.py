@@ -2,15 +2,17 @@ r"""``scipy.sparse`` features: eq. (2), eq. (6) and the Hessian products on CSR 
 
 The objective needs two products with a sparse ``X`` (N, D): the logits ``A = X W`` and the
 gradient ``Xᵀ M`` (with ``M = diag(s)(Ŷ − Y)``); Newton-CG also ``X V``, ``Xᵀ R`` and, for its
-preconditioner, ``(X ⊙ X)ᵀ R`` (the squares keep the sparsity). Each product is a sparse matrix
-``S`` (rows of ``X`` for ``X W``, rows of ``Xᵀ``, i.e. the columns of ``X``, for ``Xᵀ M``) times a
-dense ``(n_in, K)`` block, and both run as one kernel, :func:`ell_apply`, on :class:`Ell`: the
-rows of ``S`` grouped into buckets of equal padded length (padded ELL per bucket; rows longer than
-:data:`PIECE` cut into pieces), each bucket a loop over its slots that gathers one dense row per
-stored entry and accumulates ``value · row``: gathers only (on a CPU XLA's scatter-add, and so
-``segment_sum`` and BCOO's transposed product, is several times slower; bench/sparse.py). The
-columns of ``X`` are as long as their term frequency (Zipf: one column in most rows, most in a few),
-which the buckets absorb with little padding.
+preconditioner, ``(X ⊙ X)ᵀ R`` (the squares keep the sparsity). Each is a sparse matrix ``S``
+(the rows of ``X`` for ``X W``; the rows of ``Xᵀ``, i.e. the columns of ``X``, for ``Xᵀ M``)
+times a dense ``(n_in, K)`` block, and all run as one kernel, :func:`ell_apply`, on an
+:class:`Ell`: the rows of ``S`` (cut into pieces of at most :data:`PIECE` entries) sorted by
+length and laid out :data:`BLOCK` at a time as padded ELL, each block a loop over its slots that
+gathers one dense row per stored entry and accumulates ``value · row`` into a ``(BLOCK, K)``
+block that stays in cache. Gathers only: XLA's scatter-add on a CPU (and so ``segment_sum`` and
+BCOO's transposed product) runs one update at a time. Sorting absorbs the columns' lengths, as
+uneven as term frequencies (Zipf: a few columns in most rows, most columns in a few), with little
+padding; the arrays' sizes are rounded up (:func:`_bucket`) so that data of similar size share
+compiled programs.
 
 :class:`SparseRows` is the ``Z`` of a :class:`softmax_jax._objective.TrainData` on such data (it
 holds its labels and weights too): the objective's passes (``data_vg``, ``predict_stats``,
