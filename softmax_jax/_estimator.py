@@ -147,6 +147,11 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.warm_start = warm_start
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # scipy.sparse X, never densified (softmax_jax._sparse)
+        return tags
+
     def _check_params(self) -> None:
         if not isinstance(self.C, numbers.Real) or not self.C > 0:
             raise ValueError(f"`C` must be a float > 0 (np.inf for no penalty), got {self.C!r}")
