@@ -254,6 +254,7 @@ def run(quick: bool = False, lbfgs: bool = False) -> dict[str, Any]:
         "spec": spec,
         "nnz": int(X.nnz),
         "f_star": f_star,
+        "table": rows,
         "compile_s": compile_s,
         "results": results,
         "missed": [m for m in chosen if chosen[m] is None],
