@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._grad import _residual
+from ._grad import residual
 from ._loss import logsumexp_rows, mean_scale, reduce_losses, target_term
 from ._precision import mean_normaliser
 
@@ -220,7 +220,7 @@ class SparseRows(NamedTuple):
         A = self.logits(params)
         lse, E, S = logsumexp_rows(A)
         value = reduce_losses(lse - target_term(A, y, True), s, "sum")
-        M = _residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
+        M = residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
         return value, _sums_to_params(M, ell_apply(self.bwd, M), params), A
 
     def data_vg(self, params):
@@ -304,7 +304,7 @@ class SparseBatch(NamedTuple):
         A = _with_bias(_slot_sum(self.idx, self.val, W, 0, self.idx.shape[0]), params)
         lse, E, S = logsumexp_rows(A)
         value = reduce_losses(lse - target_term(A, y, True), s, "sum")
-        M = _residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
+        M = residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
         upd = self.val.astype(M.dtype)[:, :, None] * M[None, :, :]
         gW = jnp.zeros(W.shape, M.dtype).at[self.idx.reshape(-1)].add(upd.reshape(-1, W.shape[1]))
         return value, _sums_to_params(M, gW, params), A
