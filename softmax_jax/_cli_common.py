@@ -8,6 +8,7 @@ too: imports point one way, with no cycle back to ``_cli``.
 from __future__ import annotations
 
 import argparse
+import re
 
 from ._version import package_version
 
@@ -57,3 +58,27 @@ def add_device_argument(parser: argparse.ArgumentParser, extra: str = "") -> Non
 
 def version() -> str:
     return package_version()
+
+
+#: Python argument names of fit, as the flags that set them (for errors raised inside fit).
+FLAG_OF = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "l2": "--l2",
+    "seed": "--seed",
+    "checkpoint_dir": "--checkpoint-dir",
+    "checkpoint_every": "--checkpoint-every",
+    "optimizer": "--optimizer",
+}
+
+
+def as_flags(message: str) -> str:
+    """An error of fit with its Python argument names as the flags: ```batch_size``` (quoted)
+    and ``checkpoint_dir`` (a bare name with an underscore) as ``--batch-size``,
+    ``--checkpoint-dir``."""
+    for name, flag in FLAG_OF.items():
+        message = message.replace(f"`{name}`", flag)
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
+    return message

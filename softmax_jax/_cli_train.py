@@ -14,12 +14,12 @@ import importlib
 import inspect
 import math
 import os
-import re
 import sys
 
 import numpy as np
 
-from ._cli_common import PROG, CLIError
+from ._cli_common import PROG, CLIError, as_flags
+from ._cli_train_stream import run_streamed
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS
 from ._solvers import FULL_BATCH_SOLVERS
 
@@ -51,18 +51,6 @@ EXAMPLES = f"""\
   {PROG} train --data data.npz --optimizer lbfgs --l2 1e-3 --plot curves.png
   {PROG} train --checkpoint-dir ckpt --epochs 100 --checkpoint-every 5   # Ctrl-C, re-run: resumes
 """
-
-#: Python argument names of fit, as the flags that set them (for errors raised inside fit).
-FLAG_OF = {
-    "epochs": "--epochs",
-    "batch_size": "--batch-size",
-    "learning_rate": "--lr",
-    "l2": "--l2",
-    "seed": "--seed",
-    "checkpoint_dir": "--checkpoint-dir",
-    "checkpoint_every": "--checkpoint-every",
-    "optimizer": "--optimizer",
-}
 
 
 def _fit_default(name: str):
@@ -271,17 +259,6 @@ def _load(args: argparse.Namespace):
         raise CLIError(str(e).replace("test size", "--test-size")) from None
 
 
-def _as_flags(message: str) -> str:
-    """An error of fit with its Python argument names as the flags: ```batch_size``` (quoted)
-    and ``checkpoint_dir`` (a bare name with an underscore) as ``--batch-size``,
-    ``--checkpoint-dir``."""
-    for name, flag in FLAG_OF.items():
-        message = message.replace(f"`{name}`", flag)
-        if "_" in name:
-            message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
-    return message
-
-
 def plot_history(history: dict, path: str, *, title: str = "") -> None:
     """Writes loss and accuracy curves per epoch (train, and eval when present) to ``path`` as a
     PNG (exactly that name)."""
@@ -361,17 +338,31 @@ def _provenance(args, ds, history, batch_size, n: int, d: int, k: int) -> dict:
     }
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs ``softmax-jax train``; returns the exit code."""
-    _check_args(args)
-    if args.data is not None and args.data.endswith(".npy"):
-        return _run_streamed(args)
-    ds = _load(args)
-
+def _gradient_check(W: np.ndarray, b: np.ndarray, ds):
+    """Eq. (6) vs jax.grad of eq. (2) at the trained parameters, on the training set with the bias
+    as an extra row of W (Z augmented with ones). In float64: near an optimum the gradient is a
+    small difference of large terms, which float32 cannot resolve to the check's tolerance."""
     import jax
     import jax.numpy as jnp
 
     from ._check import check_grad
+
+    n = ds.X_train.shape[0]
+    with jax.enable_x64(True):
+        W1 = jnp.asarray(np.vstack([W, b[None, :]]), jnp.float64)
+        Z1 = jnp.asarray(np.hstack([ds.X_train, np.ones((n, 1))]), jnp.float64)
+        return check_grad(
+            W1, Z1, jnp.asarray(ds.y_train), reduction="mean", case="trained [W; b], train set"
+        )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Runs ``softmax-jax train``; returns the exit code."""
+    _check_args(args)
+    if args.data is not None and args.data.endswith(".npy"):
+        return run_streamed(args)
+    ds = _load(args)
+
     from ._checkpoint import CheckpointError
     from ._fit import TrainingDiverged, fit
     from ._model import Model, predict, save_model
@@ -413,7 +404,7 @@ def run_cli(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
-        raise CLIError(_as_flags(str(e))) from None
+        raise CLIError(as_flags(str(e))) from None
     finally:
         if args.no_progress:
             logger.removeHandler(handler)
@@ -431,16 +422,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"train accuracy: {train_acc:.4f}")
     print(f"test accuracy: {test_acc:.4f}")
 
-    # Gradient cross-check at the trained parameters: eq. (6) vs jax.grad of eq. (2), on the
-    # training set with the bias as an extra row of W (Z augmented with ones). In float64: near
-    # an optimum the gradient is a small difference of large terms, which float32 cannot resolve
-    # to the check's normwise tolerance.
-    with jax.enable_x64(True):
-        W1 = jnp.asarray(np.vstack([W, b[None, :]]), jnp.float64)
-        Z1 = jnp.asarray(np.hstack([ds.X_train, np.ones((n, 1))]), jnp.float64)
-        report = check_grad(
-            W1, Z1, jnp.asarray(ds.y_train), reduction="mean", case="trained [W; b], train set"
-        )
+    report = _gradient_check(W, b, ds)
     print(f"gradient check (hand-written eq. (6) vs jax.grad): {report}")
 
     if args.save:
@@ -454,72 +436,3 @@ def run_cli(args: argparse.Namespace) -> int:
         plot_history(history, args.plot, title=f"softmax regression on {ds.name}")
         print(f"wrote the curves to {args.plot}")
     return 0 if report.passed else 1
-
-
-def _load_labels(path: str, n: int):
-    """``(codes, classes)`` of the labels of a streamed ``--data X.npy``: a ``.npy`` of N labels or
-    an ``.npz`` holding ``y`` (integers, integer-valued floats or names)."""
-    from ._data import DataError, encode_labels
-
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if hasattr(loaded, "files"):
-            with loaded:
-                if "y" not in loaded.files:
-                    raise CLIError(
-                        f"--labels {path}: no array y in it, found {sorted(loaded.files)}"
-                    )
-                y = loaded["y"]
-        else:
-            y = np.asarray(loaded)
-        if y.shape != (n,):
-            raise CLIError(f"--labels {path}: must hold ({n},) labels for --data, got {y.shape}")
-        return encode_labels(y, f"--labels {path}")
-    except DataError as e:
-        raise CLIError(str(e)) from None
-    except (OSError, ValueError, EOFError) as e:
-        raise CLIError(f"--labels {path}: cannot read ({type(e).__name__}: {e})") from None
-
-
-def _run_streamed(args: argparse.Namespace) -> int:
-    """``--data X.npy``: ``fit(..., stream=True)`` over ``X`` memory-mapped, labels from
-    ``--labels``. The features are used as stored (no split, no standardisation: each would be
-    a pass over data that need not fit in memory); the accuracy is the training one, as seen
-    during the last epoch."""
-    from ._checkpoint import CheckpointError
-    from ._fit import TrainingDiverged, fit
-    from ._model import Model, save_model
-
-    labels = args.labels or os.path.join(os.path.dirname(os.path.abspath(args.data)), "y.npy")
-    try:
-        X = np.load(args.data, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise CLIError(
-            f"--data {args.data}: cannot read as .npy ({type(e).__name__}: {e})"
-        ) from None
-    if X.ndim != 2 or X.dtype.kind not in "fiu":
-        raise CLIError(f"--data {args.data}: must hold an (N, D) array of numbers, got "
-                       f"{X.dtype}{X.shape}")  # fmt: skip
-    n, d = X.shape
-    codes, classes = _load_labels(labels, n)
-    print(f"data: {args.data} streamed (memmap): {n} samples, {d} features; labels {labels}")
-    try:
-        params, history = fit(
-            X, codes, optimizer=args.optimizer, learning_rate=args.lr,
-            epochs=args.epochs, l2=args.l2, seed=args.seed, stream=True,
-            batch_size=args.batch_size or (None if args.optimizer in FULL_BATCH_SOLVERS
-                                           else DEFAULT_BATCH_SIZE),
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
-        raise CLIError(_as_flags(str(e)).replace("`Z`", f"--data {args.data}")) from None
-    if history["epoch"]:
-        print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
-        print(f"train accuracy (last epoch, as trained): {history['train_accuracy'][-1]:.4f}")
-    if args.save:
-        W, b = np.asarray(params["W"]), np.asarray(params["b"])
-        info = {"data": args.data, "labels": labels, "n_samples": n, "streamed": True}
-        written = save_model(args.save, Model(W, b, classes, info=info))
-        print(f"wrote the model (no preprocessing, W {W.shape}, b {b.shape}) to {written}")
-    return 0

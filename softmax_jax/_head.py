@@ -1,10 +1,10 @@
 """The reusable head: fused linear + softmax cross-entropy that never holds the (N, K) logits.
 
 ``linear_cross_entropy(Z, W, labels)`` is the loss of ``softmax(Z W + b)`` against integer labels,
-as a ``jax.custom_vjp`` whose backward pass is the hand-written gradient of eq. (6) carried to the
-head's inputs. The math lives in ``_kernel`` (shared with the sharded head); this module checks
-the arguments, flattens leading dimensions, applies ``ignore_index`` and the weights, and picks
-the class-sharded kernel when ``W``'s class axis is sharded.
+differentiated by the hand-written gradient of eq. (6) carried to the head's inputs (``_fused``:
+forward and reverse mode). The per-chunk math lives in ``_kernel``, where it runs (one device or
+a mesh, from the inputs' shardings) in ``_shard``; this module checks the arguments, applies
+``ignore_index`` and the weights, and picks the rows per chunk.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from . import _kernel, _shard
+from . import _fused, _kernel, _shard
 from ._precision import acc_dtype
-from ._validate import as_array, check_float, check_reduction, is_concrete
+from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
 #: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
 #: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
 #: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
 #: most LOGITS_BUDGET bytes.
-MIN_ROWS = 128
+MIN_ROWS = 64
 LOGITS_BUDGET = 64 * 2**20
 
 
@@ -128,9 +128,8 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
     if weights is not None and not is_concrete(weights):
         return  # which rows count is known only at run time: NaN rows there, as under jit
     y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
-    bad = (y < 0) | (y >= k)
-    if ignore_index is not None:
-        bad &= y != ignore_index
+    ignored, in_range = label_masks(y, k, ignore_index)
+    bad = ~(ignored | in_range)
     if weights is not None:
         bad &= np.asarray(weights).reshape(-1) != 0
     if bad.any():
@@ -138,6 +137,9 @@ def _check_label_values(labels, weights, k: int, ignore_index) -> None:
         where = np.unravel_index(idx, labels.shape) if labels.ndim != 1 else idx
         where = tuple(int(i) for i in where) if labels.ndim != 1 else idx
         extra = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
+        stored = None if ignore_index is None else np.array(ignore_index).astype(y.dtype)
+        if stored is not None and int(stored) != ignore_index:
+            extra += f" (held as {int(stored)} in {y.dtype})"
         raise ValueError(
             f"`labels` must lie in [0, K) = [0, {k}){extra}, got {int(y[idx])} at index {where}"
         )
@@ -228,7 +230,7 @@ def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The call: weights and ignore_index outside the custom_vjp, aux, leading dims.
+# The call: weights and ignore_index outside the custom rules, aux, leading dims.
 # --------------------------------------------------------------------------------------------
 
 
@@ -236,14 +238,15 @@ def rows_per_chunk(chunk_size, n: int, k: int, d: int) -> int:
 def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     """Runs the kernel on prepared arguments (shared by both heads; ``spec`` says where)."""
     acc = acc_dtype(W.dtype)
-    labels = labels.astype(jnp.int32)
-    # Casts outside the custom_vjp: the gradients of floating weights and of the bias flow back
+    # Masks in the labels' own dtype, then int32 (-1 for a label outside [0, K)).
+    ignored, in_range = label_masks(labels, spec.num_classes, ignore_index, jnp)
+    labels = jnp.where(in_range, labels.astype(jnp.int32), -1)
+    # Casts outside the custom rules: the gradients of floating weights and of the bias flow back
     # through them into the inputs' dtypes.
     s = jnp.ones(labels.shape, acc) if weights is None else weights.astype(acc)
     bias = None if bias is None else bias.astype(acc)
-    if ignore_index is not None:
-        s = jnp.where(labels == ignore_index, jnp.zeros((), acc), s)
-    out = _kernel.fused(Z, W, bias, labels, s, spec)
+    s = jnp.where(ignored, jnp.zeros((), acc), s)
+    out = _fused.fused(Z, W, bias, labels, s, spec)
     loss = out[0] if spec.aux else out
     if not spec.aux:
         return loss
@@ -328,13 +331,25 @@ def linear_cross_entropy(
         \frac{\partial L}{\partial W} = Z^\top G, \quad
         \frac{\partial L}{\partial b} = \sum_i G_i
 
-    (the last factor only with a softcap). A ``jax.custom_vjp`` (reverse mode only). Rows are
+    (the last factor only with a softcap). For ``"sum"``/``"mean"`` a ``jax.custom_jvp`` whose
+    tangent is ``⟨∂L/∂Z, Ż⟩ + ⟨∂L/∂W, Ẇ⟩ + ⟨∂L/∂b, ḃ⟩ + ⟨∂L/∂s, ṡ⟩``: ``jax.jvp``,
+    ``jax.linearize``, ``jax.jacfwd``, ``jax.grad`` and their compositions (Hessian-vector
+    products) all work; for ``"none"`` a ``jax.custom_vjp`` (reverse mode). Rows are
     processed ``chunk_size`` at a time in a ``lax.fori_loop`` and classes in blocks of 2048, so
     the live temporaries are one ``(chunk, K)`` logits chunk, a few ``(chunk, 2048)`` and
     ``(D, 2048)`` blocks and the ``∂L/∂W`` accumulator. For ``"sum"``/``"mean"`` the gradients
     are accumulated during the forward pass (three GEMMs, as the unfused loss); gradients of
     inputs that are not differentiated (``Z`` when only the head is trained, ``W`` when it is
     frozen) are skipped. For ``"none"`` the backward pass recomputes the logits chunk by chunk.
+    ``chunk_size="auto"`` sizes a chunk's logits like the hidden-state block they come from
+    (Liger-Kernel's rule), at least 64 rows, at most 64 MiB of float32 logits.
+
+    Meshes: the shardings ``Z``, ``W``, the bias, labels and weights carry are read (concrete
+    arrays, or the types of arrays on a mesh of explicit axes, ``jax.make_mesh``'s default) and
+    the pass runs under ``jax.shard_map`` with them: rows (any leading dim) over data axes, the
+    classes of ``W`` and the bias over model axes, ``W`` split along D (FSDP) gathered for the
+    call; gradients come back sharded like their inputs. Inside a user's ``jax.shard_map`` it
+    works on the local shards.
 
     Precision: GEMM operands in ``W``'s dtype (``Z`` and residual chunks are cast to it; ``W`` is
     never cast, padded or copied), accumulation in float32 at least, the mean's ``1 / Σ s``

@@ -16,17 +16,15 @@ Per sample, with ``r_i = z_i W + b`` and logits ``a_i = r_i`` or ``c · tanh(r_i
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from . import _shard
 from ._chunks import fold_chunks
-from ._precision import acc_dtype, gemm, mean_normaliser, operand
+from ._precision import acc_dtype, gemm, operand
 
 # Columns of a logits chunk handled per step of the inner (class) loops: besides the (chunk, K)
 # logits, the temporaries are a few (chunk, K_BLOCK) and (D, K_BLOCK) blocks; 2048 keeps those
@@ -101,7 +99,8 @@ def _row_stats(A, b, yl, offset, spec, kblock, vary):
     """Row-wise statistics of one chunk's logits over all K classes (across shards):
     ``lse`` (max-shifted, online over column blocks), the target logit ``a_{i,y_i}`` (an iota
     compare on the same logits the gradient uses; 0 where ``y_i`` is not a class of this shard),
-    ``Σ_k a_ik`` (for smoothing) and the argmax (for ``aux``), each ``(C,)``."""
+    ``Σ_k (a_ik − m_i)`` (for smoothing) and the argmax (for ``aux``), each ``(C,)``; the
+    log-sum-exp as the pair ``(m_i, log s_i)`` ``(C, 2)``."""
     c, kl = A.shape
     want_sum, want_arg = spec.label_smoothing != 0.0, spec.aux
 
@@ -113,8 +112,9 @@ def _row_stats(A, b, yl, offset, spec, kblock, vary):
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(a - m_new[:, None]), axis=1)
         cols = lax.broadcasted_iota(yl.dtype, (1, size), 1) + start
         tgt = tgt + jnp.sum(jnp.where(cols == yl[:, None], a, 0.0), axis=1)
-        if want_sum:
-            tot = tot + jnp.sum(a, axis=1)
+        if want_sum:  # Σ_k (a_ik − m_i), rebased as the running max moves
+            moved = jnp.where(jnp.isneginf(m), 0.0, m - m_new)  # no columns seen yet: 0
+            tot = tot + start * moved + jnp.sum(a - m_new[:, None], axis=1)
         if want_arg:
             better = bm > best
             idx = jnp.where(better, jnp.argmax(a, axis=1).astype(jnp.int32) + start, idx)
@@ -125,36 +125,43 @@ def _row_stats(A, b, yl, offset, spec, kblock, vary):
     ninf = jnp.full((c,), -jnp.inf, A.dtype)
     init = vary((ninf, z, z, z, ninf, jnp.zeros((c,), jnp.int32)))
     m, s, tgt, tot, best, idx = fold_chunks(kl, kblock, body, init)
-    lse_p = m + jnp.log(s)
-    if spec.class_axes is None:
-        lse = lse_p
-    else:  # lse = M + log Σ_p exp(lse_p − M) ≥ M ≥ every logit
-        big = lax.pmax(lse_p, spec.class_axes)
-        lse = big + jnp.log(lax.psum(jnp.exp(lse_p - big), spec.class_axes))
+    if spec.class_axes is not None:  # M = max_p m_p, Σ_p s_p exp(m_p − M)
+        big = lax.pmax(m, spec.class_axes)
+        s = lax.psum(s * jnp.exp(m - big), spec.class_axes)
+        if want_sum:
+            tot = lax.psum(tot + kl * (m - big), spec.class_axes)
+        m = big
+    # lse = m + log s, kept as the pair (m, log s): with logits far above log K (tied
+    # embeddings at 1e30), m + log K rounds to m and lse − a_y would cancel to 0.
+    stats = jnp.stack([m, jnp.log(s)], axis=1)
     tgt = _allsum(tgt, spec)
-    tot = _allsum(tot, spec) if want_sum else None
+    tot = tot if want_sum else None
     pred = None
     if want_arg:  # the first global argmax
         pred = idx + offset
         if spec.class_axes is not None:
             top = lax.pmax(best, spec.class_axes)
             pred = lax.pmin(jnp.where(best == top, pred, spec.num_classes), spec.class_axes)
-    return lse, tgt, tot, pred
+    return stats, tgt, tot, pred
 
 
-def _per_sample(lse, tgt, tot, spec):
-    """``ℓ_i = lse_i − [(1 − ε) a_{i,y_i} + ε Σ_k a_ik / K] + λ lse_i²`` (≥ 0: lse ≥ every
-    logit, from the same logits)."""
-    t = (
-        tgt
-        if spec.label_smoothing == 0.0
-        else (1.0 - spec.label_smoothing) * tgt + (spec.label_smoothing / spec.num_classes) * tot
-    )
-    per = lse - t
-    return per if spec.z_loss == 0.0 else per + spec.z_loss * lse * lse
+def _per_sample(stats, tgt, tot, spec):
+    """``ℓ_i = lse_i − [(1 − ε) a_{i,y_i} + ε Σ_k a_ik / K] + λ lse_i²`` as
+    ``(1 − ε)(m_i − a_{i,y_i}) − ε Σ_k (a_ik − m_i) / K + log s_i + λ lse_i²`` with
+    ``lse_i = m_i + log s_i``: the differences to the row max first (≥ 0, no cancellation)."""
+    m, log_s = stats[:, 0], stats[:, 1]
+    eps = spec.label_smoothing
+    per = m - tgt
+    if eps != 0.0:
+        per = (1.0 - eps) * per - eps * (tot / spec.num_classes)
+    per = per + log_s
+    if spec.z_loss == 0.0:
+        return per
+    lse = m + log_s
+    return per + spec.z_loss * lse * lse
 
 
-def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
+def _grad_blocks(A, b, stats, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
     """One chunk's ``G`` block by block into the GEMMs: returns ``(G Wᵀ, dW + Z_cᵀ G,
     db + Σ_i G_i)`` (``dZ_c`` in ``acc``, unnormalised), with ``G = diag(cc) ∂ℓ/∂r``. The
     smoothed targets are never formed: ``cc ε / K`` is subtracted everywhere and ``cc (1 − ε)``
@@ -163,6 +170,8 @@ def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
     (c, kl), acc, ls, cap = A.shape, A.dtype, spec.label_smoothing, spec.softcap
     ka = _kaxis(spec)
     d = W.shape[1 - ka]
+    m, log_s = stats[:, 0:1], stats[:, 1:2]
+    lse = (m + log_s)[:, 0]
     coef = (cc if spec.z_loss == 0.0 else cc * (1.0 + 2.0 * spec.z_loss * lse))[:, None]
     hit = (cc * (1.0 - ls))[:, None]
     Zg = operand(Zc, W.dtype)
@@ -170,11 +179,11 @@ def _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
     def body(start, size, carry):
         dZc, dW, db = carry
         a = _block_logits(A, b, start, size, spec)
-        G = jnp.exp(a - lse[:, None]) * coef
+        G = jnp.exp((a - m) - log_s) * coef
         if ls != 0.0:
             G = G - (cc * (ls / spec.num_classes))[:, None]
         cols = lax.broadcasted_iota(yl.dtype, (1, size), 1) + start
-        G = G - jnp.where(cols == yl[:, None], hit, 0.0)
+        G = G - (cols == yl[:, None]).astype(G.dtype) * hit
         if cap is not None:
             G = G * (1.0 - jnp.square(a / cap))
         Gg = operand(G, W.dtype)
@@ -202,8 +211,9 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
 
     - ``per`` ``(N,)``: ``ℓ_i``; 0 where ``s_i = 0`` and the label is not a class, NaN where
       ``s_i ≠ 0`` and it is not (a row of weight 0 never poisons the batch);
-    - ``lse`` ``(N,)`` and ``pred`` ``(N,)`` (argmax) when ``spec.aux`` (``lse`` always when
-      ``lse_in`` is given: it is read, not recomputed);
+    - ``lse`` ``(N, 2)``, the pair ``(m_i, log s_i)`` with ``lse_i = m_i + log s_i``, and
+      ``pred`` ``(N,)`` (argmax) when ``spec.aux`` (``lse`` always when ``lse_in`` is given: it
+      is read, not recomputed);
     - the gradients of ``inv · Σ_i s_i g_i ℓ_i`` (``g`` a per-row cotangent or ``None``, ``inv``
       the mean's ``1 / Σ s`` or ``None``) for the ``wants = (dZ, dW, db)`` asked for, ``inv``
       applied to the float32 GEMM results.
@@ -254,7 +264,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     init = vary(
         (
             jnp.zeros((n if want_per else 0,), acc),
-            jnp.zeros((n if want_lse else 0,), acc),
+            jnp.zeros((n if want_lse else 0, 2), acc),
             jnp.zeros((n if spec.aux else 0,), jnp.int32),
             jnp.zeros((n if want_dZ else 0, d), dz_dtype),
             jnp.zeros(w_shape, acc),
@@ -267,7 +277,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     return per, lse, pred, dZ, dW, db
 
 
-def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
+def fused_pass(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
          wants=(False, False, False)):  # fmt: skip
     """:func:`_pass` where ``spec.placement`` says: on one device, or on each device of its mesh
     (its rows, its class shard at ``offset``; ``dZ`` summed over the class axes, ``dW`` and
@@ -278,7 +288,7 @@ def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
 
     def per_device(local, Z, W, b, labels, s, g, lse, inv):
         lead = labels.shape
-        flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+        flat = lambda x: None if x is None else x.reshape(-1, *x.shape[len(lead) :])  # noqa: E731
         axis = local.classes or None
         sp = spec._replace(class_axes=axis)
         offset = local.class_offset(W.shape[_kaxis(spec)])
@@ -312,87 +322,3 @@ def _run(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per=True,
         (("rows", None), ("rows", None), ("rows", None), ("features", 0), ("weight", 1),
          ("classes", 2)),
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# custom_vjp: private function, _fwd, _bwd, defvjp.
-# --------------------------------------------------------------------------------------------
-
-
-def _out(spec, value, lse, pred):
-    return (value, lse, pred) if spec.aux else value
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def fused(Z, W, b, labels, s, spec: Spec):
-    """The head's loss of ``(Z (N, D), W, b (K,) | None, labels (N,) int32, s (N,))``:
-    ``Σ s ℓ`` (sum), ``Σ s ℓ / Σ s`` (mean) or ``s ℓ`` (none); with ``spec.aux`` the tuple
-    ``(loss, lse, predictions)`` (no gradient flows through the last two)."""
-    per, lse, pred, *_ = _run(Z, W, b, labels, s, spec)
-    return _out(spec, _reduce(per, s, spec), lse, pred)
-
-
-def _reduce(per, s, spec):
-    sp = jnp.where(s == 0, 0.0, s * per)  # a weight-0 row's NaN never reaches the sum
-    if spec.reduction == "none":
-        return sp
-    value = jnp.sum(sp)
-    inv = mean_normaliser(s, per.shape[0], spec.reduction, per.dtype)
-    return value if inv is None else value * inv
-
-
-def _fused_fwd(Z, W, b, labels, s, spec: Spec):
-    # symbolic_zeros=True: each differentiable leaf arrives as CustomVJPPrimal(value, perturbed),
-    # so gradients nobody asked for (dZ when only the head is trained, dW when it is frozen, ds)
-    # are never computed.
-    want_dZ, want_dW, want_ds = Z.perturbed, W.perturbed, s.perturbed
-    want_db = b is not None and b.perturbed
-    Z, W, labels, s = Z.value, W.value, labels.value, s.value
-    b = None if b is None else b.value
-    # Zero-size arrays carry the cotangents' dtypes through the residuals.
-    # Empty slices of the primals (their dtypes and, in a user's shard_map, their varying axes).
-    protos = tuple(None if x is None else _shard.varying_like(jnp.zeros((0,), x.dtype), x)
-                   for x in (Z, W, b))  # fmt: skip
-    acc = acc_dtype(W.dtype)
-    bc = None if b is None else b.astype(acc)
-    wants = (want_dZ, want_dW, want_db)
-    if spec.reduction == "none":
-        per, lse, pred, *_ = _run(Z, W, bc, labels, s, spec._replace(aux=True))
-        value = _reduce(per, s, spec)
-        res = (Z, W, bc, labels, s, per if want_ds else None, lse, wants, protos)
-        return _out(spec, value, lse, pred), res
-    inv = mean_normaliser(s, s.shape[0], spec.reduction, acc)
-    per, lse, pred, dZ, dW, db = _run(Z, W, bc, labels, s, spec, inv=inv, wants=wants)
-    value = _reduce(per, s, spec)
-    ds = None
-    if want_ds:  # ∂L/∂s_i: ℓ_i (sum), (ℓ_i − L) / Σ s (mean, 0-guarded)
-        ds = per if inv is None else (per - value) * inv
-    res = (dZ if want_dZ else None, dW if want_dW else None, db if want_db else None, ds, protos)
-    return _out(spec, value, lse, pred), res
-
-
-def _fused_bwd(spec: Spec, res, g):
-    g = g[0] if spec.aux else g  # aux carries no gradient
-    if spec.reduction == "none":
-        Z, W, b, labels, s, per, lse, wants, (z_proto, w_proto, b_proto) = res
-        g = jnp.zeros(s.shape, s.dtype) if isinstance(g, SymbolicZero) else g.astype(s.dtype)
-        _, _, _, dZ, dW, db = _run(Z, W, b, labels, s, spec._replace(aux=False), g=g, lse=lse,
-                                   want_per=False, wants=wants)  # fmt: skip
-        dZ, dW, db = (x if w else None for x, w in zip((dZ, dW, db), wants))
-        ds = None if per is None else per * g
-    else:
-        dZ, dW, db, ds, (z_proto, w_proto, b_proto) = res
-        g = jnp.zeros((), w_proto.dtype) if isinstance(g, SymbolicZero) else g
-        scale = lambda x: None if x is None else g.astype(x.dtype) * x  # noqa: E731
-        dZ, dW, db, ds = scale(dZ), scale(dW), scale(db), scale(ds)
-    dZ = None if dZ is None else _shard.reduce_like(dZ, z_proto)
-    dW = None if dW is None else _shard.reduce_like(dW.astype(w_proto.dtype), w_proto)
-    db = (
-        None
-        if b_proto is None or db is None
-        else _shard.reduce_like(db.astype(b_proto.dtype), b_proto)
-    )
-    return dZ, dW, db, None, ds
-
-
-fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)

@@ -10,7 +10,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._precision import gemm, mean_normaliser, operand
-from ._validate import check_problem, compute_dtype
+from ._validate import check_problem, check_result, compute_dtype
 
 
 def logits(W: jax.Array, Z: jax.Array) -> jax.Array:
@@ -137,4 +137,5 @@ def loss(
       2.772588...
     """
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _loss_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _loss_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)

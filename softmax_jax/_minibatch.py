@@ -14,6 +14,7 @@ from jax import lax
 
 from ._objective import TrainData, objective, vg_sum
 from ._placement import DataParallel, pad_batches
+from ._precision import mean_normaliser
 from ._solvers import FULL_BATCH_SOLVERS
 
 # name -> (factory(learning_rate) -> GradientTransformation, default learning rate)
@@ -142,7 +143,7 @@ def minibatch_step(params, opt_state, batch: TrainData, l2, *, opt):
     metrics before normalisation."""
     w = batch.s
     wsum = jnp.sum(w)
-    scale = 1 / jnp.where(wsum > 0, wsum, 1)  # the batch's weighted mean
+    scale = mean_normaliser(w, w.shape[0], "mean", w.dtype)  # the batch's weighted mean
     value, g, A = vg_sum(params, batch.Z, batch.y, w)
     W = params["W"]
     value = value * scale + 0.5 * l2 * jnp.vdot(W, W)
@@ -191,5 +192,5 @@ def minibatch_epoch(
     (params, opt_state, tot, correct), _ = lax.scan(
         body, (params, opt_state, zero, zero), jnp.arange(nb)
     )
-    total = n if data.s is None else jnp.sum(data.s.astype(dtype))
-    return params, opt_state, tot / total, correct / total
+    inv = mean_normaliser(None if data.s is None else data.s[:n], n, "mean", dtype)
+    return params, opt_state, tot * inv, correct * inv

@@ -74,8 +74,10 @@ def _check_params(params: Any) -> tuple[jax.Array, jax.Array | None]:
             f"fit, got {type(params).__name__}"
         )
     W = params["W"] if isinstance(params["W"], jax.Array) else np.asarray(params["W"])
-    if W.ndim != 2 or not jnp.issubdtype(W.dtype, jnp.floating):
-        raise ValueError(f"`params['W']` must be a float (D, K) array, got {W.dtype}{W.shape}")
+    if W.ndim != 2 or not jnp.issubdtype(W.dtype, jnp.floating) or W.shape[1] < 1:
+        raise ValueError(
+            f"`params['W']` must be a float (D, K) array with K >= 1, got {W.dtype}{W.shape}"
+        )
     b = params.get("b")
     if b is not None:
         b = b if isinstance(b, jax.Array) else np.asarray(b)
@@ -194,8 +196,8 @@ class Model:
 
     def __post_init__(self):
         W = np.asarray(self.W)
-        if W.ndim != 2:
-            raise ValueError(f"`W` must have shape (D, K), got {W.shape}")
+        if W.ndim != 2 or W.shape[1] < 1:
+            raise ValueError(f"`W` must have shape (D, K) with K >= 1, got {W.shape}")
         d, k = W.shape
         for name, want in (("b", (k,)), ("classes", (k,)), ("mean", (d,)), ("std", (d,))):
             value = getattr(self, name)

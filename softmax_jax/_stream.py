@@ -34,6 +34,7 @@ from ._chunks import host_chunks
 from ._minibatch import epoch_order, minibatch_step
 from ._objective import TrainData, predict_stats, vg_sum
 from ._placement import DATA_AXIS, DataParallel
+from ._precision import mean_normaliser
 from ._validate import check_mapped
 
 #: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
@@ -238,8 +239,8 @@ def stream_epoch(
     if not bool(finite):  # every process of a mesh learns it: all raise
         _first_bad_row(Z, idx[:, lo:hi].reshape(-1), name)
         raise ValueError(f"`{name}` must be finite, got NaN/inf in rows another process read")
-    total = n if s is None else float(jnp.sum(s_dev))
-    return params, opt_state, tot / total, correct / total
+    inv = mean_normaliser(s_dev, n, "mean", dtype)
+    return params, opt_state, tot * inv, correct * inv
 
 
 # Full-batch passes -------------------------------------------------------------------------------

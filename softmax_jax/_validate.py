@@ -31,10 +31,16 @@ def as_array(x: Any, name: str) -> jax.Array:
     """Converts ``x`` to an array, with an error naming the argument if that is impossible."""
     if isinstance(x, jax.Array):
         return x
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+        raise TypeError(
+            f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}"
+        )
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {first}") from None
 
 
 def check_reduction(reduction: str, *, allow_none: bool = True) -> None:
@@ -308,11 +314,16 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bo
     ``optional``."""
     if value is None and optional:
         return None
+    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        want = "an integer" + (" or None" if optional else "")
-        raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"`{name}` must be {want}{' or None' if optional else ''}, got "
+            f"{type(value).__name__} {value!r}"
+        )
     if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"`{name}` must be {want}, got {value!r}")
     return int(value)
 
 
@@ -332,8 +343,10 @@ def check_real(value: Any, name: str, *, minimum: float | None = None, strict: b
         raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
     v = float(value)
     if not np.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
+        if strict and minimum == 0:
+            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}")
+        raise ValueError(f"`{name}` must be a finite float{bound}, got {value!r}")
     return v
 
 
@@ -374,3 +387,43 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):
+    """``(ignored, in_range)`` of integer labels, compared in their own dtype (``xp`` is NumPy
+    for concrete checks, ``jax.numpy`` under tracing: both give the same masks). A label is
+    ignored when it holds ``ignore_index`` as that dtype stores it (``-100`` in ``uint16`` is
+    65436, its bit pattern), and in range when ``0 ≤ y < K`` — no wrap-around through a
+    narrower dtype, so every integer dtype, signed or unsigned, 8 to 64 bits, agrees."""
+    dtype = np.dtype(labels.dtype)
+    info = np.iinfo(dtype)
+    if ignore_index is None:
+        ignored = xp.zeros(labels.shape, bool)
+    else:
+        ignored = labels == xp.asarray(np.array(ignore_index).astype(dtype), dtype)
+    in_range = labels >= 0 if info.min < 0 else xp.ones(labels.shape, bool)
+    if num_classes <= info.max:
+        in_range = in_range & (labels < xp.asarray(num_classes, dtype))
+    return ignored, in_range
+
+
+@jax.jit
+def _all_finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_result(result: Any, *, W: jax.Array, Z: jax.Array) -> Any:
+    """``result`` of a concrete call, or a ``ValueError`` when it holds NaN/inf: naming the first
+    non-finite input (``Z`` or ``W``), else the overflow of the logits. One reduction on the
+    device and one flag brought back; traced results (under ``jax.jit``) are returned as they are.
+    """
+    leaves = [x for x in jax.tree.leaves(result) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves or not all(_checkable(x) for x in leaves):
+        return result
+    if bool(jax.device_get(_all_finite(leaves))):
+        return result
+    check_finite(Z, "Z")
+    check_finite(W, "W")
+    raise ValueError(
+        f"the result is not finite: `Z` @ `W` overflows {leaves[0].dtype} (max |Z| "
+        f"{float(jnp.max(jnp.abs(Z))):.3g}, max |W| {float(jnp.max(jnp.abs(W))):.3g}); scale the "
+        "features or weights, or use float64 (jax_enable_x64)"
+    )

@@ -114,6 +114,7 @@ def test_cli_check_prints_table(capsys):
     assert " NO" not in out and ", 0 failed" in out
 
 
+@pytest.mark.slow  # the whole --quick suite again; check_grad's failure is tested fast above
 def test_cli_check_fails_on_wrong_gradient(capsys, monkeypatch):
     monkeypatch.setattr(_check, "_hand_grad", _wrong_grad(1e-6))
     assert _cli.main(["check", "--quick", "--dtypes", "float64"]) == 1

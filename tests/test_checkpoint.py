@@ -287,3 +287,75 @@ def test_no_readable_checkpoint_is_one_line_saying_another_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds the state of another run") as e:
         fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
     assert "\n" not in str(e.value) and len(str(e.value)) < 1500
+
+
+# --- property: a damaged checkpoint folder resumes or is one CheckpointError naming it ---------
+
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved") / "ck"
+    Z, y = blobs(n=40)
+    fit(Z, y, epochs=2, checkpoint_dir=directory, **KW)
+    return directory, Z, y
+
+
+def _damage(root, how: str, target: int) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    f = files[target % len(files)]
+    if how == "delete file":
+        f.unlink()
+    elif how == "truncate file":
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif how == "garbage file":
+        f.write_bytes(b"{not json\x00")
+    elif how == "empty file":
+        f.write_bytes(b"")
+    elif how == "delete step":
+        shutil.rmtree(root / str(1 + target % 2))
+    elif how == "junk entries":
+        (root / "3.orbax-checkpoint-tmp-1").mkdir()
+        (root / "notes.txt").write_text("x")
+        (root / "7").write_text("a file named like a step")
+
+
+@settings(max_examples=8, derandomize=True)
+@given(
+    damages=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "delete file",
+                    "truncate file",
+                    "garbage file",
+                    "empty file",
+                    "delete step",
+                    "junk entries",
+                ]
+            ),  # fmt: skip
+            st.integers(0, 50),
+        ),
+        min_size=1,
+        max_size=2,
+    )
+)
+def test_damaged_checkpoint_folders_resume_or_raise_one_line(saved_run, tmp_path_factory, damages):
+    source, Z, y = saved_run
+    root = tmp_path_factory.mktemp("damaged") / "ck"
+    shutil.copytree(source, root)
+    for how, target in damages:
+        _damage(root, how, target)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            params, history = fit(Z, y, epochs=3, checkpoint_dir=root, **KW)
+        except CheckpointError as e:
+            assert str(root) in str(e) and "\n" not in str(e), str(e)
+            return
+    assert np.isfinite(params["W"]).all() and history["epoch"][-1] == 3

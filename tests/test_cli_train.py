@@ -389,32 +389,3 @@ def test_class_names_train_save_and_predict(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert set(out.split()[1:]) <= set(names) and "accuracy on" in err
     assert float(err.split(":")[-1]) > 0.6  # 30 steps of adam: above chance (1/3)
-
-
-def test_streamed_labels_as_floats_or_npz_and_nan_rows(tmp_path, capsys):
-    """--labels holding integer-valued floats or an .npz trains; a NaN row with lbfgs is one
-    line naming --data (not a traceback from the solver's host callback)."""
-    rng = np.random.default_rng(0)
-    y = np.arange(64) % 2
-    X = (rng.normal(size=(64, 3)) + y[:, None]).astype(np.float32)
-    np.save(tmp_path / "X.npy", X)
-    np.save(tmp_path / "yf.npy", y.astype(np.float64))
-    np.savez(tmp_path / "y.npz", y=y + 5)
-    base = ["train", "--data", str(tmp_path / "X.npy"), "--no-progress", "--epochs", "2"]
-    assert main([*base, "--labels", str(tmp_path / "yf.npy")]) == 0
-    model = tmp_path / "m.npz"
-    assert main([*base, "--labels", str(tmp_path / "y.npz"), "--save", str(model)]) == 0
-    np.testing.assert_array_equal(load_model(model).classes, [5, 6])
-    np.save(tmp_path / "bad.npy", np.array([0.5] * 64))
-    capsys.readouterr()
-    assert main([*base, "--labels", str(tmp_path / "bad.npy")]) == 2
-    err = capsys.readouterr().err
-    assert "row 0: label 0.5 is not an integer" in err and err.count("\n") == 1
-    X[7, 1] = np.nan
-    np.save(tmp_path / "X.npy", X)
-    assert main([*base, "--labels", str(tmp_path / "y.npz"), "--optimizer", "lbfgs"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err
-        == f"softmax-jax train: error: --data {tmp_path / 'X.npy'} must be finite, got nan at index (7, 1)\n"
-    )

@@ -275,3 +275,41 @@ def test_mean_of_one_row_no_rows_and_zero_weights(getkey):
         value, g = sj.value_and_grad(W, rows, labels, weights=weights, reduction="mean")
         assert float(value) == 0.0 and np.array_equal(g, np.zeros((4, 3))), (value, g)
         assert np.array_equal(sj.hvp(W, rows, labels, W, weights=weights, reduction="mean"), g)
+
+
+def test_mean_is_invariant_to_the_weights_scale(getkey):
+    # 1 / Σ s for any Σ s > 0, below 1 too: weights scaled by 1e-3 give the same mean
+    W, Z, y, s = problem(getkey(), 8, 4, 3, "integer", weighted=True, dtype=jnp.float32)
+    v1, g1 = sj.value_and_grad(W, Z, y, weights=s, reduction="mean")
+    v2, g2 = sj.value_and_grad(W, Z, y, weights=1e-3 * s / s.sum(), reduction="mean")
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    assert_close(g2, g1, dtype=jnp.float32)
+
+
+def _dot_generals(jaxpr):
+    import jax.extend.core
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("fn", ("loss", "grad", "value_and_grad", "hvp"))
+@pytest.mark.parametrize(
+    "case, w_dtype, z_dtype, s_dtype", MIXED[:3], ids=[m[0] for m in MIXED[:3]]
+)
+def test_gemm_operands_in_W_dtype_accumulated_in_float32(
+    getkey, fn, case, w_dtype, z_dtype, s_dtype
+):
+    # the precision policy (_precision): every GEMM takes its operands in W's dtype (Z cast to
+    # it, whichever is wider) and accumulates in float32; the values alone do not show a mixed
+    # or a narrow GEMM (their errors stay within the tolerances)
+    W, Z, y, _ = problem(getkey(), 6, 4, 3, "integer", dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(FUNCTIONS[fn])(W.astype(w_dtype), Z.astype(z_dtype), y, None)
+    dots = list(_dot_generals(jaxpr.jaxpr))
+    assert dots
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.dtype(w_dtype)] * 2, eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn

@@ -760,3 +760,51 @@ def test_docstring_examples(monkeypatch):
         runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.attempted > 5 and results.failed == 0
+
+
+LABEL_DTYPES = ("int8", "int16", "int32", "uint8", "uint16", "uint32")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [*LABEL_DTYPES, pytest.param("int64", marks=pytest.mark.x64),
+     pytest.param("uint64", marks=pytest.mark.x64)],
+)  # fmt: skip
+def test_labels_of_every_integer_dtype(getkey, dtype):
+    """Every integer dtype gives the int32 result, eagerly and under jit: ``-100`` as the dtype
+    holds it (65436 in uint16) is ignored; a counted label outside [0, K) is the same clear
+    error eagerly, whatever the dtype (no wrap-around into range through a narrower dtype)."""
+    Z, W, _, y, _ = make(getkey(), n=9, d=4, k=6)
+    y = np.asarray(y).copy()
+    y[[1, 4]] = -100
+    ref = linear_cross_entropy(Z, W, jnp.asarray(y, jnp.int32), reduction="none")
+    held = y.astype(dtype)  # -100's bit pattern in unsigned dtypes
+    eager = linear_cross_entropy(Z, W, held, reduction="none")
+    traced = jax.jit(lambda Z, W, y: linear_cross_entropy(Z, W, y, reduction="none"))(Z, W, held)
+    for got in (eager, traced):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    bad = held.copy()
+    bad[2] = np.iinfo(dtype).max  # not a class, not ignore_index
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, K\)"):
+        linear_cross_entropy(Z, W, bad)
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.float64))
+@pytest.mark.parametrize("smoothing", (0.0, 0.2))
+def test_huge_equal_tied_logits_do_not_cancel(dtype, smoothing):
+    """Z ≈ 1e30 against equal columns of a tied table: every logit equal and huge, so the
+    exact loss is log K per row (smoothing or not) and the gradient (softmax − targets) Zᵀ;
+    lse − a_y would round to 0 (m + log K = m in floating point)."""
+    k, d = 10, 4
+    E = jnp.ones((k, d), dtype)
+    h = jnp.full((3, d), 2.5e29, dtype)
+    y = jnp.array([0, 3, 9])
+    per = linear_cross_entropy(h, E, y, weight_layout="kd", reduction="none",
+                               label_smoothing=smoothing)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(per), np.log(k), rtol=1e-6)
+    dE = jax.grad(lambda E: linear_cross_entropy(h, E, y, weight_layout="kd",
+                                                 label_smoothing=smoothing))(E)  # fmt: skip
+    t = (1 - smoothing) * np.eye(k)[np.asarray(y)] + smoothing / k
+    ref = (1.0 / k - t).T @ np.asarray(h, np.float64) / 3
+    np.testing.assert_allclose(np.asarray(dE, np.float64), ref, rtol=1e-5)

@@ -39,6 +39,7 @@ LAYER_OF = {
     "_sparse": MATH,
     # head: the fused linear + softmax cross-entropy kernel and the heads built on it.
     "_kernel": HEAD,
+    "_fused": HEAD,
     "_head": HEAD,
     "_parallel": HEAD,
     "_shard": HEAD,  # issue16: mesh / sharding helpers of the head
@@ -80,20 +81,8 @@ MAX_MODULE_LINES = 500
 # Known offenders, one entry per (check, item): each becomes an xfail(strict=True) so the suite
 # stays green while the owner fixes it, and fails as soon as it is fixed (then delete the entry).
 KNOWN = {
-    ("module_length", "_cli_train"): "issue19: _cli_train.py is over 500 lines",
-    ("function_length", "_cli_train"): "issue19: run_cli is over 80 lines of code",
-    ("test_file", "_cli_common"): "issue19: no tests/test_cli_common.py",
-    ("test_file", "_version"): "issue19: no tests/test_version.py",
     ("test_file", "_shard"): "issue16: no tests/test_shard.py",
-    ("function_length", "_fit"): "issue18: fit is over 80 lines of code",
     ("test_file", "_kernel"): "issue16: no tests/test_kernel.py",
-    ("test_file", "_precision"): "no tests/test_precision.py",
-    ("test_file", "_objective"): "issue18: no tests/test_objective.py",
-    ("test_file", "_placement"): "issue18: no tests/test_placement.py",
-    ("test_file", "_minibatch"): "issue18: no tests/test_minibatch.py",
-    ("test_file", "_cli"): "issue19: no tests/test_cli.py",
-    ("test_file", "_cli_check"): "issue19: no tests/test_cli_check.py",
-    ("test_file", "_fit"): "issue18: fit is tested in tests/test_train.py, not tests/test_fit.py",
 }
 
 
@@ -302,11 +291,22 @@ def prose(source: str) -> Iterator[tuple[int, str]]:
                 yield node.body[0].lineno, " ".join(doc.split())
 
 
+# A duration that is a setting, not a result: "a threshold of 1 s", "a timeout of 30 s".
+SETTING = re.compile(
+    r"\b(?:threshold|timeout|time-out|limit|interval|every|after|wait|deadline|at least|at most)"
+    r"\W+(?:\w+\W+){0,3}$",
+    re.IGNORECASE,
+)
+
+
 def timings(source: str) -> list[str]:
     """Measurements found in comments and docstrings: "line N: <the matched words>"."""
     found = []
     for line, text in prose(source):
-        for match in TIMING.finditer(" ".join(text.split())):
+        text = " ".join(text.split())
+        for match in TIMING.finditer(text):
+            if SETTING.search(text[: match.start()]):
+                continue
             found.append(
                 f"line {line}: ...{text[max(match.start() - 30, 0) : match.end() + 10]}..."
             )
@@ -410,6 +410,8 @@ def test_checks_catch_what_they_look_for():
     assert timings("# 2 MB beat 1, 4, 8 and 32 MB\n")
     assert timings("#: takes about half the Newton\n#: iterations (bench/train.py)\n")
     assert timings('"""It reaches the optimum in about 20 iterations."""\n')
+    assert not timings("#: Compilations at least this long (JAX's default threshold is 1 s).\n")
+    assert not timings("# a timeout of 30 s, then retry\n")
     for math in (
         "# 1 / Σ s_i over the weights s",
         "# (N, K) in blocks of 2048",

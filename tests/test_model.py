@@ -277,3 +277,61 @@ def test_model_file_permissions_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+# --- property: a damaged model file is a ModelFileError naming it, never anything else --------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HEADERS = [
+    '{"format": 1, "preprocessing": "none", "info": {}}',
+    '{"format": 1, "preprocessing": "standardize", "info": {}}',
+    '{"format": 2}', '{"format": 0}', '{"format": -1}', '{"format": "1"}', '{"format": null}',
+    '{"format": NaN}', '{"format": 1e400}', '{"format": 1, "info": null}', '{}', "null", '"x"',
+    "{", "", '{"format": 1, "preprocessing": 3}',
+]  # fmt: skip
+
+
+@st.composite
+def model_file(draw):
+    d, k = draw(st.integers(0, 3)), draw(st.integers(1, 3))
+    arrays = {
+        "header": np.array(draw(st.sampled_from(_HEADERS))),
+        "W": np.ones((d, k), draw(st.sampled_from(["float32", "float64", "float16", "int8"]))),
+        "b": np.zeros(draw(st.sampled_from([k, k + 1])), np.float32),
+        "classes": draw(
+            st.sampled_from([np.arange(k), np.array(list("abc")[:k]), np.ones(k, bool)])
+        ),
+        "mean": np.zeros(d),
+        "std": np.array([draw(st.sampled_from([1.0, 0.0, -1.0, np.inf]))] * d),
+    }
+    for name in draw(st.sets(st.sampled_from(sorted(arrays)), max_size=2)):
+        del arrays[name]
+    if "W" in arrays and arrays["W"].size and draw(st.booleans()):
+        arrays["W"] = arrays["W"].astype(np.float32)
+        arrays["W"].flat[0] = draw(st.sampled_from([np.nan, np.inf]))
+    cut = draw(st.one_of(st.none(), st.integers(0, 400)))  # truncated after `cut` bytes
+    flip = draw(st.one_of(st.none(), st.integers(0, 400)))  # one byte changed
+    return arrays, cut, flip
+
+
+@settings(max_examples=25, derandomize=True)
+@given(spec=model_file())
+def test_damaged_model_files_are_one_line_model_file_errors(tmp_path_factory, spec):
+    arrays, cut, flip = spec
+    path = tmp_path_factory.mktemp("m") / "m.npz"
+    np.savez(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    if flip is not None and flip < len(raw):
+        raw[flip] ^= 0xFF
+    path.write_bytes(bytes(raw[:cut]) if cut is not None else bytes(raw))
+    try:
+        m = sj.load_model(path)
+    except sj.ModelFileError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+        return
+    # read: it predicts finite probabilities on finite features
+    X = np.ones((2, m.n_features), np.float32)
+    P = m.predict_proba(X)
+    assert P.shape == (2, m.n_classes) and np.isfinite(P).all()
