@@ -299,6 +299,26 @@ def _numpy_worker() -> None:  # runs in the child: ``python bench/_common.py --n
         print(json.dumps(reply), flush=True)
 
 
+def start_worker(script: str | Path, flag: str, *, unset_openblas_env: bool = True):
+    """``python script flag`` as a child speaking JSON lines on stdin/stdout (text mode), with
+    ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` unset for it only: NumPy and scikit-learn are timed
+    with OpenBLAS's own choice of kernels."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if unset_openblas_env:
+        for var in OPENBLAS_VARS:
+            env.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, str(Path(script).resolve()), flag],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
 class NumpyGemmFloor:
     """A child process timing NumPy's ``Z @ W`` and ``Zᵀ M`` with the OpenBLAS knobs unset.
 
@@ -313,19 +333,8 @@ class NumpyGemmFloor:
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> NumpyGemmFloor:
-        import subprocess
-        import sys
-
-        env = dict(os.environ)
-        if self.unset_openblas_env:
-            for var in OPENBLAS_VARS:
-                env.pop(var, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--numpy-worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
+        self.proc = start_worker(
+            __file__, "--numpy-worker", unset_openblas_env=self.unset_openblas_env
         )
         self.info = self._ask({"cmd": "info"})
         self.info["openblas_env_unset_for_numpy"] = self.unset_openblas_env

@@ -28,13 +28,10 @@ import argparse
 import re
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 from bench import _common as C
 

@@ -36,13 +36,10 @@ import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 from bench import _common as C
 
@@ -80,10 +77,8 @@ GB = 1e9
 
 
 def _head_fn():
-    try:
-        from softmax_jax import linear_cross_entropy
-    except ImportError:  # until softmax_jax/__init__.py re-exports it
-        from softmax_jax._head import linear_cross_entropy
+    from softmax_jax import linear_cross_entropy
+
     return linear_cross_entropy
 
 

@@ -27,10 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 from bench import _common as C
 
@@ -42,20 +40,6 @@ CONFIGS = {
     "tiny": {"head": (64, 16, 64, 32), "dp": (256, 8, 8, 64, 2), "repeats": 2},
 }
 CHILD_TIMEOUT = 1800
-
-
-def _api(name: str):
-    """A public name of softmax_jax, or its private home until ``__init__`` re-exports it."""
-    import softmax_jax as sj
-
-    if hasattr(sj, name):
-        return getattr(sj, name)
-    from softmax_jax import _fit, _head, _parallel
-
-    for mod in (_parallel, _head, _fit):
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(name)
 
 
 def _mode(quick: bool) -> str:
@@ -81,8 +65,8 @@ def _head(p: int, cfg: dict) -> dict[str, Any]:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    linear_cross_entropy = _api("linear_cross_entropy")
-    sharded_linear_cross_entropy = _api("sharded_linear_cross_entropy")
+    from softmax_jax import linear_cross_entropy, sharded_linear_cross_entropy
+
     n, d, k, chunk = cfg["head"]
     mesh = Mesh(np.array(jax.devices()[:p]), ("model",))
     rng = np.random.default_rng(0)
@@ -150,16 +134,15 @@ def _dp(p: int, cfg: dict) -> dict[str, Any]:
         "dp_step_s": C.timeit(step, Wr, Zb, yb, repeats=cfg["repeats"], warmup=1),
     }
     kw = dict(optimizer="adam", batch_size=batch, progress=False, seed=0, num_classes=k)
-    fit = _api("fit")
     try:
-        params, hist = fit(Z, y, epochs=epochs, mesh=mesh, **kw)
+        params, hist = sj.fit(Z, y, epochs=epochs, mesh=mesh, **kw)
     except ValueError as e:  # a fit without data-parallel support yet
         if "not supported yet" not in str(e):
             raise
         out["dp_epoch_s"] = None
         out["dp_note"] = f"fit(mesh=) unavailable: {e}"
         return out
-    ref, _ = fit(Z, y, epochs=epochs, **kw)
+    ref, _ = sj.fit(Z, y, epochs=epochs, **kw)
     out["dp_epoch_s"] = statistics.median(hist["seconds"][1:])  # the first epoch compiles
     out["dp_params_rel_err_vs_1_device"] = max(_rel(params[x], ref[x]) for x in ("W", "b"))
     return out

@@ -33,10 +33,13 @@ _NOT_SUITES = {"run", "__init__"}
 def load_bench_package(bench_dir: Path = BENCH_DIR):
     """Imports ``bench_dir`` as the package ``bench`` whatever the folder is called or where it
     lies (a source tree, or a copy shipped inside the wheel), so ``from bench import _common``
-    works in every suite."""
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(bench_dir)
+    works in every suite (``bench/_bench_package.py`` registers its own folder when loaded)."""
+    spec = importlib.util.spec_from_file_location(
+        "_bench_package", Path(bench_dir) / "_bench_package.py"
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the benchmark package from {bench_dir}")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
     return sys.modules["bench"]
 
 

@@ -31,6 +31,12 @@
    floor ``(Z @ W, Zᵀ @ M)`` jitted by XLA on the same ``Z``, interleaved round by round (median of
    per-round ratios); NumPy's (OpenBLAS) floor beside it.
 
+3. Fast from the first call (bench/_first_fit.py): fits timed in fresh processes -- the first fit
+   with a cold and a warm persistent compilation cache and later fits on iris, wine,
+   breast_cancer and digits (raw features), ``GridSearchCV`` over ``C`` on a ``StandardScaler``
+   pipeline, and the first fit of the largest synthetic problem -- against scikit-learn's, each
+   process's load average in the JSON.
+
 Run: ``python bench/train.py [--quick]`` or ``softmax-jax bench --only train``.
 """
 
@@ -40,21 +46,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: this folder is the package ``bench``
-    from softmax_jax._cli_bench import import_bench_package
-
-    import_bench_package(Path(__file__).resolve().parent)
+if __package__ in (None, ""):  # run as a script: bench/_bench_package.py makes this folder `bench`
+    import _bench_package  # noqa: F401
 
 import numpy as np
 
 from bench import _common as C
+from bench import _first_fit
+from bench._sklearn import SklearnProcess, sklearn_worker
+from bench._throughput import throughput
 
 TARGET_REL = 1e-6  # relative objective gap to the optimum
 ACC_SLACK = 0.005  # time to a test accuracy within 0.5 points of the optimum's
@@ -84,10 +90,18 @@ def synthetic(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 def dataset(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X_train, y_train, X_test, y_test)`` in float64 for a spec from :func:`specs`."""
     if spec["kind"] in ("digits", "digits-raw"):
-        from softmax_jax._data import load_digits
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
-        ds = load_digits(test_size=0.25, seed=0, standardize=spec["kind"] == "digits")
-        return ds.X_train, ds.y_train, ds.X_test, ds.y_test
+        X, y = load_digits(return_X_y=True)
+        Xtr, Xte, ytr, yte = train_test_split(
+            X.astype(np.float64), y.astype(np.int32), test_size=0.25, random_state=0, stratify=y
+        )
+        if spec["kind"] == "digits":  # standardised with the training split's mean and std
+            mean, std = Xtr.mean(axis=0), Xtr.std(axis=0)
+            std[std == 0] = 1.0
+            Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+        return Xtr, ytr, Xte, yte
     n, t = spec["n_train"], spec["n_test"]
     X, y = synthetic(n + t, spec["d"], spec["k"], seed=spec.get("seed", 0))
     return X[:n], y[:n], X[n:], y[n:]
@@ -121,90 +135,12 @@ def accuracy(coef, intercept, X, y) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# scikit-learn, in a child process with the OpenBLAS knobs unset.
-
-
-def _sklearn_worker() -> None:  # ``python bench/train.py --sklearn-worker``: JSON lines
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_info
-
-    data = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "load":
-            data = dataset(msg["spec"])
-            with warnings.catch_warnings():  # warm up thread pools and allocators
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                LogisticRegression(max_iter=20).fit(data[0][:500], data[1][:500])
-            reply: dict[str, Any] = {"ok": True}
-        elif msg["cmd"] == "fit":
-            Xtr, ytr, Xte, yte = data
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                t0 = time.perf_counter()
-                m = LogisticRegression(C=C_REG, tol=msg["tol"], max_iter=100_000).fit(Xtr, ytr)
-                seconds = time.perf_counter() - t0
-            reply = {
-                "tol": msg["tol"],
-                "seconds": seconds,
-                "n_iter": int(m.n_iter_[0]),
-                "objective": objective(m.coef_, m.intercept_, Xtr, ytr),
-                "test_accuracy": accuracy(m.coef_, m.intercept_, Xte, yte),
-            }
-        else:  # info
-            reply = {
-                "env": {v: os.environ.get(v) for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
-                "blas": [
-                    {
-                        k: p.get(k)
-                        for k in ("internal_api", "version", "num_threads", "architecture")
-                    }
-                    for p in threadpool_info()
-                ],
-            }
-        print(json.dumps(reply), flush=True)
-
-
-class SklearnProcess:
-    """scikit-learn in a child process started with the OpenBLAS knobs unset; ``fit(tol)``."""
-
-    def __enter__(self) -> SklearnProcess:
-        env = dict(os.environ)
-        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
-            env.pop(var, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--sklearn-worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        return self
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the scikit-learn process died (exit {self.proc.poll()})")
-        return json.loads(line)
-
-    def __exit__(self, *exc) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-# ---------------------------------------------------------------------------------------------
 # Ours.
 
 
 def fit_ours(solver: str, tol: float, Xtr, ytr, Xte, yte) -> dict:
     """One warm ``SoftmaxRegression(C=1, solver=solver, tol=tol)`` fit."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     # Newton-CG: a tolerance below its float32-Hessian floor would run to max_iter, not stop
     est = SoftmaxRegression(
@@ -226,7 +162,7 @@ def fit_ours(solver: str, tol: float, Xtr, ytr, Xte, yte) -> dict:
 
 def compile_seconds(solver: str, Xtr, ytr) -> float:
     """First fit minus a warm one of the same shape: the solver's compile time (once per shape)."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     times = []
     for _ in range(2):
@@ -240,7 +176,7 @@ def compile_seconds(solver: str, Xtr, ytr) -> float:
 
 def run_default(Xtr, ytr) -> dict:
     """``SoftmaxRegression(C=1)`` with every other setting at its default (warm)."""
-    from softmax_jax._estimator import SoftmaxRegression
+    from softmax_jax import SoftmaxRegression
 
     SoftmaxRegression(C=C_REG).fit(Xtr, ytr)
     t0 = time.perf_counter()
@@ -266,73 +202,6 @@ def run_adam(Xtr, ytr, Xte, yte, *, epochs: int, batch: int) -> dict:
         "cumulative_seconds": list(np.cumsum(h["seconds"])),
         "test_accuracy": h["eval_accuracy"],
         "final_objective": objective(W.T, b, Xtr, ytr),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Throughput.
-
-
-def throughput(X: np.ndarray, y: np.ndarray, k: int, *, rounds: int, batch: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from softmax_jax import _minibatch, _placement
-
-    n, d = X.shape
-    dev = C.default_device()
-    Xf = X.astype(np.float32)
-    data = _placement.place(Xf, y, None, fit_intercept=True, dtype=np.float32, device=dev)
-    opt = _minibatch.make_optimizer("adam")
-    params = jax.device_put(
-        {"W": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}, dev
-    )
-    state = jax.device_put(opt.init(params), dev)
-    l2 = jnp.float32(1.0 / n)
-    key = jax.random.key(0)
-
-    def epoch():
-        return _minibatch.minibatch_epoch(params, state, data, l2, key, opt=opt, batch_size=batch)
-
-    Z = jax.device_put(Xf, dev)
-    W = jnp.zeros((d, k), jnp.float32)
-    M = jax.device_put(np.random.default_rng(0).normal(size=(n, k)).astype(np.float32), dev)
-    floor = jax.jit(lambda Z, W, M: (Z @ W, Z.T @ M))
-    t_epoch, t_floor = [], []
-    for fn, out in ((epoch, t_epoch), (lambda: floor(Z, W, M), t_floor)):
-        jax.block_until_ready(fn())
-    for _ in range(rounds):  # interleaved: a load change hits both alike
-        for fn, out in ((epoch, t_epoch), (lambda: floor(Z, W, M), t_floor)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t0)
-    ratio = statistics.median(f / e for f, e in zip(t_floor, t_epoch))
-    numpy_floor = None
-    try:
-        with C.NumpyGemmFloor() as nf:
-            nf.setup(n, d, k)
-            times = nf.time(repeats=rounds)
-            numpy_floor = {
-                "median_s": statistics.median(
-                    a + b for a, b in zip(times["gemm1"], times["gemm2"])
-                ),
-                "info": nf.info,
-            }
-    except Exception as e:  # noqa: BLE001 - the NumPy floor is a reference, not the target
-        numpy_floor = {"error": f"{type(e).__name__}: {e}"}
-    e_s, f_s = statistics.median(t_epoch), statistics.median(t_floor)
-    return {
-        "n": n,
-        "d": d,
-        "k": k,
-        "batch": batch,
-        "epoch_s": e_s,
-        "epoch_samples_per_s": n / e_s,
-        "xla_floor_s": f_s,
-        "xla_floor_samples_per_s": n / f_s,
-        "epoch_vs_floor": ratio,
-        "numpy_floor": numpy_floor,
-        "samples": {"epoch": t_epoch, "xla_floor": t_floor},
     }
 
 
@@ -407,6 +276,14 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
         m["iterations_to_optimum"] = chosen[0]["n_iter"] if chosen else None
         if method.startswith("ours-"):
             m["compile_s"] = compile_s[method.removeprefix("ours-")]
+    return _finish_dataset(spec, data, methods, f_star, acc_target, acc_star, load_before, rounds)
+
+
+def _finish_dataset(spec, data, methods, f_star, acc_target, acc_star, load_before, rounds):
+    """Adds Adam's time to accuracy and the default fit to ``methods``; the dataset's result and
+    its table rows."""
+    Xtr, ytr, Xte, yte = data
+    name = spec["name"]
     small = spec["kind"] != "synthetic"
     epochs = 30 if small else (5 if C.tiny_mode() else 15)
     batch = 64 if small else BATCH
@@ -457,6 +334,72 @@ def bench_dataset(spec: dict, sk: SklearnProcess, *, rounds: int) -> tuple[dict,
     return result, rows
 
 
+def _throughput_table(tp: dict) -> str:
+    nf = tp["numpy_floor"] or {}
+    row = {
+        "N": tp["n"], "D": tp["d"], "K": tp["k"], "batch": tp["batch"], "epoch_s": tp["epoch_s"],
+        "samples/s": round(tp["epoch_samples_per_s"]), "xla_floor_s": tp["xla_floor_s"],
+        "floor samples/s": round(tp["xla_floor_samples_per_s"]), "epoch/floor": tp["epoch_vs_floor"],
+        "numpy_floor_s": nf.get("median_s", "-"),
+    }  # fmt: skip
+    return C.print_table(
+        [row],
+        list(row),
+        title="minibatch epoch (Adam, float32, shuffle + gather + value-and-grad + update) vs the "
+        "two-GEMM floor (Z@W, Zt@M) on the same data",
+    )
+
+
+def _first_fit_section(quick: bool, tiny: bool, datasets: dict) -> tuple[dict, str]:
+    """Fresh-process first fits (bench/_first_fit.py) on the small datasets, GridSearchCV and the
+    largest synthetic problem at the tolerances the time-to-optimum table found."""
+    spec = specs(quick, tiny)[-1]
+    ms = datasets[spec["name"]]["methods"]
+    tol = {
+        "ours": ms["ours-newton-cg"]["tol_optimum"],
+        "sklearn": ms["sklearn-lbfgs"]["tol_optimum"],
+    }
+    large = None if (tiny or None in tol.values()) else (spec, tol)
+    ff = _first_fit.run(Path(__file__).resolve(), quick=quick, tiny=tiny, tols=TOLS, large=large,
+                        load_average=C.load_average)  # fmt: skip
+    table = C.print_table(
+        _first_fit.table_rows(ff),
+        _first_fit.COLUMNS,
+        title="fresh processes: first fit with a cold / warm compilation cache, later fits "
+        "(median), GridSearchCV (C in logspace(-3, 3, 7), cv=5, StandardScaler; warm); seconds",
+    )
+    return ff, table
+
+
+def _targets(datasets: dict, tp: dict, ff: dict) -> dict:
+    ratios = {name: d["ratio_to_sklearn"].get("ours-newton-cg") for name, d in datasets.items()}
+    small = ff["small"].values()
+    large = ff.get("large")
+    return {
+        "default_settings_reach_optimum_everywhere": all(
+            d["default_fit"]["rel_gap"] <= TARGET_REL for d in datasets.values()
+        ),
+        "newton_cg_ratio_per_dataset": ratios,
+        "newton_cg_at_most_0.67x_sklearn_everywhere": all(
+            r is not None and r <= TARGET_RATIO for r in ratios.values()
+        ),
+        "epoch_at_least_half_the_floor": tp["epoch_vs_floor"] >= TARGET_EPOCH_VS_FLOOR,
+        "small_first_fit_warm_at_most_0.5s": all(
+            r["summary"]["first_fit_warm_s"] <= 0.5 for r in small
+        ),
+        "small_later_fits_at_most_1.0x_sklearn": all(
+            r["summary"]["later_ratio"] <= 1.0 for r in small
+        ),
+        "grid_search_at_most_1.0x_sklearn": all(
+            g["ratio"] <= 1.0 for g in ff["grid_search"].values()
+        ),
+        "large_first_fit_warm_at_most_0.67x": None
+        if large is None
+        else large["ratio_warm"] <= 0.67,
+        "large_first_fit_cold_at_most_1.0x": None if large is None else large["ratio_cold"] <= 1.0,
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     """Runs the suite; prints the tables; writes ``train.json`` (``<out>/train[_gpu].json``)."""
     tiny = C.tiny_mode()
@@ -483,58 +426,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     Xtr, ytr, _, _ = dataset(spec)
     tp = throughput(Xtr, ytr, spec["k"], rounds=3 if tiny else 7, batch=BATCH)
     results["throughput"] = tp
-    nf = tp["numpy_floor"] or {}
-    table2 = C.print_table(
-        [
-            {
-                "N": tp["n"],
-                "D": tp["d"],
-                "K": tp["k"],
-                "batch": tp["batch"],
-                "epoch_s": tp["epoch_s"],
-                "samples/s": round(tp["epoch_samples_per_s"]),
-                "xla_floor_s": tp["xla_floor_s"],
-                "floor samples/s": round(tp["xla_floor_samples_per_s"]),
-                "epoch/floor": tp["epoch_vs_floor"],
-                "numpy_floor_s": nf.get("median_s", "-"),
-            }
-        ],  # fmt: skip
-        [
-            "N",
-            "D",
-            "K",
-            "batch",
-            "epoch_s",
-            "samples/s",
-            "xla_floor_s",
-            "floor samples/s",
-            "epoch/floor",
-            "numpy_floor_s",
-        ],  # fmt: skip
-        title="minibatch epoch (Adam, float32, shuffle + gather + value-and-grad + update) vs the "
-        "two-GEMM floor (Z@W, Zt@M) on the same data",
-    )
-    ratios = {name: d["ratio_to_sklearn"].get("ours-newton-cg") for name, d in datasets.items()}
-    results["targets_met"] = {
-        "default_settings_reach_optimum_everywhere": all(
-            d["default_fit"]["rel_gap"] <= TARGET_REL for d in datasets.values()
-        ),
-        "newton_cg_ratio_per_dataset": ratios,
-        "newton_cg_at_most_0.67x_sklearn_everywhere": all(
-            r is not None and r <= TARGET_RATIO for r in ratios.values()
-        ),
-        "epoch_at_least_half_the_floor": tp["epoch_vs_floor"] >= TARGET_EPOCH_VS_FLOOR,
-    }
+    table2 = _throughput_table(tp)
+    results["first_fit"], table3 = _first_fit_section(quick, tiny, datasets)
+    results["targets_met"] = _targets(datasets, tp, results["first_fit"])
     results["sklearn_process"] = {
         "note": "scikit-learn timed in a child process started with OPENBLAS_CORETYPE and "
         "OPENBLAS_L2_SIZE unset",
         "openblas_env_unset": True,
-        "openblas_env_of_parent": {
-            v: os.environ.get(v) for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-        },
+        "openblas_env_of_parent": {v: os.environ.get(v) for v in C.OPENBLAS_VARS},
         **sklearn_info,
     }
-    results["table"] = table1 + "\n\n" + table2
+    results["table"] = "\n\n".join([table1, table2, table3])
     print("targets:", json.dumps(results["targets_met"]), flush=True)
     C.write_json("train", results)
     return results
@@ -583,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems")
     parser.add_argument("--sklearn-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-fit-worker", metavar="JOB", help=argparse.SUPPRESS)
     parser.add_argument(
         "--readme", metavar="JSON", help="print the README table of a train.json and exit"
     )
@@ -591,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         print(readme_table(json.loads(Path(args.readme).read_text())))
         return 0
     if args.sklearn_worker:
-        _sklearn_worker()
+        sklearn_worker()
+        return 0
+    if args.first_fit_worker:
+        print(json.dumps(_first_fit.worker(json.loads(args.first_fit_worker))), flush=True)
         return 0
     run(args.quick)
     return 0

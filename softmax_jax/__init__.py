@@ -7,9 +7,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._check import GradCheckReport, check_grad
 from ._checkpoint import CheckpointError
+from ._distill import linear_distillation
 from ._fit import TrainingDiverged, fit
 from ._grad import DerivationTerms, derivation_terms, grad, hvp, value_and_grad
 from ._head import CrossEntropyAux, linear_cross_entropy
+from ._logprobs import LogProbs, linear_log_probs
 from ._loss import loss
 from ._model import Model, ModelFileError, load_model, predict, predict_proba, save_model
 from ._parallel import sharded_linear_cross_entropy
@@ -46,7 +48,10 @@ __all__ = [
     "grad",
     "hvp",
     "linear_cross_entropy",
+    "linear_distillation",
+    "linear_log_probs",
     "load_model",
+    "LogProbs",
     "loss",
     "Model",
     "ModelFileError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -67,6 +67,7 @@ def check_grad(
     reduction: str = "sum",
     tol: float | None = None,
     case: str = "",
+    grad_fn: Callable[..., ArrayLike] | None = None,
 ) -> GradCheckReport:
     r"""Compares the hand-written gradient (eq. (6)) with ``jax.grad`` of the loss (eq. (2)).
 
@@ -90,6 +91,8 @@ def check_grad(
       tol: tolerance on the relative error; default by dtype (float64 1e-12, float32 1e-5,
         bfloat16 2e-2, float16 5e-3).
       case: a label carried into the report.
+      grad_fn: the gradient to check, called as ``grad_fn(W, Z, Y, weights=, reduction=)``;
+        default :func:`softmax_jax.grad`. Your own implementation of eq. (6) can be checked too.
 
     Returns:
       A :class:`GradCheckReport`.
@@ -102,7 +105,10 @@ def check_grad(
     """
     W, Z, Y, weights, _ = check_problem(W, Z, Y, weights, reduction, allow_none=False)
     dtype = W.dtype  # GEMM operands are in W's dtype (the precision policy): its tolerance
-    g = _hand_grad(W, Z, Y, weights=weights, reduction=reduction)
+    g = (_hand_grad if grad_fn is None else grad_fn)(W, Z, Y, weights=weights, reduction=reduction)
+    g = jnp.asarray(g)
+    if g.shape != W.shape:
+        raise ValueError(f"`grad_fn` must return the shape of `W` {tuple(W.shape)}, got {g.shape}")
     rdt = _reference_dtype()
     Yr = Y if jnp.issubdtype(Y.dtype, jnp.integer) else Y.astype(rdt)
     wr = None if weights is None else weights.astype(rdt)

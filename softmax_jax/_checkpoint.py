@@ -11,6 +11,7 @@ flight.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import signal
@@ -23,8 +24,9 @@ import jax
 import numpy as np
 
 from ._chunks import host_chunks
+from ._validate import check_mapped
 
-__all__ = ["CheckpointError", "Checkpointer", "data_digest"]
+__all__ = ["CheckpointError", "Checkpointer", "data_digest", "transformation_digest"]
 
 FORMAT_VERSION = 1
 
@@ -134,7 +136,7 @@ class Checkpointer:
             try:
                 meta = self._restore_meta(step)
             except Exception as e:  # noqa: BLE001 - corrupt JSON, missing files, ...
-                errors.append(f"epoch {step}: {type(e).__name__}: {e}")
+                errors.append(_one_line(step, e))
                 continue
             self._check_fingerprint(meta, step)
             try:
@@ -146,7 +148,7 @@ class Checkpointer:
                 if jax.tree.structure(state) != jax.tree.structure(target):
                     raise ValueError("the saved state has a different structure")
             except Exception as e:  # noqa: BLE001
-                errors.append(f"epoch {step}: {type(e).__name__}: {e}")
+                errors.append(_one_line(step, e))
                 continue
             if errors:
                 moved = self._set_aside([s for s in steps if s > step])
@@ -159,8 +161,9 @@ class Checkpointer:
                 )
             return int(meta["epoch"]), state, meta["history"]
         raise CheckpointError(
-            f"no readable checkpoint in {self.directory} (refusing to start over silently; "
-            f"delete the directory to restart): {'; '.join(errors)}"
+            f"no readable checkpoint in {self.directory}: it holds the state of another run (a "
+            f"different optimizer or model) or damaged files; refusing to start over silently: "
+            f"use another checkpoint_dir, or delete it to restart ({'; '.join(errors)})"
         )
 
     def _set_aside(self, bad_steps: list[int]) -> list[str]:
@@ -233,6 +236,69 @@ class Checkpointer:
         self._manager.close()
 
 
+def _one_line(step: int, error: Exception) -> str:
+    """An orbax error as one short line (its messages can dump whole pytrees)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return f"epoch {step}: {type(error).__name__}: {first}"
+
+
+def _describe(value: Any, out: list, seen: dict, depth: int) -> None:
+    """Appends to ``out`` what defines ``value``: the names of functions, and the numbers,
+    strings and arrays held in closures, defaults, partials, tuples and dicts (recursively)."""
+    if depth > 24 or id(value) in seen:
+        out.append("...")
+        return
+    if value is None or isinstance(value, bool | int | float | complex | str | bytes):
+        out.append(repr(value))
+        return
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        a = np.asarray(value)
+        out.append(f"{a.dtype.str}{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()[:16]}")
+        return
+    seen[id(value)] = value  # held, so that no temporary reuses its id
+    if isinstance(value, tuple | list):
+        out.append(f"{type(value).__name__}[")
+        for item in value:
+            _describe(item, out, seen, depth + 1)
+        out.append("]")
+    elif isinstance(value, dict):
+        out.append("{")
+        for key in sorted(value, key=repr):
+            out.append(repr(key))
+            _describe(value[key], out, seen, depth + 1)
+        out.append("}")
+    elif isinstance(value, functools.partial):
+        out.append("partial")
+        _describe((value.func, value.args, value.keywords), out, seen, depth + 1)
+    elif hasattr(value, "__code__"):  # a Python function: its name, constants and closure
+        out.append(f"{value.__module__}.{value.__qualname__}")
+        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        _describe((cells, value.__defaults__, value.__kwdefaults__), out, seen, depth + 1)
+    else:
+        out.append(type(value).__qualname__)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def transformation_digest(transformation: Any) -> str:
+    """A digest of what defines an optax transformation (or schedule): its functions' names and
+    the hyperparameters their closures hold (learning rates, betas, nested transformations).
+
+    ``optax.sgd(0.1)`` and ``optax.sgd(0.2)`` differ, as do ``optax.sgd`` and ``optax.adam``: part
+    of the checkpoint fingerprint, so that a run with another optimizer is refused, not resumed.
+    """
+    out: list = []
+    _describe(transformation, out, {}, 0)
+    return hashlib.sha256("\x1f".join(out).encode()).hexdigest()[:16]
+
+
 def data_digest(*arrays: Any) -> str:
     """SHA-256 (hex) of the training arrays (features, labels, weights; ``None`` skipped): their
     dtypes and shapes and, block by block of about 64 MiB of rows, their bytes.
@@ -249,6 +315,7 @@ def data_digest(*arrays: Any) -> str:
         if a is None:
             parts.append(b"none;")
             continue
+        check_mapped(a, "Z")
         a = np.asarray(a)
         parts.append(f"{a.dtype.str}{a.shape};".encode())
         if a.ndim == 0:

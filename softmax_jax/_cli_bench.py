@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._cli import PROG, CLIError
+from ._cli_common import PROG, CLIError
 
 BENCH_DIR_ENV = "SOFTMAX_JAX_BENCH_DIR"
 DEFAULT_OUT = "bench_results"
@@ -50,32 +50,6 @@ def find_bench_dir() -> Path:
         "They ship with the source tree: run from a checkout installed with "
         f"`pip install -e .`, or set {BENCH_DIR_ENV}=/path/to/softmax_jax/bench"
     )
-
-
-def import_bench_package(bench_dir: str | os.PathLike) -> None:
-    """Makes the folder ``bench_dir`` importable as the package ``bench``.
-
-    For a suite run as a script (``python bench/grad.py``, or a suite's own child process): the
-    folder is ``bench/`` in a source tree but ``softmax_jax/_bench`` inside an installed wheel, so
-    adding its parent to ``sys.path`` is not enough.
-    """
-    import importlib.util
-    import sys
-
-    bench_dir = Path(bench_dir).resolve()
-    existing = sys.modules.get("bench")
-    if existing is not None and Path(getattr(existing, "__file__", "")).parent == bench_dir:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "bench", bench_dir / "__init__.py", submodule_search_locations=[str(bench_dir)]
-    )
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import the benchmark package from {bench_dir}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
-    for name in [m for m in sys.modules if m.startswith("bench.")]:  # a previous bench/
-        del sys.modules[name]
-    spec.loader.exec_module(module)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

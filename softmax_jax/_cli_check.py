@@ -8,7 +8,7 @@ import time
 import jax
 
 from ._check import TOLERANCES, format_table, standard_cases
-from ._cli import CLIError
+from ._cli_common import CLIError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from ._cli import PROG, CLIError
+from ._cli_common import PROG, CLIError
 
 DESCRIPTION = """\
 Apply a model saved by `softmax-jax train --save` (or softmax_jax.save_model) to raw features:
@@ -73,6 +73,18 @@ def _write_csv(f, model, X, proba: bool) -> int:
     return labels.shape[0]
 
 
+def _accuracy(predicted: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of rows whose predicted class is the label ``y``: compared as numbers when
+    both are numbers (``3`` and ``"3.0"`` agree), else as the labels written by this command."""
+    if predicted.dtype.kind in "iufb":
+        try:
+            return float(np.mean(predicted.astype(np.float64) == y.astype(np.float64)))
+        except ValueError:  # names in y
+            pass
+    written = np.array([_format_label(v) for v in predicted], dtype=str)
+    return float(np.mean(written == np.char.strip(y.astype(str))))
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from ._data import DataError, load_features
     from ._model import ModelFileError, load_model
@@ -105,6 +117,6 @@ def run_cli(args: argparse.Namespace) -> int:
         what = "probabilities" if args.proba else "predictions"
         print(f"wrote {n} {what} to {args.out}", file=info)
     if y is not None:
-        acc = float(np.mean(model.predict(X) == y))
+        acc = _accuracy(model.predict(X), y)
         print(f"accuracy on {args.data} (its last column as the labels): {acc:.4f}", file=info)
     return 0

@@ -18,15 +18,15 @@ import sys
 
 import numpy as np
 
-from ._cli import PROG, CLIError
-from ._minibatch import OPTIMIZERS
+from ._cli_common import PROG, CLIError, as_flags
+from ._cli_train_stream import run_streamed
+from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS
 from ._solvers import FULL_BATCH_SOLVERS
 
 # The command line's defaults: chosen for the built-in digits (1347 training samples) and small
-# CSV files, where fit's library defaults (10 epochs of batches of 256) stop short. --help
-# states both.
+# CSV files, where fit's library default of 10 epochs stops short. --help states both. The
+# batch size is fit's (DEFAULT_BATCH_SIZE of _minibatch).
 DEFAULT_EPOCHS = 30
-DEFAULT_BATCH_SIZE = 64
 DEFAULT_L2 = 1e-4
 DEFAULT_TEST_SIZE = 0.25
 EXTRA = "pip install 'softmax-jax[cli]'"
@@ -52,18 +52,6 @@ EXAMPLES = f"""\
   {PROG} train --checkpoint-dir ckpt --epochs 100 --checkpoint-every 5   # Ctrl-C, re-run: resumes
 """
 
-#: Python argument names of fit, as the flags that set them (for errors raised inside fit).
-FLAG_OF = {
-    "epochs": "--epochs",
-    "batch_size": "--batch-size",
-    "learning_rate": "--lr",
-    "l2": "--l2",
-    "seed": "--seed",
-    "checkpoint_dir": "--checkpoint-dir",
-    "checkpoint_every": "--checkpoint-every",
-    "optimizer": "--optimizer",
-}
-
 
 def _fit_default(name: str):
     from ._fit import fit
@@ -72,11 +60,13 @@ def _fit_default(name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``train`` options to ``parser``."""
-    from ._minibatch import DEFAULT_BATCH_SIZE as FIT_BATCH
+    """Adds the ``train`` options to ``parser``: data, training, checkpoints and outputs."""
+    _add_data_arguments(parser)
+    _add_training_arguments(parser)
+    _add_output_arguments(parser)
 
-    names = (*OPTIMIZERS, *FULL_BATCH_SOLVERS)
-    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in OPTIMIZERS.items())
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         metavar="PATH",
@@ -87,8 +77,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         metavar="PATH",
-        help="with --data X.npy: a .npy of N integer labels in [0, K) (default: y.npy beside X)",
+        help="with --data X.npy: a .npy of N labels, or an .npz with y (default: y.npy beside X)",
     )
+    parser.add_argument(
+        "--test-size",
+        type=float,
+        default=DEFAULT_TEST_SIZE,
+        metavar="F",
+        help=f"fraction held out for testing, in (0, 1) (default: {DEFAULT_TEST_SIZE})",
+    )
+    parser.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="train on the features as they are (default: standardise with the training split's "
+        "mean and std, saved in the model)",
+    )
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    names = (*OPTIMIZERS, *FULL_BATCH_SOLVERS)
+    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in OPTIMIZERS.items())
     parser.add_argument(
         "--optimizer",
         default="adam",
@@ -117,8 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE}; fit's is {FIT_BATCH}); not for "
-        "lbfgs/newton-cg, which use all samples",
+        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE}, as fit); not for lbfgs/newton-cg, "
+        "which use all samples",
     )
     parser.add_argument(
         "--l2",
@@ -134,19 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="seed of the split and the shuffling, 0 <= N < 2**32 (default: 0, as fit)",
     )
-    parser.add_argument(
-        "--test-size",
-        type=float,
-        default=DEFAULT_TEST_SIZE,
-        metavar="F",
-        help=f"fraction held out for testing, in (0, 1) (default: {DEFAULT_TEST_SIZE})",
-    )
-    parser.add_argument(
-        "--no-standardize",
-        action="store_true",
-        help="train on the features as they are (default: standardise with the training split's "
-        "mean and std, saved in the model)",
-    )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
@@ -261,13 +259,6 @@ def _load(args: argparse.Namespace):
         raise CLIError(str(e).replace("test size", "--test-size")) from None
 
 
-def _as_flags(message: str) -> str:
-    """An error of fit with its Python argument names (```batch_size```) as the flags."""
-    for name, flag in FLAG_OF.items():
-        message = message.replace(f"`{name}`", flag)
-    return message
-
-
 def plot_history(history: dict, path: str, *, title: str = "") -> None:
     """Writes loss and accuracy curves per epoch (train, and eval when present) to ``path`` as a
     PNG (exactly that name)."""
@@ -347,17 +338,31 @@ def _provenance(args, ds, history, batch_size, n: int, d: int, k: int) -> dict:
     }
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs ``softmax-jax train``; returns the exit code."""
-    _check_args(args)
-    if args.data is not None and args.data.endswith(".npy"):
-        return _run_streamed(args)
-    ds = _load(args)
-
+def _gradient_check(W: np.ndarray, b: np.ndarray, ds):
+    """Eq. (6) vs jax.grad of eq. (2) at the trained parameters, on the training set with the bias
+    as an extra row of W (Z augmented with ones). In float64: near an optimum the gradient is a
+    small difference of large terms, which float32 cannot resolve to the check's tolerance."""
     import jax
     import jax.numpy as jnp
 
     from ._check import check_grad
+
+    n = ds.X_train.shape[0]
+    with jax.enable_x64(True):
+        W1 = jnp.asarray(np.vstack([W, b[None, :]]), jnp.float64)
+        Z1 = jnp.asarray(np.hstack([ds.X_train, np.ones((n, 1))]), jnp.float64)
+        return check_grad(
+            W1, Z1, jnp.asarray(ds.y_train), reduction="mean", case="trained [W; b], train set"
+        )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Runs ``softmax-jax train``; returns the exit code."""
+    _check_args(args)
+    if args.data is not None and args.data.endswith(".npy"):
+        return run_streamed(args)
+    ds = _load(args)
+
     from ._checkpoint import CheckpointError
     from ._fit import TrainingDiverged, fit
     from ._model import Model, predict, save_model
@@ -381,6 +386,7 @@ def run_cli(args: argparse.Namespace) -> int:
         logger = logging.getLogger("softmax_jax")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        propagate, logger.propagate = logger.propagate, False  # printed once, not again by root
     try:
         params, history = fit(
             ds.X_train.astype(np.float32),
@@ -397,11 +403,12 @@ def run_cli(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
         )
-    except (TrainingDiverged, CheckpointError, ValueError) as e:
-        raise CLIError(_as_flags(str(e))) from None
+    except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
+        raise CLIError(as_flags(str(e))) from None
     finally:
         if args.no_progress:
             logger.removeHandler(handler)
+            logger.propagate = propagate
 
     W = np.asarray(params["W"])
     b = np.asarray(params["b"])
@@ -415,16 +422,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"train accuracy: {train_acc:.4f}")
     print(f"test accuracy: {test_acc:.4f}")
 
-    # Gradient cross-check at the trained parameters: eq. (6) vs jax.grad of eq. (2), on the
-    # training set with the bias as an extra row of W (Z augmented with ones). In float64: near
-    # an optimum the gradient is a small difference of large terms, which float32 cannot resolve
-    # to the check's normwise tolerance.
-    with jax.enable_x64(True):
-        W1 = jnp.asarray(np.vstack([W, b[None, :]]), jnp.float64)
-        Z1 = jnp.asarray(np.hstack([ds.X_train, np.ones((n, 1))]), jnp.float64)
-        report = check_grad(
-            W1, Z1, jnp.asarray(ds.y_train), reduction="mean", case="trained [W; b], train set"
-        )
+    report = _gradient_check(W, b, ds)
     print(f"gradient check (hand-written eq. (6) vs jax.grad): {report}")
 
     if args.save:
@@ -438,52 +436,3 @@ def run_cli(args: argparse.Namespace) -> int:
         plot_history(history, args.plot, title=f"softmax regression on {ds.name}")
         print(f"wrote the curves to {args.plot}")
     return 0 if report.passed else 1
-
-
-def _run_streamed(args: argparse.Namespace) -> int:
-    """``--data X.npy``: ``fit(..., stream=True)`` over ``X`` memory-mapped, labels from
-    ``--labels``. The features are used as stored (no split, no standardisation: each would be
-    a pass over data that need not fit in memory); the accuracy is the training one, as seen
-    during the last epoch."""
-    from ._checkpoint import CheckpointError
-    from ._fit import TrainingDiverged, fit
-    from ._model import Model, save_model
-
-    labels = args.labels or os.path.join(os.path.dirname(os.path.abspath(args.data)), "y.npy")
-    try:
-        X = np.load(args.data, mmap_mode="r")
-        y = np.load(labels, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--data {args.data} / --labels {labels}: {e}") from None
-    if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise CLIError(
-            f"--data must hold an (N, D) array and --labels (N,) labels, got {X.shape} and {y.shape}"
-        )
-    n, d = X.shape
-    print(f"data: {args.data} streamed (memmap): {n} samples, {d} features; labels {labels}")
-    try:
-        params, history = fit(
-            X, np.asarray(y), optimizer=args.optimizer, learning_rate=args.lr,
-            epochs=args.epochs, l2=args.l2, seed=args.seed, stream=True,
-            batch_size=args.batch_size or (None if args.optimizer in FULL_BATCH_SOLVERS
-                                           else DEFAULT_BATCH_SIZE),
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (TrainingDiverged, CheckpointError, ValueError) as e:
-        raise CLIError(_as_flags(str(e))) from None
-    if history["epoch"]:
-        print(f"final objective: {history['loss'][-1]:.6g}  ({len(history['epoch'])} epochs)")
-        print(f"train accuracy (last epoch, as trained): {history['train_accuracy'][-1]:.4f}")
-    if args.save:
-        W, b = np.asarray(params["W"]), np.asarray(params["b"])
-        info = {"data": args.data, "labels": labels, "n_samples": n, "streamed": True}
-        written = save_model(args.save, Model(W, b, np.arange(W.shape[1]), info=info))
-        print(f"wrote the model (no preprocessing, W {W.shape}, b {b.shape}) to {written}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ._cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

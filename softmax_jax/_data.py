@@ -8,6 +8,7 @@ line naming the file, row and column, which the command line prints as is.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import math
 import os
@@ -20,6 +21,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "encode_labels",
+    "parse_labels",
     "load_digits",
     "load_features",
     "load_file",
@@ -69,13 +71,19 @@ def check_features(X: np.ndarray, where: str, *, first_row: int = 0, col_names=N
         raise _fail(where, f"row {r + first_row}, {col}: feature is {X[r, c]} (must be finite)")
 
 
+#: The largest magnitude of a class label given as a float: beyond it floats are not all integers
+#: apart (``2**53 + 1`` does not exist as a float64), so two labels could read as one.
+MAX_FLOAT_LABEL = 2**53
+
+
 def encode_labels(
     y: np.ndarray, where: str, *, first_row: int = 0, min_classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer-valued labels to class indices ``0..K-1``.
+    """Class labels to class indices ``0..K-1``.
 
     Args:
-      y: labels ``(N,)``; integers, or floats holding integer values (``3.0``).
+      y: labels ``(N,)``: integers, floats holding integer values (``3.0``, ``|y| < 2**53``),
+        booleans, or names (strings).
       where: name used in error messages (a file path).
       first_row: the row number of ``y[0]`` in messages (1-based line number for a CSV file).
       min_classes: fewer distinct labels than this is an error.
@@ -84,24 +92,66 @@ def encode_labels(
       ``(codes, classes)``: ``codes`` int32 ``(N,)`` with ``classes[codes] == y``.
 
     Raises:
-      DataError: non-numeric, non-integer or non-finite labels, or fewer than ``min_classes``.
+      DataError: non-integer, out-of-range or non-finite numeric labels, labels that are neither
+        numbers nor strings, or fewer than ``min_classes`` classes.
     """
     y = np.asarray(y)
     if y.ndim != 1:
         raise _fail(where, f"labels must have shape (N,), got {y.shape}")
-    if y.dtype.kind not in "iufb":
-        raise _fail(where, f"labels must be integers, got dtype {y.dtype} (e.g. {y[:1].tolist()})")
+    if y.dtype.kind == "S":
+        y = y.astype(str)
+    if y.dtype.kind not in "iufbU":
+        raise _fail(
+            where, f"labels must be integers or names, got dtype {y.dtype} (e.g. {y[:1].tolist()})"
+        )
     if y.dtype.kind == "f":
-        bad = ~np.isfinite(y) | (y != np.round(y))
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) >= MAX_FLOAT_LABEL)
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
-            raise _fail(where, f"row {r + first_row}: label {y[r].item()!r} is not an integer")
+            why = (
+                "is out of range (|label| < 2**53)"
+                if np.isfinite(y[r]) and y[r] == np.round(y[r])
+                else "is not an integer"
+            )
+            raise _fail(where, f"row {r + first_row}: label {y[r].item()!r} {why}")
         y = y.astype(np.int64)
     classes, codes = np.unique(y, return_inverse=True)
     if classes.size < min_classes:
         found = "no labels" if classes.size == 0 else f"only class {classes[0]}"
         raise _fail(where, f"need at least {min_classes} classes to train, found {found}")
     return codes.astype(np.int32), classes
+
+
+def parse_labels(cells: list[str], where: str, *, lines: list[int] | None = None) -> np.ndarray:
+    """The label column of a CSV file as an array: integers (``"3"``, ``"3.0"``), or names
+    (``"setosa"``) when any label is not a number. A column of numbers that are not all integers
+    (``"2.5"``, ``"nan"``), or integers beyond int64 (``2**53`` written as a float), is refused;
+    ``lines`` are the rows' line numbers for messages."""
+    cells = [c.strip() for c in cells]
+    lines = list(range(len(cells))) if lines is None else lines
+    for line, c in zip(lines, cells):
+        if not c:
+            raise _fail(where, f"row {line}: empty label")
+    if not all(_is_number(c) for c in cells):
+        return np.array(cells, dtype=str)
+    values = []
+    for line, c in zip(lines, cells):
+        try:
+            v = int(c)
+        except ValueError:
+            f = float(c)
+            if not (math.isfinite(f) and f.is_integer()):
+                raise _fail(where, f"row {line}: label {c} is not an integer") from None
+            if abs(f) >= MAX_FLOAT_LABEL:
+                raise _fail(
+                    where, f"row {line}: label {c} is out of range (|label| < 2**53)"
+                ) from None
+            v = int(f)
+        if not -(2**63) <= v < 2**63:
+            raise _fail(where, f"row {line}: label {c} is out of the int64 range")
+        values.append(v)
+    return np.array(values, dtype=np.int64)
 
 
 def _is_number(cell: str) -> bool:
@@ -112,21 +162,60 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _read_csv_table(
-    path: str, notes: list | None, *, label_last: bool
-) -> tuple[np.ndarray, list | None, int]:
-    """Reads a numeric CSV table: ``(data (N, C) float64, column names or None, first_row)``.
+#: Column separators recognised in CSV files, in order of preference.
+DELIMITERS = (",", ";", "\t", "|")
 
-    An optional header (a first row with no numeric cell) names the columns in messages; a UTF-8
-    byte-order mark (Excel's "CSV UTF-8") is skipped; a first column with an empty header, as
-    pandas' ``to_csv`` writes its index, is dropped (and said in ``notes``). ``first_row`` is the
-    1-based line number of the first data row.
-    """
-    with open(path, newline="", encoding="utf-8-sig") as f:
+
+def _sniff_delimiter(lines: list[str]) -> str:
+    """The separator that splits the first lines into the same number (> 1) of columns, with the
+    most numeric cells; ``","`` when none does."""
+    best, best_score = ",", -1.0
+    for delim in DELIMITERS:
+        rows = [r for r in csv.reader(lines, delimiter=delim) if any(c.strip() for c in r)]
+        widths = {len(r) for r in rows}
+        if len(widths) != 1 or widths.pop() < 2:
+            continue
+        cells = [c for r in rows[1:] or rows for c in r]
+        score = sum(_is_number(c) for c in cells) / max(1, len(cells))
+        if score > best_score:
+            best, best_score = delim, score
+    return best
+
+
+def _read_text(path: str) -> str:
+    """The text of a CSV file: UTF-8 (a byte-order mark skipped) or UTF-16 with its mark."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
+            return raw.decode("utf-16")
         except UnicodeDecodeError as e:
             raise _fail(path, f"not a text CSV file ({e.reason} at byte {e.start})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _fail(
+            path, f"not a UTF-8 text CSV file ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise _fail(path, "not a text CSV file (it holds NUL bytes)")
+    return text
+
+
+def _read_csv_rows(path: str, notes: list | None):
+    """The non-empty rows of a CSV file as strings: ``(rows [(line, cells)], names or None)``.
+
+    The separator (``,`` ``;`` tab ``|``) is detected; an optional header (a first row with no
+    numeric cell) names the columns; a first column with an empty header, as pandas' ``to_csv``
+    writes its index, is dropped (and said in ``notes``).
+    """
+    lines = _read_text(path).splitlines(keepends=True)
+    delim = _sniff_delimiter([ln for ln in lines if ln.strip()][:20])
+    rows = [
+        (i + 1, r)
+        for i, r in enumerate(csv.reader(lines, delimiter=delim))
+        if any(c.strip() for c in r)
+    ]
     if not rows:
         raise _fail(path, "empty CSV file (expected rows of numbers)")
     names = None
@@ -139,37 +228,47 @@ def _read_csv_table(
     for line, row in rows:
         if len(row) != width:
             raise _fail(path, f"row {line}: ragged row with {len(row)} columns, expected {width}")
-    skip = 0
     if names is not None and width > 1 and names[0] in ("", "Unnamed: 0"):
-        skip = 1
         names = names[1:]
+        rows = [(line, row[1:]) for line, row in rows]
         if notes is not None:
             notes.append(
                 f"{path}: column 1 has no name (an index column, as pandas' to_csv writes): "
                 "not used as a feature"
             )
-    data = np.empty((len(rows), width - skip), np.float64)
+        return rows, names, 1
+    return rows, names, 0
+
+
+def _numbers(path: str, rows, names, skip: int, ncols: int) -> np.ndarray:
+    """The first ``ncols`` columns of ``rows`` as float64 ``(N, ncols)``."""
+    data = np.empty((len(rows), ncols), np.float64)
     for j, (line, row) in enumerate(rows):
-        row = row[skip:]
         try:
-            data[j] = [float(c) for c in row]
+            data[j] = [float(c) for c in row[:ncols]]
         except ValueError:
-            c = next(i for i, cell in enumerate(row) if not _is_number(cell))
+            c = next(i for i, cell in enumerate(row[:ncols]) if not _is_number(cell))
             col = f"column {c + 1 + skip}" + (f" ({names[c]!r})" if names is not None else "")
-            kind = "label" if label_last and c == len(row) - 1 else "feature"
-            raise _fail(path, f"row {line}, {col}: non-numeric {kind} {row[c].strip()!r}") from None
-    return data, names, rows[0][0]
+            others = [d for d in DELIMITERS if d in row[c]]
+            hint = f" (it holds {others[0]!r}: another column separator?)" if others else ""
+            if _is_number(row[c].replace(",", ".")):
+                hint = " (a decimal comma? write decimals with '.')"
+            raise _fail(
+                path, f"row {line}, {col}: non-numeric feature {row[c].strip()!r}{hint}"
+            ) from None
+    return data
 
 
 def _read_csv(path: str, notes: list | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """A numeric CSV with the label in the last column: ``(X, y, first_row)``."""
-    data, names, first = _read_csv_table(path, notes, label_last=True)
-    if data.shape[1] < 2:
-        raise _fail(
-            path, f"need at least 2 columns (features, then the label), got {data.shape[1]}"
-        )
-    X, y = data[:, :-1], data[:, -1]
+    """A CSV with the label (an integer or a name) in the last column: ``(X, y, first_row)``."""
+    rows, names, skip = _read_csv_rows(path, notes)
+    width = len(rows[0][1])
+    if width < 2:
+        raise _fail(path, f"need at least 2 columns (features, then the label), got {width}")
+    X = _numbers(path, rows, names, skip, width - 1)
+    first = rows[0][0]
     check_features(X, path, first_row=first, col_names=names)
+    y = parse_labels([row[-1] for _, row in rows], path, lines=[line for line, _ in rows])
     return X, y, first
 
 
@@ -249,18 +348,23 @@ def load_features(
 
     CSV: ``n_features`` columns, or ``n_features + 1`` with the label last (as for training);
     header, byte-order mark and pandas index column as in :func:`load_file`. ``.npz``: array
-    ``X`` and, optionally, ``y``. The labels, when present, are returned as they are.
+    ``X`` and, optionally, ``y``. The labels, when present, are returned as they are (the
+    cells of a CSV file as strings).
     """
     path, ext = _check_path(path)
     if ext == ".csv":
-        data, names, first = _read_csv_table(path, notes, label_last=False)
-        if data.shape[1] not in (n_features, n_features + 1):
+        rows, names, skip = _read_csv_rows(path, notes)
+        width = len(rows[0][1])
+        if width not in (n_features, n_features + 1):
             raise _fail(
                 path,
-                f"has {data.shape[1]} columns; the model takes {n_features} features (and "
+                f"has {width} columns; the model takes {n_features} features (and "
                 "optionally the label as one more, last, column)",
             )
-        X, y = data[:, :n_features], (data[:, n_features] if data.shape[1] > n_features else None)
+        X, first = _numbers(path, rows, names, skip, n_features), rows[0][0]
+        y = None
+        if width > n_features:
+            y = np.array([row[-1].strip() for _, row in rows], dtype=str)
     else:
         X, y, first = _read_npz(path, need_y=False)
         names = None

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -17,19 +15,17 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from ._checkpoint import Checkpointer, CheckpointError, data_digest
+from . import _compile_cache
+from ._checkpoint import Checkpointer, CheckpointError, data_digest, transformation_digest
 from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
-from ._objective import Params, evaluate
-from ._placement import data_parallel, place, resolve_device
+from ._objective import Params
+from ._placement import bucket_rows, data_parallel, place, resolve_device
+from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
 from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
-from ._validate import check_training_data, compute_dtype
+from ._validate import check_fit_options, check_training_data, compute_dtype
 
 __all__ = ["TrainingDiverged", "fit"]
-
-logger = logging.getLogger("softmax_jax")
-
-History = dict[str, list]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -73,24 +69,15 @@ def _describe_optimizer(optimizer, learning_rate) -> str:
         lr = learning_rate
         if lr is None and optimizer in OPTIMIZERS:
             lr = OPTIMIZERS[optimizer][1]
-        return optimizer if lr is None else f"{optimizer}(lr={lr if not callable(lr) else 'fn'})"
-    return f"custom {type(optimizer).__name__}"
+        lr = f"fn {transformation_digest(lr)}" if callable(lr) else lr  # issue 19: hyperparameters
+        return optimizer if lr is None else f"{optimizer}(lr={lr})"
+    return f"custom {type(optimizer).__name__} {transformation_digest(optimizer)}"
 
 
 def _output(params: Params, k: int) -> Params:
     out = {"W": params["W"]}
     out["b"] = params["b"] if "b" in params else jnp.zeros((k,), params["W"].dtype)
     return out
-
-
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar without it
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="epoch", dynamic_ncols=True)
 
 
 def fit(
@@ -211,6 +198,66 @@ def fit(
       >>> params["W"].shape, len(history["loss"])
       ((5, 2), 5)
     """
+    check_fit_options(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2,
+        num_classes=num_classes, seed=seed, tol=tol, checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+    )  # fmt: skip
+    _compile_cache.enable()
+    setup = _setup(
+        Z, y, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size, l2=l2,
+        fit_intercept=fit_intercept, sample_weight=sample_weight, num_classes=num_classes,
+        tol=tol, eval_data=eval_data, device=device, mesh=mesh, stream=stream, epochs=epochs,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    params = setup.put(_init_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
+    run = _Run(
+        state=_initial_state(setup.plan, params, setup.data, setup.l2, setup.put),
+        key=jax.random.key(seed),
+        history=new_history(setup.plan.full_batch),
+        start=0,
+    )
+    ckpt = None
+    if checkpoint_dir is not None:
+        fingerprint = _fingerprint(setup, optimizer, learning_rate, fit_intercept, l2, seed)
+        ckpt, run = _resume(checkpoint_dir, fingerprint, max_to_keep, run, setup, epochs, progress)
+    state = _train_epochs(setup, run, epochs, ckpt, checkpoint_every, progress, callback)
+    return _output(setup.plan.params(state), setup.k), run.history
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of fit.
+
+
+class _Setup(NamedTuple):
+    """``fit``'s validated arguments and placed data: what every later step reads."""
+
+    plan: _Plan
+    data: Any  # TrainData on the device (or mesh), or HostData when streamed
+    eval_dev: Any
+    n: int
+    d: int
+    k: int
+    dtype: Any
+    dp: Any  # DataParallel or None
+    put: Callable
+    l2: jax.Array
+    tol: float | None
+    host: tuple  # (Z, y, sample weights) as validated on the host: the checkpoint's digest
+
+
+class _Run(NamedTuple):
+    """Where the epochs start: the state, the shuffling key, the history and the epochs done."""
+
+    state: Any
+    key: jax.Array
+    history: History
+    start: int
+
+
+def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sample_weight,
+           num_classes, tol, eval_data, device, mesh, stream, epochs, checkpoint_every) -> _Setup:  # fmt: skip
+    """Checks the arguments and data, chooses how the epochs run and places the data once."""
     dp = data_parallel(mesh)
     _check_fit_args(device, dp, epochs, l2, checkpoint_every)
     local_rows = stream or (dp is not None and jax.process_count() > 1)  # not all of Z here
@@ -222,70 +269,82 @@ def fit(
     plan = _plan(optimizer, learning_rate, batch_size, tol, n)
     dev = resolve_device(device) if dp is None else dp
     put = functools.partial(jax.device_put, device=dev) if dp is None else dp.replicate
-    data = (host_data if stream else place)(
-        Zh,
-        yh,
-        sw,
-        fit_intercept=fit_intercept,
-        dtype=dtype,
-        device=dev,
-        hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
-        check="Z" if local_rows else None,
-    )
+    if stream:
+        data = host_data(Zh, yh, sw, fit_intercept=fit_intercept, dtype=dtype, device=dev)
+    else:  # full batch on one device: rows padded (weight 0) to a size shared with nearby N
+        rows = bucket_rows(n) if plan.full_batch and dp is None else n
+        data = place(
+            Zh,
+            yh,
+            sw,
+            fit_intercept=fit_intercept,
+            dtype=dtype,
+            device=dev,
+            shape=None if rows == n else (rows, d),
+            hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
+            check="Z" if local_rows else None,
+        )
     if stream and plan.full_batch:
         data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
-    params = put(_init_params(init_params, d, k, fit_intercept, dtype))
     l2_dev = jnp.asarray(l2, dtype)
-    state = _initial_state(plan, params, data, l2_dev, put)
-    base_key = jax.random.key(seed)
-    history = _new_history(plan.full_batch)
+    return _Setup(plan, data, eval_dev, n, d, k, dtype, dp, put, l2_dev, tol, (Zh, yh, sw))
 
-    ckpt, start = None, 0
-    if checkpoint_dir is not None:
-        fingerprint = {
-            "n_samples": n,
-            "n_features": d,
-            "n_classes": k,
-            "fit_intercept": bool(fit_intercept),
-            "optimizer": _describe_optimizer(optimizer, learning_rate),
-            "batch_size": None if plan.full_batch else plan.batch_size,
-            "l2": float(l2),
-            "seed": int(seed),
-            "dtype": np.dtype(dtype).name,
-            "weighted": sw is not None,
-            "data_sha256": data_digest(Zh, yh, sw),
-        }
-        ckpt, restored = _open_checkpoint(
-            checkpoint_dir, fingerprint, max_to_keep, state, base_key, epochs, progress
-        )
-        if restored is not None:
-            start, state, base_key, history = restored
-            state = put(state)
 
-    bar = _progress_bar(progress and start < epochs, epochs, start)
+def _fingerprint(setup: _Setup, optimizer, learning_rate, fit_intercept, l2, seed) -> dict:
+    """What a checkpoint must have been written by to be resumed (the run's configuration)."""
+    return {
+        "n_samples": setup.n,
+        "n_features": setup.d,
+        "n_classes": setup.k,
+        "fit_intercept": bool(fit_intercept),
+        "optimizer": _describe_optimizer(optimizer, learning_rate),
+        "batch_size": None if setup.plan.full_batch else setup.plan.batch_size,
+        "l2": float(l2),
+        "seed": int(seed),
+        "dtype": np.dtype(setup.dtype).name,
+        "weighted": setup.host[2] is not None,
+        "data_sha256": data_digest(*setup.host),
+    }
+
+
+def _resume(directory, fingerprint, max_to_keep, run: _Run, setup: _Setup, epochs, progress):
+    """Opens the checkpoint directory; the run restored from its latest checkpoint, if any."""
+    ckpt, restored = _open_checkpoint(
+        directory, fingerprint, max_to_keep, run.state, run.key, epochs, progress
+    )
+    if restored is None:
+        return ckpt, run
+    start, state, key, history = restored
+    return ckpt, _Run(setup.put(state), key, history, start)
+
+
+def _train_epochs(setup: _Setup, run: _Run, epochs, ckpt, checkpoint_every, progress, callback):
+    """The epochs from ``run.start + 1``: each one run, checked, recorded (``run.history`` is
+    appended to), reported and checkpointed; stops early on the callback's ``True``, on
+    convergence (``tol``) or a stalled full-batch solver. Returns the final state."""
+    plan, state, history = setup.plan, run.state, run.history
+    bar = progress_bar(progress and run.start < epochs, epochs, run.start)
     try:
-        for epoch in range(start + 1, epochs + 1):
+        for epoch in range(run.start + 1, epochs + 1):
             t0 = time.perf_counter()
-            new_state, loss, acc, gmax = _run_epoch(
-                plan, state, data, l2_dev, base_key, epoch, dp, n
-            )
+            new_state, loss, acc, gmax = _run_epoch(setup, state, run.key, epoch)
             seconds = time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise _diverged(epoch, loss, _output(plan.params(state), k), history, ckpt)
+                params = _output(plan.params(state), setup.k)
+                raise _diverged(epoch, loss, params, history, ckpt)
             state = new_state
-            record = _record(plan, state, epoch, loss, acc, gmax, seconds, eval_dev)
+            record = record_epoch(plan, state, epoch, loss, acc, gmax, seconds, setup.eval_dev)
             for key_, value in record.items():
                 history[key_].append(value)
-            stop = (
-                bool(callback(epoch, _output(plan.params(state), k), record)) if callback else False
-            )
-            converged = plan.full_batch and tol is not None and gmax <= tol
+            params = _output(plan.params(state), setup.k)
+            stop = bool(callback(epoch, params, record)) if callback else False
+            converged = plan.full_batch and setup.tol is not None and gmax <= setup.tol
             stalled = plan.full_batch and bool(state.stalled)
             last = epoch == epochs or stop or converged or stalled
             if ckpt is not None and (epoch % checkpoint_every == 0 or last):
-                ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(base_key)}, history)
-            _update_bar(bar, record, last)
+                ckpt.save(epoch, {"state": state, "rng": jax.random.key_data(run.key)}, history)
+            update_bar(bar, record, last)
             if last:
                 break
     finally:
@@ -293,11 +352,7 @@ def fit(
             bar.close()
         if ckpt is not None:
             ckpt.close()
-    return _output(plan.params(state), k), history
-
-
-# ---------------------------------------------------------------------------------------------
-# The steps of fit.
+    return state
 
 
 def _check_fit_args(device, dp, epochs, l2, checkpoint_every) -> None:
@@ -367,11 +422,6 @@ def _initial_state(plan: _Plan, params: Params, data, l2, put):
     return put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
 
 
-def _new_history(full_batch: bool) -> History:
-    keys = ["epoch", "loss", "train_accuracy", "eval_loss", "eval_accuracy", "seconds"]
-    return {key: [] for key in keys + (["grad_max"] if full_batch else [])}
-
-
 def _open_checkpoint(
     directory, fingerprint: dict, max_to_keep: int, state, base_key, epochs: int, progress: bool
 ):
@@ -392,13 +442,13 @@ def _open_checkpoint(
             "another checkpoint_dir"
         )
     if start == epochs:
-        _notice(
+        notice(
             f"checkpoint directory {ckpt.directory} already holds all {epochs} epochs: "
             "returning its parameters without training",
             progress,
         )
     else:
-        _notice(
+        notice(
             f"resuming from epoch {start} of {epochs} (checkpoint directory {ckpt.directory})",
             progress,
         )
@@ -406,24 +456,23 @@ def _open_checkpoint(
     return ckpt, (start, tree["state"], key, history)
 
 
-def _notice(message: str, progress: bool) -> None:
-    """A line for the user: logged (logger ``softmax_jax``, INFO) and, with ``progress``, printed
-    to stderr above the progress bar."""
-    logger.info(message)
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _run_epoch(plan: _Plan, state, data, l2, base_key, epoch: int, dp, n: int):
+def _run_epoch(setup: _Setup, state, base_key, epoch: int):
     """One epoch: ``(new_state, loss, train_accuracy, max|∇f| or None)`` as Python floats."""
+    plan = setup.plan
     if plan.full_batch:
-        new_state, acc, gmax = full_batch_epoch(state, data, l2, solver=plan.solver)
-        return new_state, float(new_state.value), float(acc), float(gmax)
+        tol = 0.0 if setup.tol is None else setup.tol
+        new_state, acc, gmax = full_batch_epoch(
+            state, setup.data, setup.l2, jnp.asarray(tol, setup.dtype), solver=plan.solver
+        )
+        loss, acc, gmax = jax.device_get((new_state.value, acc, gmax))
+        return new_state, float(loss), float(acc), float(gmax)
     key = jax.random.fold_in(base_key, epoch)
-    epoch_fn = stream_epoch if isinstance(data, HostData) else minibatch_epoch
+    epoch_fn = stream_epoch if isinstance(setup.data, HostData) else minibatch_epoch
     p, o, loss, acc = epoch_fn(
-        state[0], state[1], data, l2, key, opt=plan.opt, batch_size=plan.batch_size, dp=dp, n=n
-    )
+        *state, setup.data, setup.l2, key, opt=plan.opt, batch_size=plan.batch_size,
+        dp=setup.dp, n=setup.n,
+    )  # fmt: skip
+    loss, acc = jax.device_get((loss, acc))
     return (p, o), float(loss), float(acc), None
 
 
@@ -437,31 +486,6 @@ def _diverged(epoch: int, loss: float, params: Params, history: History, ckpt) -
         params=params,
         history=history,
     )
-
-
-def _record(plan: _Plan, state, epoch, loss, acc, gmax, seconds, eval_dev) -> dict:
-    record = {"epoch": epoch, "loss": loss, "train_accuracy": acc, "seconds": seconds}
-    record["eval_loss"] = record["eval_accuracy"] = None
-    if eval_dev is not None:
-        el, ea = evaluate(plan.params(state), eval_dev)
-        record["eval_loss"], record["eval_accuracy"] = float(el), float(ea)
-    if plan.full_batch:
-        record["grad_max"] = gmax
-    return record
-
-
-def _update_bar(bar, record: dict, last: bool) -> None:
-    """Advances the bar; after the last epoch without drawing it: ``close`` draws it, once."""
-    if bar is None:
-        return
-    post = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
-    if record["eval_accuracy"] is not None:
-        post["eval_acc"] = f"{record['eval_accuracy']:.3f}"
-    bar.set_postfix(post, refresh=False)
-    if last:
-        bar.n += 1
-    else:
-        bar.update(1)
 
 
 def _check_eval(eval_data, d: int, k: int):

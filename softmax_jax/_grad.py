@@ -1,6 +1,13 @@
 """Eq. (6): the hand-written gradient of eq. (2), its terms (eq. (4)) and its Hessian-vector product.
 
 No autodiff is used in this module: every derivative is written out from the derivation.
+
+Interface for the training layer (``_objective`` builds its objective, with a bias, chunks and
+sample weights, from these pieces rather than from the public functions' internals):
+
+- :func:`residual`: ``M = diag(c)(Ŷ − Y)`` from the softmax pieces of the logits;
+- :func:`transpose_gemm`: ``scale · Zᵀ M`` under the precision policy (the second GEMM of eq. (6));
+- :func:`hvp_residual`: the HVP's ``(N, K)`` middle factor ``Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V)``.
 """
 
 from __future__ import annotations
@@ -13,19 +20,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._loss import label_validity, logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._loss import (
+    label_validity,
+    logits,
+    logsumexp_rows,
+    mean_scale,
+    nll_rows,
+    reduce_losses,
+)
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
-from ._validate import as_array, check_problem
+from ._validate import as_array, check_problem, check_result
 
 
-def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
+def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     """``M = diag(c) (Ŷ − Y)``, (N, K), from the softmax pieces ``E / S``.
 
     Integer labels subtract ``c_i`` at ``(i, y_i)``: the label position is an index compare
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
-    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program). A
-    scatter-add at the label positions would do the same arithmetic but cost a second pass over
-    (N, K) on the materialised ``Ŷ`` (measured 1.3× slower at N=8192, K=1000). A row with an
+    or mask is ever written to memory (``tests/test_grad.py`` checks the compiled program); a
+    scatter-add at the label positions would cost a second pass over (N, K). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
     n, k = A.shape
@@ -38,7 +51,9 @@ def _residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     return M if c is None else M * c[:, None]
 
 
-def _dW(Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None) -> jax.Array:
+def transpose_gemm(
+    Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None
+) -> jax.Array:
     """``scale · Zᵀ M`` (D, K): the second GEMM, under the precision policy of ``_precision``:
     operands in ``W``'s dtype (``out_dtype``), accumulated in float32 at least, the scalar
     ``scale`` (the mean's ``1 / Σ s``) applied to the accumulated result."""
@@ -51,13 +66,13 @@ def _dW(Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None) -
 
 def _value_and_grad_math(W, Z, Y, weights, *, reduction: str, int_labels: bool):
     A = logits(W, Z)
-    lse, E, S = logsumexp_rows(A)
-    value = reduce_losses(lse - target_term(A, Y, int_labels), weights, reduction)
+    _, E, S = logsumexp_rows(A)
+    value = reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
     # The residual carries the raw weights s_i; the mean's 1 / Σ s multiplies the GEMM's result.
     c = None if weights is None else weights.astype(A.dtype)
-    M = _residual(A, E, S, Y, c, int_labels)
+    M = residual(A, E, S, Y, c, int_labels)
     inv = mean_normaliser(weights, A.shape[0], reduction, A.dtype)
-    return value, _dW(Z, M, jnp.result_type(W.dtype), inv)
+    return value, transpose_gemm(Z, M, jnp.result_type(W.dtype), inv)
 
 
 _value_and_grad_impl = jax.jit(_value_and_grad_math, static_argnames=("reduction", "int_labels"))
@@ -123,7 +138,8 @@ def value_and_grad(
     """
     _scalar_reduction(reduction, "value_and_grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _value_and_grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 def grad(
@@ -147,7 +163,8 @@ def grad(
     """
     _scalar_reduction(reduction, "grad")
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _grad_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)
 
 
 class DerivationTerms(NamedTuple):
@@ -209,15 +226,12 @@ def derivation_terms(
     return _terms_impl(W, Z, Y, weights, int_labels=int_labels)
 
 
-def _hvp_from_probs(P, Z, V, c, out_dtype) -> jax.Array:
-    """``Zᵀ diag(c) [Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V) 1ᵀ]`` for given probabilities ``P = Ŷ``
-    (N, K): the HVP of :func:`hvp` once the softmax is known (two GEMMs)."""
-    ZV = logits(V, Z)
+def hvp_residual(P: jax.Array, ZV: jax.Array, c: jax.Array | None = None) -> jax.Array:
+    """``diag(c) [Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V) 1ᵀ]`` (N, K) for the probabilities ``P = Ŷ``
+    and the product ``ZV = Z V``: the HVP is ``Zᵀ`` times this (:func:`transpose_gemm`)."""
     PZV = P * ZV
     R = PZV - P * jnp.sum(PZV, axis=1, keepdims=True)
-    if c is not None:
-        R = R * c[:, None]
-    return _dW(Z, R, out_dtype)
+    return R if c is None else R * c[:, None].astype(R.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))
@@ -225,7 +239,8 @@ def _hvp_impl(W, Z, V, weights, *, reduction: str):
     A = logits(W, Z)
     _, E, S = logsumexp_rows(A)
     c = mean_scale(weights, A.shape[0], A.dtype, reduction)
-    return _hvp_from_probs(E / S, Z, V.astype(W.dtype), c, jnp.result_type(W.dtype))
+    R = hvp_residual(E / S, logits(V.astype(W.dtype), Z), c)
+    return transpose_gemm(Z, R, jnp.result_type(W.dtype))
 
 
 def hvp(
@@ -247,7 +262,8 @@ def hvp(
               - \hat Y \odot \operatorname{rowsum}(\hat Y \odot Z V)\, \mathbf 1^\top \big]
 
     Because the log-partition term of eq. (2) enters once per sample, the Hessian does not depend
-    on ``Y``; ``Y`` is taken (and validated) so the signature matches :func:`softmax_jax.grad`.
+    on ``Y``: any valid ``Y`` gives the same ``H V``. ``Y`` is taken and validated so the problem
+    is passed as to :func:`softmax_jax.grad`, and a problem ``grad`` rejects is rejected here.
     Three GEMMs and no autodiff; the basis of the Newton-CG solver.
 
     Args:

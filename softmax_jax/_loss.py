@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._precision import gemm, operand
-from ._validate import check_problem, compute_dtype
+from ._precision import gemm, mean_normaliser, operand
+from ._validate import check_problem, check_result, compute_dtype
 
 
 def logits(W: jax.Array, Z: jax.Array) -> jax.Array:
@@ -48,40 +48,46 @@ def target_term(A: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
     return jnp.sum(Y.astype(A.dtype) * A, axis=1)
 
 
+def nll_rows(A: jax.Array, S: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
+    """Per-sample eq. (2), ``ℓ_i = lse_i − Σ_k y_ik a_ik``, as ``Σ_k y_ik (m_i − a_ik) + log S_i
+    + m_i (1 − Σ_k y_ik)`` with ``m_i = max_k a_ik`` and ``S`` from :func:`logsumexp_rows`.
+
+    Exact where ``lse − a_y`` cancels: huge tied logits (``a ≈ 1e30``) give ``log K``, not 0.
+    The last term is 0 for rows of ``Y`` that sum to one (and absent for integer labels).
+    """
+    m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
+    per = target_term(m - A, Y, int_labels) + jnp.log(S[:, 0])
+    if not int_labels:
+        per = per + m[:, 0] * (1 - jnp.sum(Y.astype(A.dtype), axis=1))
+    return per
+
+
 def reduce_losses(per: jax.Array, weights: jax.Array | None, reduction: str) -> jax.Array:
     """Applies the sample weights ``s`` and the reduction to per-sample losses ``ℓ`` (N,)."""
     if weights is not None:
-        s = weights.astype(per.dtype)
-        per = s * per
-        denom = jnp.sum(s)
-    else:
-        denom = jnp.asarray(per.shape[0], per.dtype)
+        per = weights.astype(per.dtype) * per
     if reduction == "none":
         return per
     total = jnp.sum(per)
     if reduction == "sum":
         return total
     # An all-zero weight vector (or N = 0) gives 0, not NaN.
-    return total / jnp.where(denom > 0, denom, 1)
+    return total * mean_normaliser(weights, per.shape[0], reduction, per.dtype)
 
 
 def mean_scale(weights: jax.Array | None, n: int, dtype, reduction: str) -> jax.Array | None:
     """The per-sample factor ``c_i`` with ``∂L/∂ℓ_i = c_i``: ``s_i`` for sum, ``s_i / Σ s`` for mean."""
     if reduction == "sum":
         return None if weights is None else weights.astype(dtype)
-    if weights is None:
-        return jnp.full((n,), 1.0 / max(n, 1), dtype)
-    s = weights.astype(dtype)
-    denom = jnp.sum(s)
-    return s / jnp.where(denom > 0, denom, 1)
+    inv = mean_normaliser(weights, n, reduction, dtype)
+    return jnp.full((n,), inv, dtype) if weights is None else weights.astype(dtype) * inv
 
 
 @functools.partial(jax.jit, static_argnames=("reduction", "int_labels"))
 def _loss_impl(W, Z, Y, weights, *, reduction: str, int_labels: bool) -> jax.Array:
     A = logits(W, Z)
-    lse, _, _ = logsumexp_rows(A)
-    per = lse - target_term(A, Y, int_labels)
-    return reduce_losses(per, weights, reduction)
+    _, _, S = logsumexp_rows(A)
+    return reduce_losses(nll_rows(A, S, Y, int_labels), weights, reduction)
 
 
 def loss(
@@ -131,4 +137,5 @@ def loss(
       2.772588...
     """
     W, Z, Y, weights, int_labels = check_problem(W, Z, Y, weights, reduction)
-    return _loss_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    out = _loss_impl(W, Z, Y, weights, reduction=reduction, int_labels=int_labels)
+    return check_result(out, W=W, Z=Z)

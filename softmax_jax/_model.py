@@ -28,12 +28,16 @@ from jax.typing import ArrayLike
 
 from ._chunks import map_chunks
 from ._loss import logits, logsumexp_rows
-from ._objective import CHUNK_ROWS
+from ._validate import as_host_array, check_finite, is_concrete
+from ._version import package_version
 
 __all__ = ["Model", "ModelFileError", "load_model", "predict", "predict_proba", "save_model"]
 
 #: The model file format this version writes; it reads formats ``1..MODEL_FORMAT``.
 MODEL_FORMAT = 1
+
+#: Rows of ``Z`` per block of prediction: at most a ``(CHUNK_ROWS, K)`` block of logits is live.
+CHUNK_ROWS = 4096
 
 
 class ModelFileError(ValueError):
@@ -45,13 +49,15 @@ class ModelFileError(ValueError):
 
 
 def _block_outputs(W, b, Zc, what: str):
+    """The block's labels or probabilities, and whether each row's logits are finite."""
     A = logits(W, Zc)
     if b is not None:
         A = A + b.astype(A.dtype)
+    finite = jnp.all(jnp.isfinite(A), axis=1)
     if what == "label":
-        return jnp.argmax(A, axis=1).astype(jnp.int32)
+        return jnp.argmax(A, axis=1).astype(jnp.int32), finite
     _, E, S = logsumexp_rows(A)
-    return E / S
+    return E / S, finite
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "what"))
@@ -67,12 +73,14 @@ def _check_params(params: Any) -> tuple[jax.Array, jax.Array | None]:
             f"`params` must be a dict with 'W' (D, K) and optionally 'b' (K,), as returned by "
             f"fit, got {type(params).__name__}"
         )
-    W = jnp.asarray(params["W"])
-    if W.ndim != 2 or not jnp.issubdtype(W.dtype, jnp.floating):
-        raise ValueError(f"`params['W']` must be a float (D, K) array, got {W.dtype}{W.shape}")
+    W = params["W"] if isinstance(params["W"], jax.Array) else np.asarray(params["W"])
+    if W.ndim != 2 or not jnp.issubdtype(W.dtype, jnp.floating) or W.shape[1] < 1:
+        raise ValueError(
+            f"`params['W']` must be a float (D, K) array with K >= 1, got {W.dtype}{W.shape}"
+        )
     b = params.get("b")
     if b is not None:
-        b = jnp.asarray(b)
+        b = b if isinstance(b, jax.Array) else np.asarray(b)
         if b.shape != (W.shape[1],):
             raise ValueError(f"`params['b']` must have shape (K,) = ({W.shape[1]},), got {b.shape}")
     return W, b
@@ -87,19 +95,34 @@ def _check_features(Z: Any, d: int, name: str = "Z"):
             Z = Z.astype(np.float32)  # what JAX would make of it, without its float64 warning
     if Z.ndim != 2 or Z.shape[1] != d:
         raise ValueError(f"`{name}` must have shape (N, D) with D = {d} features, got {Z.shape}")
+    check_finite(Z, name)
     return jnp.asarray(Z)
 
 
 def _run(params, Z, chunk_size: int, what: str) -> jax.Array:
     W, b = _check_params(params)
+    check_finite(W, "params['W']")
+    if b is not None:
+        check_finite(b, "params['b']")
+    W, b = jnp.asarray(W), None if b is None else jnp.asarray(b)
     Z = _check_features(Z, W.shape[0])
-    if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise TypeError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
+    if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
     if Z.shape[0] == 0:
         if what == "label":
             return jnp.zeros((0,), jnp.int32)
         return jnp.zeros((0, W.shape[1]), W.dtype)
-    return _predict_rows(W, b, Z, chunk=int(min(chunk_size, Z.shape[0])), what=what)
+    out, finite = _predict_rows(W, b, Z, chunk=int(min(chunk_size, Z.shape[0])), what=what)
+    if is_concrete(finite) and not bool(jnp.all(finite)):
+        row = int(jnp.argmin(finite))
+        raise ValueError(
+            f"`Z` @ `W` + `b` overflows {jnp.result_type(W.dtype, Z.dtype)} at row {row} (logits "
+            "not finite): features far outside the training range; scale them, or use float64 "
+            "(jax_enable_x64)"
+        )
+    return out
 
 
 def predict_proba(params: dict, Z: ArrayLike, *, chunk_size: int = CHUNK_ROWS) -> jax.Array:
@@ -173,8 +196,8 @@ class Model:
 
     def __post_init__(self):
         W = np.asarray(self.W)
-        if W.ndim != 2:
-            raise ValueError(f"`W` must have shape (D, K), got {W.shape}")
+        if W.ndim != 2 or W.shape[1] < 1:
+            raise ValueError(f"`W` must have shape (D, K) with K >= 1, got {W.shape}")
         d, k = W.shape
         for name, want in (("b", (k,)), ("classes", (k,)), ("mean", (d,)), ("std", (d,))):
             value = getattr(self, name)
@@ -188,6 +211,24 @@ class Model:
             object.__setattr__(self, name, value)
         if (self.mean is None) != (self.std is None):
             raise ValueError("`mean` and `std` go together: give both or neither")
+        if not isinstance(self.info, dict):
+            raise TypeError(f"`info` must be a dict, got {type(self.info).__name__}")
+        for name in ("W", "b", "mean", "std"):
+            value = W if name == "W" else getattr(self, name)
+            if value is not None and value.dtype.kind != "f":
+                raise TypeError(f"`{name}` must be a float array, got dtype {value.dtype}")
+            if value is not None:
+                check_finite(value, name)
+        if self.classes.dtype.kind not in "iufbU":
+            raise TypeError(f"`classes` must be numbers or strings, got dtype {self.classes.dtype}")
+        if self.std is not None:
+            if (self.std < 0).any():
+                j = int(np.flatnonzero(self.std < 0)[0])
+                raise ValueError(f"`std` must be >= 0, got {self.std[j]} at index {j}")
+            # A constant feature (std 0) is left unscaled, as `softmax-jax train` does.
+            object.__setattr__(
+                self, "std", np.where(self.std == 0, 1, self.std).astype(self.std.dtype)
+            )
         object.__setattr__(self, "W", W)
 
     @property
@@ -205,13 +246,14 @@ class Model:
 
     def transform(self, X: ArrayLike) -> np.ndarray:
         """Raw features ``(N, D)`` to the model's inputs: ``(X − mean) / std``, or ``X`` as is."""
-        X = np.asarray(X)
+        X = as_host_array(X, "X")
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(
                 f"`X` must have shape (N, D) with D = {self.n_features} features, got {X.shape}"
             )
         if X.dtype.kind not in "fiub":
             raise TypeError(f"`X` must be a real numeric array, got dtype {X.dtype}")
+        check_finite(X, "X")
         if self.mean is None:
             return X
         return ((X - self.mean) / self.std).astype(self.W.dtype)
@@ -241,14 +283,32 @@ class Model:
 
 def _provenance(info: dict | None) -> dict:
     """``info`` with the softmax_jax version and the date (UTC) added where it has none."""
-    from . import __version__
-
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"`info` must be a dict, got {type(info).__name__}")
     out = {
-        "softmax_jax": __version__,
+        "softmax_jax": package_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out.update(info or {})
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _json_value(value: Any):
+    """NumPy scalars and arrays in ``info`` as the Python numbers and lists they hold."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"`info` must hold JSON values (numbers, strings, lists, dicts), got "
+                    f"{type(value).__name__} {value!r}")  # fmt: skip
+
+
+def _header_json(header: dict) -> str:
+    return json.dumps(header, default=_json_value)
 
 
 def save_model(
@@ -288,15 +348,12 @@ def save_model(
             raise ValueError("`classes`, `mean`, `std` and `info` go with params, not a Model")
         m = dataclasses.replace(model, info=_provenance(model.info))
     else:
-        W, b = _check_params(model)
-        W = np.asarray(W)
-        b = np.zeros(W.shape[1], W.dtype) if b is None else np.asarray(b)
+        W, b = (None if v is None else np.asarray(v) for v in _check_params(model))
+        b = np.zeros(W.shape[1], W.dtype) if b is None else b
         cls = np.arange(W.shape[1]) if classes is None else np.asarray(classes)
         m = Model(W, b, cls, mean=mean, std=std, info=_provenance(info))
-    if m.classes.dtype.kind not in "iufbU":
-        raise TypeError(f"`classes` must be numbers or strings, got dtype {m.classes.dtype}")
     header = {"format": MODEL_FORMAT, "preprocessing": m.preprocessing, "info": m.info}
-    arrays = {"header": np.array(json.dumps(header)), "W": m.W, "b": m.b, "classes": m.classes}
+    arrays = {"header": np.array(_header_json(header)), "W": m.W, "b": m.b, "classes": m.classes}
     if m.mean is not None:
         arrays.update(mean=m.mean, std=m.std)
     path = os.fspath(path)
@@ -305,6 +362,7 @@ def save_model(
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would: mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -348,9 +406,13 @@ def load_model(path: str | os.PathLike) -> Model:
         raise fail(f"not a softmax_jax model file: no header, found {found}{hint}")
     try:
         header = json.loads(str(arrays["header"]))
-        version = int(header["format"])
+        version = header["format"]
     except (ValueError, KeyError, TypeError) as e:
         raise fail(f"corrupt model header ({type(e).__name__}: {e})") from None
+    if not isinstance(header.get("info", {}), dict):
+        raise fail(f"corrupt model header: `info` must be an object, got {header['info']!r}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise fail(f"corrupt model header: `format` must be an integer, got {version!r}")
     if not 1 <= version <= MODEL_FORMAT:
         raise fail(
             f"model format {version} is not readable by this softmax_jax (it reads formats 1 to "

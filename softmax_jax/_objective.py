@@ -10,15 +10,21 @@ by default), is the weighted *mean* of eq. (2) plus an L2 penalty on ``W`` (neve
 
 The mean makes learning rates independent of ``N``; scikit-learn's ``C`` is ``λ = 1 / (C Σ s_i)``
 (see :class:`softmax_jax.SoftmaxRegression`). Every gradient is the hand-written eq. (6),
-assembled from the core's pieces with a bias (:func:`vg_sum`): ``∂f/∂W = Zᵀ M`` and
-``∂f/∂b = Σ_i c_i (ŷ_i − y_i)``, the column sums of the same residual ``M``. The Hessian-vector
-products of Newton-CG are :func:`softmax_jax.hvp`'s analytic formula on ``Z`` augmented with a
-column of ones (``[W; b]`` is then a ``(D+1, K)`` weight matrix of eq. (2)). No autodiff anywhere.
+assembled from the pieces of ``_grad``'s interface with a bias: ``∂f/∂W = Zᵀ M`` and
+``∂f/∂b = Σ_i M_i``, the column sums of the same residual ``M``. The Hessian-vector products of
+Newton-CG are the analytic formula of :func:`softmax_jax.hvp` with the bias as its own term
+(``Zᵀ R`` and ``Σ_i R_i``). No autodiff anywhere.
+
+Every pass over the rows goes through :func:`row_sums` (one pass, or chunks of
+:data:`CHUNK_ROWS` rows through :func:`softmax_jax._chunks.fold_chunks`), and every product
+with the features through :func:`features_times` (``Z V``) and :func:`features_t_times`
+(``Zᵀ M``, or ``(Z⊙Z)ᵀ M``): the places where another storage of ``Z`` plugs in.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -26,8 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._chunks import fold_chunks
-from ._grad import _dW, _hvp_from_probs, _residual
-from ._loss import logits, logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._grad import hvp_residual, residual, transpose_gemm
+from ._loss import logits, logsumexp_rows, reduce_losses, target_term
+from ._precision import mean_normaliser
 
 Params = dict[str, jax.Array]
 
@@ -39,20 +46,60 @@ class TrainData(NamedTuple):
       Z: features ``(N, D)`` in the compute dtype.
       y: integer labels ``(N,)``.
       s: optional sample weights ``(N,)``.
-      Zh: Newton-CG only: ``Z`` with a column of ones appended when there is a bias
-        (``(N, D+1)``), in float32: the operand of the Hessian products (:func:`hessian_vp`).
-      Zsq: Newton-CG only: ``Zh ⊙ Zh``, for the Jacobi preconditioner (:func:`hessian_diag`).
+      Zh: Newton-CG only: ``Z`` in the Hessian's dtype (float32), the operand of the Hessian
+        products; ``None`` when they use ``Z`` itself (see :func:`hessian_operand`).
     """
 
     Z: jax.Array
     y: jax.Array
     s: jax.Array | None
     Zh: jax.Array | None = None
-    Zsq: jax.Array | None = None
+
+
+def hessian_operand(data: TrainData) -> jax.Array:
+    """The features of the Hessian products: ``data.Zh``, or ``data.Z`` without one."""
+    return data.Z if data.Zh is None else data.Zh
+
+
+def features_times(Z: jax.Array, V: jax.Array) -> jax.Array:
+    """``Z V`` (N, K) in ``V``'s dtype, accumulated in float32 at least (the first GEMM)."""
+    return logits(V, Z)
+
+
+def features_t_times(Z: jax.Array, M: jax.Array, out_dtype, *, squared: bool = False):
+    """``Zᵀ M`` (D, K) (or ``(Z ⊙ Z)ᵀ M`` with ``squared``, for the Hessian's diagonal), with
+    operands in ``out_dtype`` (the second GEMM)."""
+    return transpose_gemm(Z * Z if squared else Z, M, out_dtype)
+
+
+#: Full-batch passes over at least 4 chunks of this many rows run chunk by chunk: each chunk of
+#: ``Z`` is still in cache for the second GEMM of eq. (6).
+CHUNK_ROWS = 4096
+
+
+def chunk_rows(n: int) -> int | None:
+    """The chunk size for a pass over ``n`` rows, or ``None`` for a single pass."""
+    return CHUNK_ROWS if n >= 4 * CHUNK_ROWS else None
+
+
+def row_sums(fn: Callable, rows: tuple, zero):
+    """``fn(*rows)`` summed over the row chunks of the arrays ``rows`` (``None`` entries passed
+    through): ``fn`` returns a pytree shaped like ``zero`` that sums over rows. One call for small
+    N, else :func:`softmax_jax._chunks.fold_chunks` over :data:`CHUNK_ROWS`-row chunks."""
+    n = rows[0].shape[0]
+    c = chunk_rows(n)
+    if c is None:
+        return fn(*rows)
+
+    def body(lo, size, acc):
+        cut = [None if x is None else lax.dynamic_slice_in_dim(x, lo, size) for x in rows]
+        return jax.tree.map(jnp.add, acc, fn(*cut))
+
+    return fold_chunks(n, c, body, zero)
 
 
 def stack(params: Params) -> jax.Array:
-    """``[W; b]`` (D+1, K), or ``W`` without a bias: the weights of the augmented eq. (2)."""
+    """``[W; b]`` (D+1, K), or ``W`` without a bias."""
     if "b" in params:
         return jnp.concatenate([params["W"], params["b"][None, :].astype(params["W"].dtype)], 0)
     return params["W"]
@@ -64,62 +111,38 @@ def unstack(G: jax.Array, like: Params) -> Params:
     return {"W": G}
 
 
+def _biased_logits(params: Params, Z: jax.Array) -> jax.Array:
+    A = features_times(Z, params["W"])
+    return A + params["b"].astype(A.dtype) if "b" in params else A
+
+
 def vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
     r"""Eq. (2) summed over the rows of ``Z`` (weights ``s``) and its hand-written gradient.
 
-    The core's eq. (6) with a bias: logits ``A = Z W + b``, ``M = diag(s)(Ŷ − Y)``,
-    ``∂/∂W = Zᵀ M`` and ``∂/∂b = Σ_i M_i`` (the column sums of ``M``), assembled from the pieces
-    of :func:`softmax_jax.value_and_grad` (``logits``, ``logsumexp_rows``, ``_residual``, ``_dW``)
-    so that no ones column has to be appended to ``Z``. Also returns the logits ``A`` (N, K).
+    Logits ``A = Z W + b``, ``M = diag(s)(Ŷ − Y)``, ``∂/∂W = Zᵀ M`` and ``∂/∂b = Σ_i M_i`` (the
+    column sums of ``M``): no ones column is appended to ``Z``. Also returns the logits ``A``.
     """
     W = params["W"]
-    A = logits(W, Z)
-    if "b" in params:
-        A = A + params["b"].astype(A.dtype)
+    A = _biased_logits(params, Z)
     lse, E, S = logsumexp_rows(A)
     value = reduce_losses(lse - target_term(A, y, True), s, "sum")
-    M = _residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
-    g = {"W": _dW(Z, M, W.dtype)}
+    M = residual(A, E, S, y, None if s is None else s.astype(A.dtype), True)
+    g = {"W": features_t_times(Z, M, W.dtype)}
     if "b" in params:
         g["b"] = jnp.sum(M, axis=0).astype(params["b"].dtype)
     return value, g, A
 
 
-#: Full-batch passes over at least 4 chunks of this many rows run chunk by chunk: each chunk of
-#: ``Z`` is still in cache for the second GEMM of eq. (6) (about 15-25% faster at N = 200k).
-CHUNK_ROWS = 4096
-
-
-def chunk_rows(n: int) -> int | None:
-    """The chunk size for a pass over ``n`` rows, or ``None`` for a single pass."""
-    return CHUNK_ROWS if n >= 4 * CHUNK_ROWS else None
-
-
 def data_vg(params: Params, data: TrainData) -> tuple[jax.Array, Params]:
-    """Weighted mean of eq. (2) over ``data`` and its hand-written gradient, in chunks of
-    :data:`CHUNK_ROWS` rows (:func:`softmax_jax._chunks.fold_chunks`) for large N.
+    """Weighted mean of eq. (2) over ``data`` and its hand-written gradient (:func:`row_sums`).
     Rows left on the host (``softmax_jax._stream``) are summed there, chunk by chunk."""
     if hasattr(data.Z, "data_vg"):
         return data.Z.data_vg(params)
-    n = data.Z.shape[0]
     dt = params["W"].dtype
-    c = chunk_rows(n)
-    if c is None:
-        value, g, _ = vg_sum(params, data.Z, data.y, data.s)
-    else:
-
-        def body(lo, size, acc):
-            def cut(x):
-                return None if x is None else lax.dynamic_slice_in_dim(x, lo, size)
-
-            v, g, _ = vg_sum(params, cut(data.Z), cut(data.y), cut(data.s))
-            return acc[0] + v, jax.tree.map(jnp.add, acc[1], g)
-
-        zero = (jnp.zeros((), dt), jax.tree.map(jnp.zeros_like, params))
-        value, g = fold_chunks(n, c, body, zero)
-    total = jnp.asarray(n, dt) if data.s is None else jnp.sum(data.s.astype(dt))
-    total = jnp.where(total > 0, total, 1)
-    return value / total, jax.tree.map(lambda x: x / total, g)
+    zero = (jnp.zeros((), dt), jax.tree.map(jnp.zeros_like, params))
+    value, g = row_sums(lambda Z, y, s: vg_sum(params, Z, y, s)[:2], (data.Z, data.y, data.s), zero)
+    inv = mean_normaliser(data.s, data.Z.shape[0], "mean", dt)
+    return value * inv, jax.tree.map(lambda x: x * inv, g)
 
 
 def objective_vg(params: Params, data: TrainData, l2) -> tuple[jax.Array, Params]:
@@ -149,17 +172,26 @@ def _objective_bwd(g, ct):
 objective.defvjp(_objective_fwd, _objective_bwd)
 
 
+def _hessian_params(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
 def hessian_probs(params: Params, data: TrainData) -> jax.Array:
-    """``Ŷ = softmax(Zh [W; b])`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
+    """``Ŷ = softmax(Z W + b)`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
     depends on the parameters, computed once per Newton step and shared by the products."""
-    W1 = stack(params).astype(data.Zh.dtype)
-    _, E, S = logsumexp_rows(logits(W1, data.Zh))
+    Zh = hessian_operand(data)
+    _, E, S = logsumexp_rows(_biased_logits(_hessian_params(params, Zh.dtype), Zh))
     return E / S
 
 
-def _hessian_scale(data: TrainData, dtype) -> jax.Array | None:
-    """``c_i = s_i / Σ s`` (N,), or ``None`` for unit weights (then ``1/N`` is applied after)."""
-    return None if data.s is None else mean_scale(data.s, data.Zh.shape[0], dtype, "mean")
+def _hessian_sums(fn, data: TrainData, P: jax.Array, like: Params) -> Params:
+    """``fn(Zh, P, s)`` summed over the rows (:func:`row_sums`) times the mean's ``1/Σ s``, in
+    the Hessian's dtype."""
+    Zh = hessian_operand(data)
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, Zh.dtype), like)
+    total = row_sums(fn, (Zh, P, data.s), zero)
+    inv = mean_normaliser(data.s, Zh.shape[0], "mean", Zh.dtype)
+    return jax.tree.map(lambda x, p: (x * inv).astype(p.dtype), total, like)
 
 
 def hessian_vp(
@@ -167,45 +199,50 @@ def hessian_vp(
 ) -> Params:
     """``∇²f · V`` with the analytic HVP of eq. (2) (:func:`softmax_jax.hvp`) plus ``λ V_W``.
 
-    The bias enters through the ones column of ``data.Zh``. The product runs in float32
-    (``data.Zh``) at half the memory traffic of float64: it only steers Newton's direction, which
-    conjugate gradients solve to a relative accuracy far coarser than float32's; the gradient, the
-    objective and so the optimum stay in ``Z``'s dtype. With ``probs`` (:func:`hessian_probs` at
-    ``params``) it is two GEMMs instead of three; over many rows it runs in chunks of
-    :data:`CHUNK_ROWS` (the chunk of ``Zh`` is still in cache for the second GEMM).
+    The product runs in the dtype of :func:`hessian_operand` (float32 for Newton-CG): it only
+    steers Newton's direction, which conjugate gradients solve to a relative accuracy far coarser
+    than float32's; the gradient, the objective and so the optimum stay in ``Z``'s dtype. With
+    ``probs`` (:func:`hessian_probs` at ``params``) it is two GEMMs (``Z V`` and ``Zᵀ R``).
     """
-    Zh = data.Zh
-    dt = params["W"].dtype
+    dt = hessian_operand(data).dtype
+    Vh = _hessian_params(V, dt)
+
+    def part(Z, P, s):
+        R = hvp_residual(P, _biased_logits(Vh, Z), s)
+        out = {"W": features_t_times(Z, R, dt)}
+        if "b" in Vh:
+            out["b"] = jnp.sum(R, axis=0)
+        return out
+
     P = hessian_probs(params, data) if probs is None else probs
-    V1 = stack(V).astype(Zh.dtype)
-    c = _hessian_scale(data, P.dtype)
-    n = Zh.shape[0]
-    rows = chunk_rows(n)
-    if rows is None:
-        H = _hvp_from_probs(P, Zh, V1, c, Zh.dtype)
-    else:
+    hv = _hessian_sums(part, data, P, V)
+    return {**hv, "W": hv["W"] + l2 * V["W"]}
 
-        def body(lo, size, acc):
-            def cut(x):
-                return None if x is None else lax.dynamic_slice_in_dim(x, lo, size)
 
-            return acc + _hvp_from_probs(cut(P), cut(Zh), V1, cut(c), Zh.dtype)
+def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None = None) -> Params:
+    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
+    GEMM ``(Z⊙Z)ᵀ M`` per chunk given ``probs`` (:func:`hessian_probs`), the squares formed chunk
+    by chunk; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
+    dt = hessian_operand(data).dtype
 
-        H = fold_chunks(n, rows, body, jnp.zeros_like(V1))
-    if c is None:
-        H = H / n
-    hv = unstack(H.astype(dt), params)
-    hv["W"] = hv["W"] + l2 * V["W"]
-    return hv
+    def part(Z, P, s):
+        M = P * (1 - P)
+        M = M if s is None else M * s[:, None].astype(M.dtype)
+        out = {"W": features_t_times(Z, M, dt, squared=True)}
+        if "b" in params:
+            out["b"] = jnp.sum(M, axis=0)
+        return out
+
+    P = hessian_probs(params, data) if probs is None else probs
+    diag = _hessian_sums(part, data, P, params)
+    return {**diag, "W": diag["W"] + l2}
 
 
 def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:
     """``(Σ s_i ℓ_i, Σ s_i [argmax a_i = y_i])`` without the penalty."""
     if hasattr(data.Z, "predict_stats"):  # rows left on the host
         return data.Z.predict_stats(params)
-    A = logits(params["W"], data.Z)
-    if "b" in params:
-        A = A + params["b"].astype(A.dtype)
+    A = _biased_logits(params, data.Z)
     lse, _, _ = logsumexp_rows(A)
     per = lse - target_term(A, data.y, True)
     correct = (jnp.argmax(A, axis=1) == data.y).astype(A.dtype)
@@ -213,12 +250,14 @@ def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array
     return jnp.sum(s * per), jnp.sum(s * correct)
 
 
-@jax.jit
-def evaluate(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:
-    """Weighted mean NLL and accuracy on ``data``."""
+def mean_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean NLL and accuracy on ``data`` (traced)."""
     nll, correct = predict_stats(params, data)
-    total = data.y.shape[0] if data.s is None else jnp.sum(data.s)
-    return nll / total, correct / total
+    inv = mean_normaliser(data.s, data.y.shape[0], "mean", nll.dtype)
+    return nll * inv, correct * inv
+
+
+evaluate = jax.jit(mean_stats)
 
 
 def tree_vdot(a, b) -> jax.Array:
@@ -235,15 +274,3 @@ def tree_max_abs(t) -> jax.Array:
 
 def tree_l1(t) -> jax.Array:
     return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t))
-
-
-def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None = None) -> Params:
-    r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
-    GEMM ``(Z⊙Z)ᵀ M`` given ``probs`` (:func:`hessian_probs`; two without), with ``Z⊙Z`` computed
-    once; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
-    P = hessian_probs(params, data) if probs is None else probs
-    c = mean_scale(data.s, P.shape[0], P.dtype, "mean")
-    D1 = _dW(data.Zsq, P * (1 - P) * c[:, None], params["W"].dtype)
-    diag = unstack(D1, params)
-    diag["W"] = diag["W"] + l2
-    return diag

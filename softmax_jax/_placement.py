@@ -173,13 +173,18 @@ def resolve_device(device: Any) -> jax.Device:
     raise TypeError(f"`device` must be None, 'cpu', 'gpu' or a jax.Device, got {device!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("fit_intercept", "dtype"))
-def hessian_operands(Z: jax.Array, *, fit_intercept: bool, dtype) -> tuple[jax.Array, jax.Array]:
-    """``Zh = [Z, 1]`` (or ``Z``) in ``dtype`` and ``Zh ⊙ Zh``, built on the device."""
-    Zh = Z.astype(dtype)
-    if fit_intercept:
-        Zh = jnp.concatenate([Zh, jnp.ones((Z.shape[0], 1), dtype)], axis=1)
-    return Zh, Zh * Zh
+def bucket_rows(n: int) -> int:
+    """Rounds small ``n`` up to a power of two (``n <= 1024``) or to a multiple of 1/32 of the
+    power of two below it (at most 3.2% more rows, up to 65536), so fits on data of nearby sizes
+    (cross-validation folds, scikit-learn's checks) share one compiled solver; padded rows have
+    weight 0 (``place(..., shape=)``). Larger problems keep their size: compiling is then a small
+    part of a fit."""
+    if n <= 1024:
+        return max(16, 1 << (n - 1).bit_length())
+    if n > 65536:
+        return n
+    step = 1 << (n.bit_length() - 6)
+    return -(-n // step) * step
 
 
 def place(
@@ -196,7 +201,8 @@ def place(
 ) -> TrainData:
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
-    with ``hessian_dtype`` the operands of Newton-CG's Hessian products. ``device`` may be a
+    with ``hessian_dtype`` a copy of ``Z`` in that dtype for Newton-CG's Hessian products (none
+    when it is ``dtype``: the products then use ``Z``). ``device`` may be a
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
@@ -208,6 +214,11 @@ def place(
             sb = np.zeros(rows, dtype)
             sb[:n] = 1 if s is None else s
         Zd = device.put_rows(Z, rows=rows, dtype=dtype, check=check)
+        Zh = (
+            None
+            if not _needs_copy(hessian_dtype, dtype)
+            else device.put_rows(Z, rows=rows, dtype=hessian_dtype)
+        )
         yd = device.put_rows(np.asarray(y, np.int32), rows=rows)
         sd = device.put_rows(sb)
     else:
@@ -225,9 +236,9 @@ def place(
             sb[:n] = 1 if s is None else s
         put = functools.partial(jax.device_put, device=device)
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
-    Zh = Zsq = None
-    if hessian_dtype is not None:
-        Zh, Zsq = hessian_operands(
-            Zd, fit_intercept=fit_intercept, dtype=np.dtype(hessian_dtype).name
-        )
-    return TrainData(Zd, yd, sd, Zh, Zsq)
+        Zh = put(Zp.astype(hessian_dtype)) if _needs_copy(hessian_dtype, dtype) else None
+    return TrainData(Zd, yd, sd, Zh)
+
+
+def _needs_copy(hessian_dtype, dtype) -> bool:
+    return hessian_dtype is not None and np.dtype(hessian_dtype) != np.dtype(dtype)

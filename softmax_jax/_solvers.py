@@ -20,11 +20,12 @@ from ._objective import (
     Params,
     TrainData,
     hessian_diag,
+    hessian_operand,
     hessian_probs,
     hessian_vp,
+    mean_stats,
     objective,
     objective_vg,
-    predict_stats,
     tree_axpy,
     tree_l1,
     tree_max_abs,
@@ -52,12 +53,15 @@ def init_state(params, data, l2, aux) -> FBState:
 _NEWTON_MAX_CG = 250
 _NEWTON_MAX_LS = 40
 #: Largest relative CG residual of a Newton step. scipy's newton-cg allows ½ (with ``√‖∇f‖₁``,
-#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes about half the Newton
-#: iterations from a zero start for a few more products each (bench/train.py).
+#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes fewer Newton iterations from a
+#: zero start for a few more products each (bench/train.py).
 _NEWTON_FORCING = 0.1
 #: Smallest relative CG residual asked for: the Hessian products are float32, and a tighter
 #: residual than they resolve would only run CG to its iteration cap.
 _NEWTON_FORCING_MIN = 1e-3
+#: CG also stops once ``max|r| <= TOL_MARGIN · tol``: the gradient after the step is about the
+#: CG residual ``r``, so the last Newton step lands just inside ``tol`` instead of far past it.
+TOL_MARGIN = 0.25
 
 
 def center_classes(t: Params) -> Params:
@@ -72,7 +76,7 @@ def _newton_init(params, data, l2) -> FBState:
     return init_state(center_classes(params), data, l2, ())
 
 
-def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
+def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     r"""One truncated-Newton iteration.
 
     Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian, followed by
@@ -82,7 +86,9 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
     lies, and the only identifiable solution without a penalty). Stopped when
     ``‖r‖₁ ≤ η ‖∇f‖₁`` with ``η = √max|∇f|`` clipped to ``[10⁻³, 0.1]`` (a forcing sequence
-    that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step) or on non-positive curvature (then the last CG iterate, or −∇f on the first
+    that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step), when
+    ``max|r| ≤`` :data:`TOL_MARGIN` ``· tol`` (the step then reaches ``tol``: no solve past what
+    was asked), or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then a backtracking Armijo line search from the Newton step ``t = 1``. Near the
     optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
     accepted, and a search that fails altogether marks the state ``stalled``.
@@ -92,6 +98,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
     gnorm1 = tree_l1(g)
     eta = jnp.clip(jnp.sqrt(tree_max_abs(g)), _NEWTON_FORCING_MIN, _NEWTON_FORCING)
     cg_tol = eta * gnorm1
+    r_tol = TOL_MARGIN * tol
     P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
     diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
@@ -105,7 +112,7 @@ def _newton_step(st: FBState, data: TrainData, l2) -> FBState:
 
     def cg_cond(c):
         _, r, _, _, _, i, done = c
-        return (~done) & (i < _NEWTON_MAX_CG) & (tree_l1(r) > cg_tol)
+        return (~done) & (i < _NEWTON_MAX_CG) & (tree_l1(r) > cg_tol) & (tree_max_abs(r) > r_tol)
 
     def cg_body(c):
         x, r, z, p, rz, i, _ = c
@@ -173,7 +180,7 @@ def _lbfgs_init(params, data, l2) -> FBState:
     return init_state(params, data, l2, _LBFGS.init(params))
 
 
-def _lbfgs_step(st: FBState, data: TrainData, l2) -> FBState:
+def _lbfgs_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     """One optax L-BFGS iteration; its zoom line search differentiates :func:`objective`, whose
     gradient is the hand-written one, and hands back f and ∇f at the new point."""
     updates, aux = _LBFGS.update(
@@ -215,7 +222,7 @@ def _run(st: FBState, data: TrainData, l2, tol, max_iter, step) -> FBState:
             & jnp.isfinite(st.value)
         )
 
-    return lax.while_loop(cond, lambda st: step(st, data, l2), st)
+    return lax.while_loop(cond, lambda st: step(st, data, l2, tol), st)
 
 
 #: The float32 phase of a mixed-precision solve stops at ``max|∇f| <= F32_TOL · rms(z)``: about
@@ -225,15 +232,19 @@ F32_TOL = 3e-5
 
 
 def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBState:
-    """Newton-CG on a float32 copy of ``Z`` until the gradient reaches float32's noise floor: at
-    ``max|∇f| <= max(tol, F32_TOL·rms(z))``, or once near it (within 100×) when an iteration no
-    longer halves ``max|∇f|`` (the rounding, not the model, then sets the gradient)."""
+    """Newton-CG on the float32 copy of ``Z`` (``data.Zh``, the Hessian's operand: the only copy)
+    until the gradient reaches float32's noise floor: at ``max|∇f| <= max(tol, F32_TOL·rms(z))``,
+    or once near it (within 100×) when an iteration no longer halves ``max|∇f|`` (the rounding,
+    not the model, then sets the gradient)."""
     f32 = jnp.float32
-    Z = data.Z.astype(f32)
-    data32 = data._replace(Z=Z, s=None if data.s is None else data.s.astype(f32))
-    zsq = data.Zsq if data.Zsq is not None else Z * Z
-    floor = jnp.maximum(tol.astype(f32), F32_TOL * jnp.sqrt(jnp.max(jnp.mean(zsq, axis=0))))
-    st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2.astype(f32))
+    Z = hessian_operand(data)
+    data32 = TrainData(Z, data.y, None if data.s is None else data.s.astype(f32))
+    rms = jnp.sqrt(jnp.max(jnp.mean(Z * Z, axis=0)))
+    if "b" in params:  # the intercept's feature is a column of ones
+        rms = jnp.maximum(rms, 1.0)
+    floor = jnp.maximum(tol.astype(f32), F32_TOL * rms)
+    l2_32 = l2.astype(f32)
+    st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2_32)
 
     def cond(c):
         st, g_prev = c
@@ -243,23 +254,34 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
 
     def body(c):
         st, _ = c
-        return step(st, data32, l2.astype(f32)), tree_max_abs(st.grad)
+        return step(st, data32, l2_32, floor), tree_max_abs(st.grad)
 
     st, _ = lax.while_loop(cond, body, (st, jnp.asarray(jnp.inf, f32)))
     return st
 
 
+def with_hessian_operand(data: TrainData, solver: str) -> TrainData:
+    """``data`` with Newton-CG's float32 Hessian operand (one cast of ``Z``, inside the solve),
+    unless it has one or ``Z`` is float32 already."""
+    if solver != "newton-cg" or data.Zh is not None or data.Z.dtype == jnp.float32:
+        return data
+    return data._replace(Zh=data.Z.astype(jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("solver", "mixed"))
-def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False) -> FBState:
+def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False):
     init, step = SOLVERS[solver]
+    data = with_hessian_operand(data, solver)
     if not mixed:
-        return _run(init(params, data, l2), data, l2, tol, max_iter, step)
-    st32 = _run_float32(params, data, l2, tol, max_iter, step, init)
-    dt = data.Z.dtype
-    moved = jnp.isfinite(st32.value) & (st32.it > 0)  # else keep params, unrounded
-    start = jax.tree.map(lambda a, b: jnp.where(moved, a.astype(dt), b), st32.params, params)
-    st = init(start, data, l2)._replace(it=st32.it, n_inner=st32.n_inner)
-    return _run(st, data, l2, tol, max_iter, step)
+        st = _run(init(params, data, l2), data, l2, tol, max_iter, step)
+    else:
+        st32 = _run_float32(params, data, l2, tol, max_iter, step, init)
+        dt = data.Z.dtype
+        moved = jnp.isfinite(st32.value) & (st32.it > 0)  # else keep params, unrounded
+        start = jax.tree.map(lambda a, b: jnp.where(moved, a.astype(dt), b), st32.params, params)
+        st = init(start, data, l2)._replace(it=st32.it, n_inner=st32.n_inner)
+        st = _run(st, data, l2, tol, max_iter, step)
+    return st._replace(aux=()), tree_max_abs(st.grad)
 
 
 def solve(
@@ -283,7 +305,7 @@ def solve(
         raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {solver!r}")
     dt = data.Z.dtype
     mixed = bool(mixed_precision) and solver == "newton-cg" and dt == jnp.float64
-    st = _solve_impl(
+    st, gmax = _solve_impl(
         params,
         data,
         jnp.asarray(l2, dt),
@@ -292,15 +314,16 @@ def solve(
         solver=solver,
         mixed=mixed,
     )
-    gmax = float(tree_max_abs(st.grad))
-    value = float(st.value)
-    it = int(st.it)
+    gmax, value, it, stalled, n_inner = jax.device_get(
+        (gmax, st.value, st.it, st.stalled, st.n_inner)
+    )
+    gmax, value, it = float(gmax), float(value), int(it)
     if not math.isfinite(value):
         msg = f"the objective became {value} at iteration {it}"
         converged = False
     elif gmax <= tol:
         msg, converged = f"converged: max|grad| = {gmax:.2e} <= tol = {tol:.1e}", True
-    elif bool(st.stalled):
+    elif bool(stalled):
         msg = (
             f"stopped at iteration {it}: no further decrease at working precision "
             f"(max|grad| = {gmax:.2e}, tol = {tol:.1e})"
@@ -309,7 +332,7 @@ def solve(
     else:
         msg = f"max_iter = {max_iter} reached with max|grad| = {gmax:.2e} > tol = {tol:.1e}"
         converged = False
-    return SolveResult(st.params, value, gmax, it, converged, msg, int(st.n_inner))
+    return SolveResult(st.params, value, gmax, it, converged, msg, int(n_inner))
 
 
 #: Solvers that use the whole training set at every iteration (one iteration per "epoch").
@@ -317,8 +340,9 @@ FULL_BATCH_SOLVERS = tuple(SOLVERS)
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def full_batch_epoch(st: FBState, data: TrainData, l2, *, solver: str):
-    st = SOLVERS[solver][1](st, data, l2)
-    _, correct = predict_stats(st.params, data)
-    total = data.y.shape[0] if data.s is None else jnp.sum(data.s)
-    return st, correct / total, tree_max_abs(st.grad)
+def full_batch_epoch(st: FBState, data: TrainData, l2, tol=0.0, *, solver: str):
+    """One iteration of ``solver`` (an "epoch" of :func:`softmax_jax.fit`): the new state, the
+    training accuracy at it and ``max|∇f|``."""
+    st = SOLVERS[solver][1](st, data, l2, tol)
+    _, accuracy = mean_stats(st.params, data)
+    return st, accuracy, tree_max_abs(st.grad)

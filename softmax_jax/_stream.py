@@ -34,11 +34,13 @@ from ._chunks import host_chunks
 from ._minibatch import epoch_order, minibatch_step
 from ._objective import TrainData, predict_stats, vg_sum
 from ._placement import DATA_AXIS, DataParallel
+from ._precision import mean_normaliser
+from ._validate import check_mapped
 
 #: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
 #: one batch). Small enough to be still in cache when the device reads it (on a CPU the device
 #: aliases the host block) and to be nothing next to a dataset, large enough to amortise the
-#: per-call overhead (bench/stream.py: 2 MB beat 1, 4, 8 and 32 MB).
+#: per-call overhead (chosen with bench/stream.py).
 CHUNK_BYTES = 2 << 20
 
 
@@ -50,6 +52,7 @@ def chunk_batches(batch_size: int, d: int, itemsize: int, nb: int) -> int:
 def read_rows(Z: Any, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of ``Z`` (an array or memmap), in the order of ``idx``: one gather, the only
     copy the host makes."""
+    check_mapped(Z)  # issue 19: a truncated memmap is an error, not a SIGBUS
     return np.take(Z, idx, axis=0)
 
 
@@ -68,7 +71,7 @@ def _first_bad_row(Z: Any, order: np.ndarray, name: str) -> None:
     rows = max(1, CHUNK_BYTES // max(1, Z.shape[1] * Z.dtype.itemsize))
     for part in host_chunks(order.size, rows):
         ix = np.sort(order[part])
-        _check_rows(np.take(Z, ix, axis=0), ix, name)
+        _check_rows(read_rows(Z, ix), ix, name)
 
 
 class _Prefetch:
@@ -236,8 +239,8 @@ def stream_epoch(
     if not bool(finite):  # every process of a mesh learns it: all raise
         _first_bad_row(Z, idx[:, lo:hi].reshape(-1), name)
         raise ValueError(f"`{name}` must be finite, got NaN/inf in rows another process read")
-    total = n if s is None else float(jnp.sum(s_dev))
-    return params, opt_state, tot / total, correct / total
+    inv = mean_normaliser(s_dev, n, "mean", dtype)
+    return params, opt_state, tot * inv, correct * inv
 
 
 # Full-batch passes -------------------------------------------------------------------------------
@@ -277,6 +280,7 @@ class StreamedRows:
 
         def make(j):
             sl = slice(j * rows, min(n, (j + 1) * rows))
+            check_mapped(Z)  # issue 19
             block = np.asarray(Z[sl]).astype(dtype, copy=False)
             _check_rows(block, np.arange(sl.start, sl.stop), "Z")
             sc = None if s is None else np.asarray(s[sl], dtype)
@@ -324,6 +328,8 @@ def streamed_train_data(host: HostData, *, solver: str, mesh=None) -> TrainData:
             f"`stream=True` with a full-batch solver supports optimizer='lbfgs' on one device, "
             f"got stream=True {what}; use stream=False or a minibatch optimizer"
         )
+    # issue 19: NaN/inf rows found here, one line, not from inside the solver's host callback
+    _first_bad_row(host.Z, np.arange(host.Z.shape[0]), "Z")
     put = functools.partial(jax.device_put, device=host.device)
     s = None if host.s is None else put(np.asarray(host.s, host.dtype))
     return TrainData(StreamedRows(host), put(host.y), s)

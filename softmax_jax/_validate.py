@@ -12,6 +12,7 @@ array; arrays that are not fully addressable (multi-host) are not checked.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Literal
 
 import jax
@@ -30,10 +31,16 @@ def as_array(x: Any, name: str) -> jax.Array:
     """Converts ``x`` to an array, with an error naming the argument if that is impossible."""
     if isinstance(x, jax.Array):
         return x
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+        raise TypeError(
+            f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}"
+        )
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {first}") from None
 
 
 def check_reduction(reduction: str, *, allow_none: bool = True) -> None:
@@ -240,8 +247,9 @@ def check_training_data(
       classes ``K`` (``num_classes``, or ``max(y) + 1``). With ``finite=False`` the values of ``Z``
       are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
-    Zh = np.asarray(Z)
-    yh = np.asarray(y)
+    check_mapped(Z, z_name)
+    Zh = as_host_array(Z, z_name)
+    yh = as_host_array(y, y_name)
     if Zh.ndim != 2:
         raise ValueError(f"`{z_name}` must have shape (N, D), got {Zh.shape}")
     is_bf16 = Zh.dtype == np.dtype(jnp.bfloat16)
@@ -260,13 +268,14 @@ def check_training_data(
         )
     if yh.dtype.kind not in "iu":
         raise TypeError(f"`{y_name}` must hold integer class indices, got dtype {yh.dtype}")
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", minimum=1)
     if finite:
         check_finite(Zh, z_name)
-    if yh.min() < 0 or (num_classes is not None and yh.max() >= num_classes):
+    found = _first_bad(yh, "negative" if num_classes is None else "range", int(num_classes or 0))
+    if found is not None:
         hi = "" if num_classes is None else f" and < num_classes = {num_classes}"
-        bad = (yh < 0) | (False if num_classes is None else yh >= num_classes)
-        idx = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"`{y_name}` must be >= 0{hi}, got {int(yh[idx])} at index {idx}")
+        raise ValueError(f"`{y_name}` must be >= 0{hi}, got {int(found[1])} at index {found[0]}")
     k = int(yh.max()) + 1 if num_classes is None else int(num_classes)
     present = np.unique(yh)
     if present.size < min_classes:
@@ -282,6 +291,102 @@ def check_training_data(
     return Zh, yh.astype(np.int32), sw, k
 
 
+def as_host_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a NumPy array of numbers, or a ``TypeError`` naming ``name`` and the type given
+    (a scipy.sparse matrix, a string, a ragged list, objects)."""
+    if hasattr(x, "tocsr") or isinstance(x, str | bytes | dict | set):  # sparse / not an array
+        raise TypeError(
+            f"`{name}` must be a dense array (NumPy, JAX or a nested list), got {type(x).__name__}"
+        )
+    try:
+        out = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}: {e}") from None
+    if out.dtype.kind in "OSUVMmc":
+        raise TypeError(
+            f"`{name}` must be a real numeric array, got {type(x).__name__} of dtype {out.dtype}"
+        )
+    return out
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bool = False):
+    """An integer argument (Python or NumPy, never ``bool``) ``>= minimum``; ``None`` when
+    ``optional``."""
+    if value is None and optional:
+        return None
+    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"`{name}` must be {want}{' or None' if optional else ''}, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be {want}, got {value!r}")
+    return int(value)
+
+
+def check_real(value: Any, name: str, *, minimum: float | None = None, strict: bool = False,
+               optional: bool = False):  # fmt: skip
+    """A finite real argument (never ``bool``) ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, jax.Array) and value.ndim == 0 and is_concrete(value):
+        value = value.item()
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, int | float | np.number)
+        or (isinstance(value, complex | np.complexfloating))
+    ):
+        want = "a real number" + (" or None" if optional else "")
+        raise TypeError(f"`{name}` must be {want}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
+        if strict and minimum == 0:
+            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"`{name}` must be a finite float{bound}, got {value!r}")
+    return v
+
+
+def check_fit_options(
+    *, epochs, batch_size, learning_rate, l2, num_classes, seed, tol, checkpoint_every,
+    max_to_keep,
+) -> None:  # fmt: skip
+    """The scalar options of :func:`softmax_jax.fit`: types and ranges, each error naming its
+    argument (``batch_size=True`` is not a batch of 1, ``learning_rate="fast"`` not a float)."""
+    check_int(epochs, "epochs", minimum=0)
+    check_int(batch_size, "batch_size", minimum=1, optional=True)
+    if learning_rate is not None and not callable(learning_rate):
+        check_real(learning_rate, "learning_rate", minimum=0.0, strict=True)
+    check_real(l2, "l2", minimum=0.0)
+    check_int(num_classes, "num_classes", minimum=2, optional=True)
+    check_int(seed, "seed")
+    check_real(tol, "tol", minimum=0.0, optional=True)
+    check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    check_int(max_to_keep, "max_to_keep", minimum=1)
+
+
+def check_mapped(Z: Any, name: str = "Z") -> None:
+    """A memory-mapped ``Z`` whose file still holds every byte it mapped: reading past the end
+    of a file truncated after it was opened would kill the process (SIGBUS)."""
+    filename = getattr(Z, "filename", None)
+    if not isinstance(Z, np.memmap) or not isinstance(filename, str | os.PathLike):
+        return
+    filename = os.fspath(filename)
+    need = int(getattr(Z, "offset", 0)) + Z.nbytes
+    try:
+        size = os.path.getsize(filename)
+    except OSError as e:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} cannot be read: {e}"
+        ) from None
+    if size < need:
+        raise ValueError(
+            f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
+            "it held when opened (truncated while in use); reading it would crash the process"
+        )
 def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):
     """``(ignored, in_range)`` of integer labels, compared in their own dtype (``xp`` is NumPy
     for concrete checks, ``jax.numpy`` under tracing: both give the same masks). A label is
@@ -298,3 +403,27 @@ def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any
     if num_classes <= info.max:
         in_range = in_range & (labels < xp.asarray(num_classes, dtype))
     return ignored, in_range
+
+
+@jax.jit
+def _all_finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_result(result: Any, *, W: jax.Array, Z: jax.Array) -> Any:
+    """``result`` of a concrete call, or a ``ValueError`` when it holds NaN/inf: naming the first
+    non-finite input (``Z`` or ``W``), else the overflow of the logits. One reduction on the
+    device and one flag brought back; traced results (under ``jax.jit``) are returned as they are.
+    """
+    leaves = [x for x in jax.tree.leaves(result) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves or not all(_checkable(x) for x in leaves):
+        return result
+    if bool(jax.device_get(_all_finite(leaves))):
+        return result
+    check_finite(Z, "Z")
+    check_finite(W, "W")
+    raise ValueError(
+        f"the result is not finite: `Z` @ `W` overflows {leaves[0].dtype} (max |Z| "
+        f"{float(jnp.max(jnp.abs(Z))):.3g}, max |W| {float(jnp.max(jnp.abs(W))):.3g}); scale the "
+        "features or weights, or use float64 (jax_enable_x64)"
+    )

@@ -5,9 +5,15 @@ the ``x64`` marker (``@pytest.mark.x64`` or a module-level ``pytestmark``): x64 
 that test only and restored afterwards, even when the test fails.
 """
 
+import os
 import zlib
 
-import jax
+# The suite never writes into the user's cache directory: the package's persistent compilation
+# cache (softmax_jax._compile_cache) stays off in this process and in the subprocesses it starts;
+# tests/test_compile_cache.py turns it on in temporary directories.
+os.environ["SOFTMAX_JAX_COMPILATION_CACHE"] = "0"
+
+import jax  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
 

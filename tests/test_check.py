@@ -37,11 +37,11 @@ def _wrong_grad(size):
 @pytest.mark.parametrize(
     "dtype, size", [pytest.param(jnp.float64, 1e-6, marks=pytest.mark.x64), (jnp.float32, 1e-3)]
 )
-def test_check_grad_detects_a_wrong_gradient(getkey, monkeypatch, dtype, size):
+def test_check_grad_detects_a_wrong_gradient(getkey, dtype, size):
     """An error of `size`·max|g| in one entry: far below what float64 (float32) would let pass."""
     W, Z, y, _ = problem(getkey(), 20, 4, 5, "integer", dtype=dtype)
-    monkeypatch.setattr(_check, "_hand_grad", _wrong_grad(size))
-    report = sj.check_grad(W, Z, y)
+    assert sj.check_grad(W, Z, y, grad_fn=sj.grad).passed
+    report = sj.check_grad(W, Z, y, grad_fn=_wrong_grad(size))
     assert not report.passed
     # The error is size·max|g|, measured against max(max|g|, max|Zᵀ Ŷ|) >= max|g|.
     assert 1e-3 * size < report.max_rel_err <= size * (1 + 1e-6)
@@ -114,10 +114,19 @@ def test_cli_check_prints_table(capsys):
     assert " NO" not in out and ", 0 failed" in out
 
 
+@pytest.mark.slow  # the whole --quick suite again; check_grad's failure is tested fast above
 def test_cli_check_fails_on_wrong_gradient(capsys, monkeypatch):
     monkeypatch.setattr(_check, "_hand_grad", _wrong_grad(1e-6))
     assert _cli.main(["check", "--quick", "--dtypes", "float64"]) == 1
     assert " NO" in capsys.readouterr().out
+
+
+def test_check_grad_rejects_a_gradient_of_the_wrong_shape(getkey):
+    W, Z, y, _ = problem(getkey(), 6, 3, 4, "integer", dtype=jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"`grad_fn` must return the shape of `W` \(3, 4\), got \(4, 3\)"
+    ):
+        sj.check_grad(W, Z, y, grad_fn=lambda W, Z, Y, **kw: sj.grad(W, Z, Y, **kw).T)
 
 
 def test_cli_check_bad_dtype(capsys):

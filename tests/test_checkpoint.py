@@ -242,3 +242,120 @@ def test_resume_is_announced_and_fewer_epochs_than_saved_is_an_error(tmp_path, c
         f"checkpoint directory {tmp_path} holds epoch 5, more than the `epochs` = 2 asked for: "
         "ask for `epochs` >= 5 to resume from it, or use another checkpoint_dir"
     )
+
+
+# --- issue 19: the optimizer's hyperparameters are part of the run -----------------------------
+
+
+def test_custom_optimizer_with_other_hyperparameters_is_another_run(tmp_path):
+    """A custom optax optimizer resumes only with the same hyperparameters (its closures are in
+    the fingerprint): another learning rate, another transformation or another schedule is
+    refused in one line naming the directory, not resumed into a mix of two runs."""
+    Z, y = blobs()
+    kw = dict(batch_size=20, progress=False)
+    fit(Z, y, optimizer=optax.sgd(0.1), epochs=1, checkpoint_dir=tmp_path, **kw)
+    fit(Z, y, optimizer=optax.sgd(0.1), epochs=2, checkpoint_dir=tmp_path, **kw)  # same: resumes
+    assert steps(tmp_path) == [1, 2]
+    others = [
+        optax.sgd(0.5),
+        optax.adam(0.1),
+        optax.chain(optax.clip(1.0), optax.sgd(0.1)),
+        optax.sgd(optax.linear_schedule(0.1, 0.0, 5)),
+    ]
+    for opt in others:
+        with pytest.raises(CheckpointError, match=rf"{tmp_path} belongs to a different run \(opt"):
+            fit(Z, y, optimizer=opt, epochs=3, checkpoint_dir=tmp_path, **kw)
+    # a named optimizer's schedule: two schedules are two runs
+    d2 = tmp_path / "named"
+    fit(Z, y, learning_rate=optax.linear_schedule(0.1, 0.0, 5), epochs=1, checkpoint_dir=d2, **kw)
+    with pytest.raises(CheckpointError, match=r"different run \(optimizer: saved 'adam\(lr=fn "):
+        fit(
+            Z,
+            y,
+            learning_rate=optax.linear_schedule(0.2, 0.0, 5),
+            epochs=2,
+            checkpoint_dir=d2,
+            **kw,
+        )
+
+
+def test_no_readable_checkpoint_is_one_line_saying_another_run(tmp_path):
+    Z, y = blobs()
+    fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **KW)
+    for s in steps(tmp_path):
+        _corrupt(tmp_path / str(s) / "state")
+    with pytest.raises(CheckpointError, match=r"holds the state of another run") as e:
+        fit(Z, y, epochs=3, checkpoint_dir=tmp_path, **KW)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 1500
+
+
+# --- property: a damaged checkpoint folder resumes or is one CheckpointError naming it ---------
+
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved") / "ck"
+    Z, y = blobs(n=40)
+    fit(Z, y, epochs=2, checkpoint_dir=directory, **KW)
+    return directory, Z, y
+
+
+def _damage(root, how: str, target: int) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    f = files[target % len(files)]
+    if how == "delete file":
+        f.unlink()
+    elif how == "truncate file":
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif how == "garbage file":
+        f.write_bytes(b"{not json\x00")
+    elif how == "empty file":
+        f.write_bytes(b"")
+    elif how == "delete step":
+        shutil.rmtree(root / str(1 + target % 2))
+    elif how == "junk entries":
+        (root / "3.orbax-checkpoint-tmp-1").mkdir()
+        (root / "notes.txt").write_text("x")
+        (root / "7").write_text("a file named like a step")
+
+
+@settings(max_examples=8, derandomize=True)
+@given(
+    damages=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "delete file",
+                    "truncate file",
+                    "garbage file",
+                    "empty file",
+                    "delete step",
+                    "junk entries",
+                ]
+            ),  # fmt: skip
+            st.integers(0, 50),
+        ),
+        min_size=1,
+        max_size=2,
+    )
+)
+def test_damaged_checkpoint_folders_resume_or_raise_one_line(saved_run, tmp_path_factory, damages):
+    source, Z, y = saved_run
+    root = tmp_path_factory.mktemp("damaged") / "ck"
+    shutil.copytree(source, root)
+    for how, target in damages:
+        _damage(root, how, target)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            params, history = fit(Z, y, epochs=3, checkpoint_dir=root, **KW)
+        except CheckpointError as e:
+            assert str(root) in str(e) and "\n" not in str(e), str(e)
+            return
+    assert np.isfinite(params["W"]).all() and history["epoch"][-1] == 3

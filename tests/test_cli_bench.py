@@ -65,7 +65,7 @@ def test_bench_missing_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_bench_failing_suite_does_not_hide_the_others(tmp_path, monkeypatch, capfd):
     bench = tmp_path / "mybench"  # any folder name: the runner imports it as `bench`
     bench.mkdir()
-    for name in ("__init__.py", "_common.py", "run.py"):
+    for name in ("__init__.py", "_bench_package.py", "_common.py", "run.py"):
         shutil.copy(BENCH / name, bench / name)
     (bench / "bad.py").write_text("def run(quick):\n    raise RuntimeError('boom')\n")
     (bench / "good.py").write_text(
@@ -108,7 +108,7 @@ def test_bench_without_out_never_writes_the_committed_results(tmp_path, monkeypa
     """A checkout's bench/results (which the README embeds) is written only with --out."""
     checkout = tmp_path / "checkout" / "bench"
     (checkout / "results").mkdir(parents=True)
-    for name in ("__init__.py", "_common.py", "run.py"):
+    for name in ("__init__.py", "_bench_package.py", "_common.py", "run.py"):
         shutil.copy(BENCH / name, checkout / name)
     (checkout / "good.py").write_text("def run(quick):\n    return {'quick': quick, 'x': 1}\n")
     committed = checkout / "results" / "good.json"

@@ -107,7 +107,8 @@ def _write(tmp_path, name, text):
             "one.csv: need at least 2 classes to train, found only class 4",
         ),
         ("float.csv", "1,2,0\n3,4,0.5\n", "float.csv: row 2: label 0.5 is not an integer"),
-        ("strlabel.csv", "1,2,a\n3,4,b\n", "row 1, column 3: non-numeric label 'a'"),
+        ("big.csv", "1,2,0\n3,4,1e20\n", "big.csv: row 2: label 1e20 is out of range (|label| <"),
+        ("semi.csv", "1,2;5,0\n3,4;5,1\n", "column 2: non-numeric feature '2;5' (it holds ';'"),
     ],
 )
 def test_bad_data_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, name, text, expected):
@@ -263,7 +264,8 @@ def test_lbfgs_says_why_it_stopped_early(csv_file, capsys):
 # --- progress, checkpoints, interruption --------------------------------------------------------
 
 
-def test_bar_is_drawn_once_at_the_end_and_resume_is_announced(tmp_path, csv_file, capsys):
+def test_bar_is_drawn_once_at_the_end_and_resume_is_announced(tmp_path, csv_file, capfd):
+    capsys = capfd  # file descriptors: a handler of the root logger writes to the real stderr
     args = ["train", "--data", str(csv_file), "--epochs", "3", "--batch-size", "30"]
     ckpt = ["--checkpoint-dir", str(tmp_path / "ck")]
     assert main([*args, *ckpt]) == 0
@@ -276,10 +278,11 @@ def test_bar_is_drawn_once_at_the_end_and_resume_is_announced(tmp_path, csv_file
     assert main([*args[:-4], "--epochs", "5", *args[-2:], *ckpt, "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert "already holds all 5 epochs: returning its parameters without training" in out
-    assert err == ""
+    assert err == "" and (out + err).count("already holds") == 1  # once, not again on stderr
     assert main([*args, *ckpt]) == 2  # fewer epochs than the checkpoint holds
     err = capsys.readouterr().err
     assert "holds epoch 5, more than the --epochs = 3 asked for" in err and err.count("\n") == 1
+    assert err.endswith("or use another --checkpoint-dir\n")
 
 
 def test_checkpoint_every(tmp_path, csv_file, capsys):
@@ -362,3 +365,27 @@ def test_help_states_each_default_and_how_it_differs_from_fit(capsys):
     assert f"(default: {_cli_train.DEFAULT_L2:g}; fit's is {fit_default['l2'].default})" in text
     assert "(default: adam, as fit)" in text and "(default: 0, as fit)" in text
     assert f"(default: {fit_default['checkpoint_every'].default}, as fit)" in text
+
+
+def test_class_names_train_save_and_predict(tmp_path, capsys):
+    """Labels that are names ("setosa") train, are saved in the model and come back from predict;
+    the model file is written with the permissions of any other output (0644 under umask 022)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    X = 3 * rng.normal(size=(3, 2))[y] + rng.normal(size=(60, 2))
+    names = np.array(["setosa", "versicolor", "virginica"])[y]
+    data = tmp_path / "iris.csv"
+    data.write_text("a;b;species\n" + "".join(f"{a};{b};{c}\n" for (a, b), c in zip(X, names)))
+    model = tmp_path / "m.npz"
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--data", str(data), "--no-progress", "--save", str(model)]) == 0
+    finally:
+        os.umask(old)
+    assert model.stat().st_mode & 0o777 == 0o644
+    np.testing.assert_array_equal(load_model(model).classes, ["setosa", "versicolor", "virginica"])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--data", str(data)]) == 0
+    out, err = capsys.readouterr()
+    assert set(out.split()[1:]) <= set(names) and "accuracy on" in err
+    assert float(err.split(":")[-1]) > 0.6  # 30 steps of adam: above chance (1/3)

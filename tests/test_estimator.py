@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from softmax_jax._estimator import SoftmaxRegression, _bucket_samples
+from softmax_jax._estimator import SoftmaxRegression
 
 
 def sklearn_objective(coef, intercept, X, y, C, sample_weight=None):
@@ -170,12 +170,6 @@ def test_max_iter_warns():
 def test_bad_input(X, y, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SoftmaxRegression(**kwargs).fit(np.asarray(X), np.asarray(y))
-
-
-def test_sample_buckets():
-    assert [_bucket_samples(n) for n in (1, 16, 17, 1024, 1025, 65536, 200_000)] == [
-        16, 16, 32, 1024, 1056, 65536, 200_000,
-    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

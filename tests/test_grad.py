@@ -14,7 +14,6 @@ import pytest
 from helpers import RTOL, assert_close, numpy_hvp, numpy_reference, problem
 
 import softmax_jax as sj
-from softmax_jax import _grad
 
 X64 = pytest.param(jnp.float64, marks=pytest.mark.x64, id="float64")
 
@@ -29,8 +28,36 @@ def test_values_against_float64(getkey, dtype, labels, reduction):
     assert value.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
     ref_value, ref_g, _ = numpy_reference(W, Z, Y, s, reduction)
     assert_close(g, ref_g, dtype=dtype)
-    np.testing.assert_allclose(float(value), ref_value, rtol=max(RTOL[jnp.dtype(dtype)], 1e-6))
-    np.testing.assert_array_equal(sj.grad(W, Z, Y, weights=s, reduction=reduction), g)
+    np.testing.assert_allclose(float(value), ref_value, rtol=VALUE_RTOL[jnp.dtype(dtype)])
+    # sj.grad on its own, against autodiff of eq. (2) written out plainly (not the package's
+    # eq. (6), nor the NumPy eq. (6) above), on the same rounded inputs in float32 or float64.
+    up = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    Wu, Zu = W.astype(up), Z.astype(up)
+    Yu, su = (Y if Y.ndim == 1 else Y.astype(up)), s.astype(up)
+    auto = jax.grad(_plain_loss)(Wu, Zu, Yu, su, reduction)
+    assert_close(sj.grad(W, Z, Y, weights=s, reduction=reduction), auto, dtype=dtype)
+
+
+# The loss value's tolerance. Its products z_id w_dk are exact in float32 for bfloat16 and
+# float16 inputs (8- and 11-bit significands: products of 16 and 22 bits fit float32's 24), so
+# the narrow dtypes lose nothing before the float32 accumulation: what is left is float32's
+# summation error, |err| ≤ n·u·Σ|terms| with u = 6e-8 and n ≈ D + K + N = 48 terms here, times the
+# condition Σ|terms| / |L| (O(1) for these O(1) logits and losses): 1e-5, float32's own tolerance,
+# not the 2e-2 / 5e-3 the *gradient* needs (its residual Ŷ − Y is rounded to the narrow dtype).
+# float64: 1e-12 like its gradient.
+VALUE_RTOL = {
+    jnp.dtype(t): RTOL[jnp.dtype(jnp.float32)] for t in (jnp.float32, jnp.bfloat16, jnp.float16)
+}
+VALUE_RTOL[jnp.dtype(jnp.float64)] = RTOL[jnp.dtype(jnp.float64)]
+
+
+def _plain_loss(W, Z, Y, s, reduction):
+    """Eq. (2) written out: Σ_i c_i (log Σ_k exp a_ik − Σ_k y_ik a_ik), c_i = s_i or s_i / Σ s."""
+    A = Z @ W
+    T = jax.nn.one_hot(Y, W.shape[1], dtype=A.dtype) if Y.ndim == 1 else Y
+    per = jax.scipy.special.logsumexp(A, axis=1) - jnp.sum(T * A, axis=1)
+    c = s / jnp.sum(s) if reduction == "mean" else s
+    return jnp.sum(c * per)
 
 
 @pytest.mark.x64
@@ -75,6 +102,19 @@ def test_second_derivative_through_grad(getkey, reduction):
         assert_close(hv, ref, dtype=jnp.float32)
 
 
+def test_hvp_takes_y_as_grad_does_and_ignores_its_values(getkey):
+    """The Hessian of eq. (2) does not depend on Y; a Y that grad rejects, hvp rejects too."""
+    W, Z, y, _ = problem(getkey(), 8, 3, 4, "integer", dtype=jnp.float32)
+    V = jax.random.normal(getkey(), W.shape, jnp.float32)
+    soft = jax.nn.softmax(jax.random.normal(getkey(), (8, 4)), axis=-1)
+    hv = sj.hvp(W, Z, y, V)
+    for other in ((y + 1) % 4, soft):
+        assert_close(sj.hvp(W, Z, other, V), hv, dtype=jnp.float32)
+    for fn in (sj.grad, lambda W, Z, Y: sj.hvp(W, Z, Y, V)):
+        with pytest.raises(ValueError, match="`Y`"):
+            fn(W, Z, y[:-1])
+
+
 def test_reduction_none_rejected(getkey):
     W, Z, y, _ = problem(getkey(), 4, 3, 5, "integer", dtype=jnp.float32)
     for fn in (sj.grad, sj.value_and_grad):
@@ -97,9 +137,8 @@ def test_integer_labels_never_build_one_hot(getkey):
     """No (N, K) boolean/integer buffer exists in the compiled program for integer labels."""
     n, d, k = 37, 3, 11
     W, Z, y, _ = problem(getkey(), n, d, k, "integer", dtype=jnp.float32)
-    for impl in (_grad._value_and_grad_impl, _grad._grad_impl):
-        fn = jax.jit(lambda W, Z, y: impl(W, Z, y, None, reduction="sum", int_labels=True))
-        assert _nk_nonfloat_buffers(fn, (W, Z, y), n, k) == []
+    for public in (sj.value_and_grad, sj.grad):
+        assert _nk_nonfloat_buffers(jax.jit(public), (W, Z, y), n, k) == []
     # ... whereas a materialised one-hot is caught by the same scan:
     onehot = jax.jit(lambda y: (jax.nn.one_hot(y, k) == 1, jnp.sum(y)))
     assert _nk_nonfloat_buffers(onehot, (y,), n, k)
@@ -221,3 +260,56 @@ def test_strict_dtype_promotion(getkey, fn, case, w_dtype, z_dtype, s_dtype):
         got = FUNCTIONS[fn](W, Z, y, s)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mean_of_one_row_no_rows_and_zero_weights(getkey):
+    # the mean's normaliser at its edges: N = 1 (divides by 1), N = 0 and all-zero weights
+    # (every term is zero: a zero gradient and value, not NaN or a division error)
+    W, Z, y, _ = problem(getkey(), 1, 4, 3, "integer", dtype=jnp.float32)
+    value, g = sj.value_and_grad(W, Z, y, reduction="mean")
+    ref_value, ref_g, _ = numpy_reference(W, Z, y)
+    assert_close(g, ref_g, dtype=jnp.float32)
+    np.testing.assert_allclose(float(value), ref_value, rtol=1e-6)
+    for rows, weights in ((Z[:0], None), (Z, jnp.zeros(1))):
+        labels = y[: rows.shape[0]]
+        value, g = sj.value_and_grad(W, rows, labels, weights=weights, reduction="mean")
+        assert float(value) == 0.0 and np.array_equal(g, np.zeros((4, 3))), (value, g)
+        assert np.array_equal(sj.hvp(W, rows, labels, W, weights=weights, reduction="mean"), g)
+
+
+def test_mean_is_invariant_to_the_weights_scale(getkey):
+    # 1 / Σ s for any Σ s > 0, below 1 too: weights scaled by 1e-3 give the same mean
+    W, Z, y, s = problem(getkey(), 8, 4, 3, "integer", weighted=True, dtype=jnp.float32)
+    v1, g1 = sj.value_and_grad(W, Z, y, weights=s, reduction="mean")
+    v2, g2 = sj.value_and_grad(W, Z, y, weights=1e-3 * s / s.sum(), reduction="mean")
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    assert_close(g2, g1, dtype=jnp.float32)
+
+
+def _dot_generals(jaxpr):
+    import jax.extend.core
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("fn", ("loss", "grad", "value_and_grad", "hvp"))
+@pytest.mark.parametrize(
+    "case, w_dtype, z_dtype, s_dtype", MIXED[:3], ids=[m[0] for m in MIXED[:3]]
+)
+def test_gemm_operands_in_W_dtype_accumulated_in_float32(
+    getkey, fn, case, w_dtype, z_dtype, s_dtype
+):
+    # the precision policy (_precision): every GEMM takes its operands in W's dtype (Z cast to
+    # it, whichever is wider) and accumulates in float32; the values alone do not show a mixed
+    # or a narrow GEMM (their errors stay within the tolerances)
+    W, Z, y, _ = problem(getkey(), 6, 4, 3, "integer", dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(FUNCTIONS[fn])(W.astype(w_dtype), Z.astype(z_dtype), y, None)
+    dots = list(_dot_generals(jaxpr.jaxpr))
+    assert dots
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.dtype(w_dtype)] * 2, eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn

@@ -673,7 +673,7 @@ def test_mlp_trained_with_optax(getkey):
 
 
 def test_equinox_model(getkey):
-    eqx = pytest.importorskip("equinox")
+    import equinox as eqx  # in the test extra: a missing equinox fails here rather than skips
 
     class Classifier(eqx.Module):
         body: eqx.nn.MLP

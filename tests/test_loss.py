@@ -210,3 +210,17 @@ def test_value_checks_bring_back_scalars_not_arrays(monkeypatch):
             sj.loss(W, Z, labels.at[4000].set(0), weights=s)
     # five scans (finite Y; labels; labels, finite and >= 0 weights) of five scalars each
     assert max(moved) == 1 and sum(moved) == 5 * 5
+
+
+@pytest.mark.parametrize("targets", [False, True])
+def test_huge_tied_logits_keep_the_log_k_term(targets):
+    """Z ≈ 1e30 with equal columns of W: every logit is ~1e30 and tied, each sample's loss is
+    log 3; ``lse − a_y`` cancelled to 0, ``(m − a_y) + log Σ exp(a − m)`` keeps it."""
+    n, k = 240, 3
+    Z = np.full((n, 1), 1e30, np.float32)
+    W = np.ones((1, k), np.float32)
+    y = np.arange(n) % k
+    Y = np.eye(k, dtype=np.float32)[y] if targets else y
+    exact = n * np.log(k)
+    np.testing.assert_allclose(float(sj.loss(W, Z, Y)), exact, rtol=1e-6)
+    np.testing.assert_allclose(float(sj.value_and_grad(W, Z, Y)[0]), exact, rtol=1e-6)

@@ -185,3 +185,153 @@ def test_model_validates_its_arrays():
     m = sj.Model(W, np.zeros(2), np.arange(2))
     with pytest.raises(ValueError, match=r"`X` must have shape \(N, D\) with D = 3 features"):
         m.predict(np.zeros((2, 4)))
+
+
+# --- issue 19: nothing silent ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_features_are_named_not_passed_on(bad):
+    params = params_of(d=2, k=3)
+    Z = np.array([[0.0, 1.0], [bad, 0.0]], np.float32)
+    for fn in (sj.predict_proba, sj.predict):
+        with pytest.raises(ValueError, match=r"`Z` must be finite, got .* at index \(1, 0\)"):
+            fn(params, Z)
+    m = sj.Model(params["W"], params["b"], np.arange(3), mean=np.zeros(2), std=np.ones(2))
+    with pytest.raises(ValueError, match=r"`X` must be finite, got .* at index \(1, 0\)"):
+        m.predict_proba(Z)
+
+
+def test_logits_overflowing_float32_are_an_error_naming_the_row():
+    params = {"W": 2 * np.eye(2, dtype=np.float32), "b": np.zeros(2, np.float32)}
+    Z = np.array([[1.0, 1.0], [3e38, 3e38]], np.float32)
+    for fn in (sj.predict_proba, sj.predict):
+        with pytest.raises(ValueError, match=r"overflows float32 at row 1 \(logits not finite\)"):
+            fn(params, Z)
+
+
+def test_constant_feature_std_zero_is_left_unscaled(tmp_path):
+    """The README recipe `std=X.std(axis=0)` with a constant feature: finite predictions, the
+    same as with std 1 there (as `softmax-jax train` saves it)."""
+    X, y = problem(n=40, d=3, k=2)
+    X[:, 1] = 5.0
+    params = params_of(d=3, k=2)
+    path = sj.save_model(tmp_path / "m.npz", params, mean=X.mean(0), std=X.std(0))
+    P = sj.load_model(path).predict_proba(X)
+    assert np.isfinite(P).all()
+    std = X.std(0)
+    std[1] = 1.0
+    ref = sj.predict_proba(params, (X - X.mean(0)) / std)
+    np.testing.assert_allclose(P, ref, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`std` must be >= 0, got -1.0 at index 0"):
+        sj.Model(params["W"], params["b"], np.arange(2), mean=np.zeros(3), std=-np.ones(3))
+
+
+def test_float64_params_and_numpy_info_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"W": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}  # float64, x64 off
+    info = {"acc": np.float32(0.9), "n": np.int64(7), "shape": np.array([3, 2])}
+    m = sj.load_model(sj.save_model(tmp_path / "m.npz", params, info=info))
+    assert m.W.dtype == np.float64 and m.b.dtype == np.float64
+    np.testing.assert_array_equal(m.W, params["W"])
+    np.testing.assert_array_equal(m.b, params["b"])
+    assert m.info["acc"] == pytest.approx(0.9) and m.info["n"] == 7 and m.info["shape"] == [3, 2]
+    with pytest.raises(TypeError, match="`info` must hold JSON values .* got object"):
+        sj.save_model(tmp_path / "m.npz", params, info={"x": object()})
+    with pytest.raises(TypeError, match="`info` must be a dict, got list"):
+        sj.save_model(tmp_path / "m.npz", params, info=[1])
+
+
+def _forge(path, header, W=None):
+    W = np.eye(2, dtype=np.float32) if W is None else W
+    np.savez(path, header=np.array(header), W=W, b=np.zeros(2, np.float32), classes=np.arange(2))
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, W, match",
+    [
+        ('{"format": Infinity}', None, r"`format` must be an integer, got inf"),
+        ('{"format": 1.5}', None, r"`format` must be an integer, got 1.5"),
+        ('{"format": true}', None, r"`format` must be an integer, got True"),
+        ('{"format": 1, "info": [1]}', None, r"`info` must be an object, got \[1\]"),
+        ('{"format": 1, "info": "x"}', None, r"`info` must be an object"),
+        ("[1]", None, r"corrupt model header"),
+        ('{"format": 1}', np.array([[np.nan, 0], [0, 1]], np.float32), r"`W` must be finite"),
+        ('{"format": 1}', np.eye(2, dtype=np.int32), r"`W` must be a float array, got dtype int32"),
+    ],
+)
+def test_damaged_model_headers_and_arrays_are_model_file_errors(tmp_path, header, W, match):
+    path = _forge(tmp_path / "m.npz", header, W)
+    with pytest.raises(sj.ModelFileError, match=match) as e:
+        sj.load_model(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_model_file_permissions_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = sj.save_model(tmp_path / "m.npz", params_of())
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+# --- property: a damaged model file is a ModelFileError naming it, never anything else --------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HEADERS = [
+    '{"format": 1, "preprocessing": "none", "info": {}}',
+    '{"format": 1, "preprocessing": "standardize", "info": {}}',
+    '{"format": 2}', '{"format": 0}', '{"format": -1}', '{"format": "1"}', '{"format": null}',
+    '{"format": NaN}', '{"format": 1e400}', '{"format": 1, "info": null}', '{}', "null", '"x"',
+    "{", "", '{"format": 1, "preprocessing": 3}',
+]  # fmt: skip
+
+
+@st.composite
+def model_file(draw):
+    d, k = draw(st.integers(0, 3)), draw(st.integers(1, 3))
+    arrays = {
+        "header": np.array(draw(st.sampled_from(_HEADERS))),
+        "W": np.ones((d, k), draw(st.sampled_from(["float32", "float64", "float16", "int8"]))),
+        "b": np.zeros(draw(st.sampled_from([k, k + 1])), np.float32),
+        "classes": draw(
+            st.sampled_from([np.arange(k), np.array(list("abc")[:k]), np.ones(k, bool)])
+        ),
+        "mean": np.zeros(d),
+        "std": np.array([draw(st.sampled_from([1.0, 0.0, -1.0, np.inf]))] * d),
+    }
+    for name in draw(st.sets(st.sampled_from(sorted(arrays)), max_size=2)):
+        del arrays[name]
+    if "W" in arrays and arrays["W"].size and draw(st.booleans()):
+        arrays["W"] = arrays["W"].astype(np.float32)
+        arrays["W"].flat[0] = draw(st.sampled_from([np.nan, np.inf]))
+    cut = draw(st.one_of(st.none(), st.integers(0, 400)))  # truncated after `cut` bytes
+    flip = draw(st.one_of(st.none(), st.integers(0, 400)))  # one byte changed
+    return arrays, cut, flip
+
+
+@settings(max_examples=25, derandomize=True)
+@given(spec=model_file())
+def test_damaged_model_files_are_one_line_model_file_errors(tmp_path_factory, spec):
+    arrays, cut, flip = spec
+    path = tmp_path_factory.mktemp("m") / "m.npz"
+    np.savez(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    if flip is not None and flip < len(raw):
+        raw[flip] ^= 0xFF
+    path.write_bytes(bytes(raw[:cut]) if cut is not None else bytes(raw))
+    try:
+        m = sj.load_model(path)
+    except sj.ModelFileError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+        return
+    # read: it predicts finite probabilities on finite features
+    X = np.ones((2, m.n_features), np.float32)
+    P = m.predict_proba(X)
+    assert P.shape == (2, m.n_classes) and np.isfinite(P).all()

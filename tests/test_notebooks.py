@@ -15,7 +15,13 @@ CELL_TIMEOUT = 180
 
 
 #: The notebooks the docs promise (the language model one needs flax, in the `test` extra).
-EXPECTED = {"01_derivation", "02_training", "03_head", "04_language_model"}
+EXPECTED = {
+    "01_derivation",
+    "02_training",
+    "03_head",
+    "04_language_model",
+    "05_distillation_and_rl",
+}
 
 
 def test_notebooks_exist():

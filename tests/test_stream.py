@@ -176,15 +176,24 @@ def test_cli_train_streams_a_npy(tmp_path, capsys):
     Z, y, _ = _problem()
     np.save(tmp_path / "X.npy", Z)
     np.save(tmp_path / "y.npy", y.astype(np.int64))
-    args = ["train", "--data", str(tmp_path / "X.npy"), "--epochs", "2", "--no-progress"]
+    args = [
+        "train",
+        "--data",
+        str(tmp_path / "X.npy"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--no-progress",
+    ]
     assert main([*args, "--save", str(tmp_path / "m.npz"), "--lr", "0.05"]) == 0
     assert "streamed (memmap): 600 samples, 7 features" in capsys.readouterr().out
-    ref, _ = sj.fit(Z, y, epochs=2, batch_size=64, l2=1e-4, learning_rate=0.05, progress=False)
+    ref, _ = sj.fit(Z, y, epochs=2, l2=1e-4, learning_rate=0.05, progress=False)  # fit's batch
     with np.load(tmp_path / "m.npz") as m:
         _same({"W": m["W"], "b": m["b"]}, ref)
     np.save(tmp_path / "short.npy", y[:10])
     assert main([*args, "--labels", str(tmp_path / "short.npy")]) == 2
-    assert "--labels (N,) labels, got (600, 7) and (10,)" in capsys.readouterr().err
+    assert "must hold (600,) labels for --data, got (10,)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weighted", [False, True])

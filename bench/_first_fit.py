@@ -1,0 +1,284 @@
+"""Fast from the first call: fits timed in fresh processes (a section of bench/train.py).
+
+Every measurement runs in a new Python process (``python bench/train.py --first-fit-worker JOB``),
+ours and scikit-learn interleaved round by round:
+
+- **small datasets** (scikit-learn's iris, wine, breast_cancer, digits; raw features, all rows):
+  the first ``SoftmaxRegression(C=1, tol=t)`` fit in a fresh process with a *cold* persistent
+  compilation cache (an emptied temporary directory) and with a *warm* one (the next process),
+  then the median of later fits in that process; scikit-learn's ``LogisticRegression(C=1, tol=t)``
+  likewise. ``t`` is each library's loosest tolerance of ``TOLS`` whose objective is within 1e-6
+  (relative) of the optimum ``f*`` (the lowest objective either reached, explored in one process
+  per library).
+- **GridSearchCV** over ``C ∈ logspace(−3, 3, 7)``, ``cv=5``, on a ``StandardScaler`` pipeline of
+  each estimator at its defaults, in a fresh process with a warm cache (a first process warms it).
+- **the large synthetic problem** of the time-to-optimum table: the first fit in a fresh process,
+  cold and warm, against scikit-learn's fit in a fresh process, each at the tolerance the main table
+  found for it.
+
+Our processes see ``SOFTMAX_JAX_COMPILATION_CACHE`` set to a temporary directory (the user's cache
+is never touched); scikit-learn's run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+SMALL = ("iris", "wine", "breast_cancer", "digits")
+GRID_C = [10.0**e for e in range(-3, 4)]
+TARGET_REL = 1e-6
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+CACHE_ENV = "SOFTMAX_JAX_COMPILATION_CACHE"
+
+
+# ---------------------------------------------------------------------------------------------
+# The child process.
+
+
+def _load(data: dict):
+    if "small" in data:
+        from sklearn import datasets
+
+        return getattr(datasets, f"load_{data['small']}")(return_X_y=True)
+    from bench.train import dataset
+
+    Xtr, ytr, _, _ = dataset(data["spec"])
+    return Xtr, ytr
+
+
+def _estimator(lib: str, **kw):
+    if lib == "ours":
+        from softmax_jax import SoftmaxRegression
+
+        return SoftmaxRegression(**kw)
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(**kw)
+
+
+def _objective(est, X, y, C: float) -> float:
+    import numpy as np
+
+    from bench.train import objective
+
+    coef, intercept = est.coef_, est.intercept_
+    if coef.shape[0] == 1:  # binary: the softmax with w_1 - w_0 = coef (symmetric optimum)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-1, 1]) * intercept / 2
+        return objective(coef, intercept, X, y) + 0.5 * float(np.sum(coef**2))
+    return objective(coef, intercept, X, y)
+
+
+def worker(job: dict) -> dict:
+    """One job in this fresh process: ``fit`` (first and later fits), ``grid`` or ``explore``."""
+    t0 = time.perf_counter()
+    import numpy as np
+
+    if job["lib"] == "ours":
+        import softmax_jax  # noqa: F401 - the import is part of a fresh process's cost
+    else:
+        import sklearn.linear_model  # noqa: F401
+    import_s = time.perf_counter() - t0
+    X, y = _load(job["data"])
+    _, y = np.unique(y, return_inverse=True)
+    out: dict[str, Any] = {"import_s": import_s}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if job["task"] == "explore":
+            out["runs"] = []
+            for tol in job["tols"]:
+                est = _estimator(job["lib"], C=job["C"], tol=tol, max_iter=job["max_iter"])
+                est.fit(X, y)
+                out["runs"].append({"tol": tol, "objective": _objective(est, X, y, job["C"])})
+        elif job["task"] == "fit":
+            times = []
+            for _ in range(1 + job["later"]):
+                est = _estimator(job["lib"], C=job["C"], tol=job["tol"], max_iter=job["max_iter"])
+                t = time.perf_counter()
+                est.fit(X, y)
+                times.append(time.perf_counter() - t)
+            out.update(first_fit_s=times[0], later_fit_s=times[1:], n_iter=int(est.n_iter_[0]))
+            out["objective"] = _objective(est, X, y, job["C"])
+        else:  # grid
+            from sklearn.model_selection import GridSearchCV
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            pipe = make_pipeline(StandardScaler(), _estimator(job["lib"]))
+            step = pipe.steps[-1][0]
+            grid = GridSearchCV(pipe, {f"{step}__C": GRID_C}, cv=5)
+            t = time.perf_counter()
+            grid.fit(X, y)
+            out.update(grid_s=time.perf_counter() - t, best_C=grid.best_params_[f"{step}__C"])
+            out["best_score"] = float(grid.best_score_)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent.
+
+
+class Spawner:
+    """Starts one worker process per job: ours with the cache in a temporary directory,
+    scikit-learn with the OpenBLAS knobs unset."""
+
+    def __init__(self, script: Path):
+        self.script = script
+        self.cache = Path(tempfile.mkdtemp(prefix="softmax_jax_bench_cache_"))
+
+    def clear_cache(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.cache.mkdir()
+
+    def run(self, job: dict) -> dict:
+        env = dict(os.environ)
+        if job["lib"] == "ours":
+            env[CACHE_ENV] = str(self.cache)
+        else:
+            for var in OPENBLAS_VARS:
+                env.pop(var, None)
+        time.sleep(0.3)  # let the previous process's threads go quiet
+        out = subprocess.run(
+            [sys.executable, str(self.script), "--first-fit-worker", json.dumps(job)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"first-fit worker failed on {job}: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def close(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def _loosest_tol(runs: list[dict], f_star: float) -> float | None:
+    return next(
+        (r["tol"] for r in runs if (r["objective"] - f_star) / abs(f_star) <= TARGET_REL), None
+    )
+
+
+def bench_small(sp: Spawner, name: str, *, tols, rounds: int, later: int) -> dict:
+    """First and later fits of one small dataset, cold and warm, against scikit-learn."""
+    data = {"small": name}
+    explore = {
+        lib: sp.run(dict(lib=lib, data=data, task="explore", C=1.0, tols=list(tols),
+                         max_iter=100_000 if lib == "sklearn" else 500))["runs"]
+        for lib in ("ours", "sklearn")
+    }  # fmt: skip
+    f_star = min(r["objective"] for runs in explore.values() for r in runs)
+    tol = {lib: _loosest_tol(runs, f_star) for lib, runs in explore.items()}
+    res: dict[str, Any] = {"f_star": f_star, "tol": tol, "explore": explore, "rounds": []}
+    for _ in range(rounds):
+        row = {}
+        for lib, cache in (("ours", "cold"), ("ours", "warm"), ("sklearn", None)):
+            if cache == "cold":
+                sp.clear_cache()
+            job = dict(lib=lib, data=data, task="fit", C=1.0, tol=tol[lib] or 1e-10, later=later,
+                       max_iter=100_000 if lib == "sklearn" else 500)  # fmt: skip
+            row[lib if cache is None else f"ours_{cache}"] = sp.run(job)
+        res["rounds"].append(row)
+    first = {k: min(r[k]["first_fit_s"] for r in res["rounds"]) for k in res["rounds"][0]}
+    later_s = {
+        k: statistics.median(t for r in res["rounds"] for t in r[k]["later_fit_s"])
+        for k in ("ours_warm", "sklearn")
+    }
+    res["summary"] = {
+        "first_fit_cold_s": first["ours_cold"],
+        "first_fit_warm_s": first["ours_warm"],
+        "sklearn_first_fit_s": first["sklearn"],
+        "later_fit_s": later_s["ours_warm"],
+        "sklearn_later_fit_s": later_s["sklearn"],
+        "later_ratio": later_s["ours_warm"] / later_s["sklearn"],
+    }
+    return res
+
+
+def bench_grid(sp: Spawner, name: str, *, rounds: int) -> dict:
+    """GridSearchCV on a StandardScaler pipeline, ours (warm cache) against scikit-learn."""
+    data = {"small": name}
+    sp.run(dict(lib="ours", data=data, task="grid"))  # warms the cache for the folds' shapes
+    runs = {"ours": [], "sklearn": []}
+    for _ in range(rounds):
+        for lib in runs:
+            runs[lib].append(sp.run(dict(lib=lib, data=data, task="grid")))
+    best = {lib: min(r["grid_s"] for r in rs) for lib, rs in runs.items()}
+    return {"runs": runs, "grid_s": best, "ratio": best["ours"] / best["sklearn"]}
+
+
+def bench_large(sp: Spawner, spec: dict, tol: dict) -> dict:
+    """The first fit of the large synthetic problem in a fresh process, cold and warm cache."""
+    data = {"spec": spec}
+    out = {}
+    sp.clear_cache()
+    for key, lib in (("ours_cold", "ours"), ("ours_warm", "ours"), ("sklearn", "sklearn")):
+        job = dict(lib=lib, data=data, task="fit", C=1.0, tol=tol[lib], later=0,
+                   max_iter=100_000 if lib == "sklearn" else 200)  # fmt: skip
+        out[key] = sp.run(job)
+    sk = out["sklearn"]["first_fit_s"]
+    out["ratio_cold"] = out["ours_cold"]["first_fit_s"] / sk
+    out["ratio_warm"] = out["ours_warm"]["first_fit_s"] / sk
+    return out
+
+
+def run(script: Path, *, quick: bool, tiny: bool, tols, large: tuple | None, load_average):
+    """The section: small datasets, GridSearchCV, the large problem; with load averages."""
+    names = SMALL[:1] if tiny else (SMALL[:2] if quick else SMALL)
+    rounds = 1 if (tiny or quick) else 3
+    sp = Spawner(script)
+    results: dict[str, Any] = {"load_average_before": load_average()}
+    try:
+        results["small"] = {
+            n: bench_small(sp, n, tols=tols, rounds=rounds, later=3 if tiny else 5) for n in names
+        }
+        results["grid_search"] = {n: bench_grid(sp, n, rounds=rounds) for n in names}
+        if large is not None:
+            results["large"] = bench_large(sp, *large)
+    finally:
+        sp.close()
+    results["load_average_after"] = load_average()
+    return results
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, r in results["small"].items():
+        s, g = r["summary"], results["grid_search"][name]
+        rows.append({
+            "dataset": name,
+            "first_cold_s": s["first_fit_cold_s"],
+            "first_warm_s": s["first_fit_warm_s"],
+            "sk_first_s": s["sklearn_first_fit_s"],
+            "later_s": s["later_fit_s"],
+            "sk_later_s": s["sklearn_later_fit_s"],
+            "later_ratio": round(s["later_ratio"], 3),
+            "grid_s": g["grid_s"]["ours"],
+            "sk_grid_s": g["grid_s"]["sklearn"],
+            "grid_ratio": round(g["ratio"], 3),
+        })  # fmt: skip
+    if "large" in results:
+        lg = results["large"]
+        rows.append({
+            "dataset": "large synthetic",
+            "first_cold_s": lg["ours_cold"]["first_fit_s"],
+            "first_warm_s": lg["ours_warm"]["first_fit_s"],
+            "sk_first_s": lg["sklearn"]["first_fit_s"],
+            "later_s": "-", "sk_later_s": "-",
+            "later_ratio": f"cold {lg['ratio_cold']:.2f}, warm {lg['ratio_warm']:.2f}",
+            "grid_s": "-", "sk_grid_s": "-", "grid_ratio": "-",
+        })  # fmt: skip
+    return rows
+
+
+COLUMNS = ["dataset", "first_cold_s", "first_warm_s", "sk_first_s", "later_s", "sk_later_s",
+           "later_ratio", "grid_s", "sk_grid_s", "grid_ratio"]  # fmt: skip

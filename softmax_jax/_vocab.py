@@ -1,0 +1,261 @@
+"""The row-chunk pass shared by the fused vocabulary losses beyond cross-entropy.
+
+:func:`softmax_jax.linear_log_probs` and :func:`softmax_jax.linear_distillation` walk the rows as
+the head does (``_chunks.fold_chunks``, the precision policy of ``_precision``, both weight
+layouts, the class-sharded ``jax.shard_map`` of ``_kernel``): per row chunk ``c`` the student
+logits ``Z_c W`` (and the teacher's ``Z^t_c W^t``) are formed once, ``(C, K_local)``, and read in
+column blocks; the row-wise reductions over all ``K`` classes (log-sum-exps, sums) are combined
+across the class shards with one ``pmax``/``psum`` each. A loss describes one chunk with a
+function ``chunk_fn(chunk, rows) -> (outputs, gblock)``: per-row outputs ``(C,)`` and, when a
+gradient is asked for, ``gblock(block)``, the block ``G = ∂(Σ_i c_i ℓ_i)/∂r`` of the residual
+with respect to the student's raw logits ``r = Z W + b``, which this module feeds block by block
+into the two GEMMs ``∂/∂Z = G Wᵀ`` and ``∂/∂W = Zᵀ G`` (and ``∂/∂b = Σ_i G_i``). The ``(N, K)``
+logits are never held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
+
+from . import _kernel
+from ._chunks import fold_chunks
+from ._precision import acc_dtype, gemm, operand
+
+
+class Layout(NamedTuple):
+    """Where and how one call runs (hashable: part of a ``custom_vjp`` static argument)."""
+
+    chunk: int  # rows per chunk (per device)
+    layout: str  # "dk": W is (D, K); "kd": W is (K, D) (the teacher's W alike)
+    k: int  # the global number of classes
+    mesh: Mesh | None = None  # class-sharded: the mesh, its class axis and its row axes
+    axis: str | None = None
+    batch: tuple[str, ...] = ()
+
+
+class Chunk(NamedTuple):
+    """One row chunk as a loss sees it."""
+
+    A: jax.Array  # (C, K_local) student logits Z_c W (bias added per column block)
+    b: jax.Array | None  # (K_local,) bias
+    B: jax.Array | None  # (C, K_local) teacher logits, or None
+    yl: jax.Array  # (C,) labels minus the shard's first class (an iota compare finds them)
+    valid: jax.Array  # (C,) labels in [0, K)
+    kblock: int
+    axis: str | None
+
+
+class Block(NamedTuple):
+    """Columns ``[start, start + size)`` of a chunk."""
+
+    a: jax.Array  # (C, size) student logits z W + b
+    t: jax.Array | None  # (C, size) teacher logits, or None
+    cols: jax.Array  # (1, size) local class indices
+    start: int | jax.Array
+    size: int
+
+
+ChunkFn = Callable[[Chunk, tuple], tuple[tuple, Callable[[Block], jax.Array] | None]]
+
+
+def kaxis(layout: str) -> int:
+    """The class axis of ``W`` (and of ``∂/∂W``)."""
+    return 1 if layout == "dk" else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Column blocks of one chunk: the reductions a loss builds its rows from.
+# --------------------------------------------------------------------------------------------
+
+
+def fold_columns(ch: Chunk, body, init):
+    """``carry = body(block, carry)`` over the column blocks of the chunk (a :class:`Block`)."""
+
+    def step(start, size, carry):
+        a = _kernel._slice(ch.A, start, size, 1)
+        if ch.b is not None:
+            a = a + _kernel._slice(ch.b, start, size, 0)[None, :]
+        t = None if ch.B is None else _kernel._slice(ch.B, start, size, 1)
+        cols = lax.broadcasted_iota(ch.yl.dtype, (1, size), 1) + start
+        return body(Block(a, t, cols, start, size), carry)
+
+    return fold_chunks(ch.A.shape[1], ch.kblock, step, init)
+
+
+class Lse(NamedTuple):
+    """A row-wise log-sum-exp over all K classes kept as ``m + ls``: ``m`` the row maximum,
+    ``ls = log Σ_k exp(x_k − m)`` (``0 ≤ ls ≤ log K``). Log-probabilities are formed as
+    ``(x − m) − ls``, never ``x − (m + ls)``: rounding ``m + ls`` at the logits' magnitude would
+    scale a whole row of probabilities by ``1 + δ`` and leave their sum off 1 by ``δ``."""
+
+    m: jax.Array  # (C,)
+    ls: jax.Array  # (C,)
+
+    def log_softmax(self, x: jax.Array) -> jax.Array:
+        return (x - self.m[:, None]) - self.ls[:, None]
+
+
+def lses_and_target(ch: Chunk, picks: Sequence[Callable]):
+    """``([Lse of pick(block) for each pick], a_{i, y_i})``: the max-shifted log-sum-exps over
+    all K classes (online over the column blocks, then across the shards) of each family of
+    logits ``pick(block)``, and the student's raw target logit (0 where the label is no class)."""
+    c = ch.A.shape[0]
+    acc = ch.A.dtype
+
+    def body(blk, carry):
+        ms, tgt = carry
+        new = []
+        for pick, (m, s) in zip(picks, ms):
+            x = pick(blk)
+            m_new = jnp.maximum(m, jnp.max(x, axis=1))
+            s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+            new.append((m_new, s))
+        tgt = tgt + jnp.sum(jnp.where(blk.cols == ch.yl[:, None], blk.a, 0.0), axis=1)
+        return new, tgt
+
+    init = ([(jnp.full((c,), -jnp.inf, acc), jnp.zeros((c,), acc)) for _ in picks],
+            jnp.zeros((c,), acc))  # fmt: skip
+    ms, tgt = fold_columns(ch, body, init)
+    return [_combine(m, s, ch.axis) for m, s in ms], allsum(tgt, ch.axis)
+
+
+def row_sums(ch: Chunk, terms: Callable, count: int):
+    """``Σ_k terms(block)[j]`` over all K classes, for ``j < count`` (each term a
+    ``(C, size)`` block), summed across the shards."""
+    c = ch.A.shape[0]
+
+    def body(blk, carry):
+        return tuple(x + jnp.sum(v, axis=1) for x, v in zip(carry, terms(blk)))
+
+    init = tuple(jnp.zeros((c,), ch.A.dtype) for _ in range(count))
+    return tuple(allsum(x, ch.axis) for x in fold_columns(ch, body, init))
+
+
+def allsum(x, axis):
+    return x if axis is None else lax.psum(x, axis)
+
+
+def _combine(m, s, axis) -> Lse:
+    """Across the shards: ``M = max_p m_p``, ``ls = log Σ_p s_p exp(m_p − M)``."""
+    if axis is not None:
+        big = lax.pmax(m, axis)
+        m, s = big, lax.psum(s * jnp.exp(m - big), axis)
+    return Lse(m, jnp.log(s))
+
+
+def _grad_gemms(ch: Chunk, gblock, Zc, W, dW, db, layout, wants):
+    """One chunk's residual ``G`` block by block into the GEMMs: ``(G Wᵀ, dW + Z_cᵀ G,
+    db + Σ_i G_i)``; GEMM operands in ``W``'s dtype, accumulation in ``acc``."""
+    want_dZ, want_dW, want_db = wants
+    acc, ka = ch.A.dtype, kaxis(layout)
+    Zg = operand(Zc, W.dtype)
+
+    def body(blk, carry):
+        dZc, dW, db = carry
+        G = gblock(blk)
+        Gg = operand(G, W.dtype)
+        start, size = blk.start, blk.size
+        if want_dZ:
+            dZc = dZc + gemm(Gg, _kernel._slice(W, start, size, ka), (1, ka), acc)
+        if want_dW:
+            blk = gemm(Zg, Gg, (0, 0), acc) if ka == 1 else gemm(Gg, Zg, (0, 0), acc)
+            dW = _kernel._put(dW, start, _kernel._slice(dW, start, size, ka) + blk, ka)
+        if want_db:
+            db = _kernel._put(db, start, _kernel._slice(db, start, size, 0) + jnp.sum(G, 0), 0)
+        return dZc, dW, db
+
+    init = (jnp.zeros((Zc.shape[0] if want_dZ else 0, W.shape[1 - ka]), acc), dW, db)
+    return fold_columns(ch, body, init)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass over the rows (one device, or one shard inside shard_map).
+# --------------------------------------------------------------------------------------------
+
+
+def _pass(Z, W, b, Zt, Wt, y, rows, offset, lay, chunk_fn, n_out, wants, inv, dz_dtype):
+    """Returns ``(outputs, dZ, dW, db)``: the ``n_out`` per-row outputs ``(N,)`` of
+    ``chunk_fn`` and the gradients asked for in ``wants = (dZ, dW, db)``, ``inv`` (the mean's
+    ``1 / Σ s`` or ``None``) applied to the accumulated GEMM results."""
+    (n, d), ka = Z.shape, kaxis(lay.layout)
+    kl = W.shape[ka]
+    acc = acc_dtype(W.dtype) if Wt is None else acc_dtype(W.dtype, Wt.dtype)
+    kblock = -(-kl // _kernel._SHARD_BLOCKS) if lay.axis else _kernel.K_BLOCK
+    kblock = max(1, min(kblock, kl))
+    want_dZ, want_dW, want_db = wants
+
+    def body(start, size, carry):
+        outs, dZ, dW, db = carry
+        sl = lambda x: _kernel._slice(x, start, size, 0)  # noqa: E731
+        Zc, yc = sl(Z), sl(y)
+        A = gemm(operand(Zc, W.dtype), W, (1, 1 - ka), acc)
+        B = None
+        if Wt is not None:
+            B = gemm(operand(sl(Zt), Wt.dtype), Wt, (1, 1 - ka), acc).astype(acc)
+        ch = Chunk(A, b, B, yc - offset, (yc >= 0) & (yc < lay.k), kblock, lay.axis)
+        vals, gblock = chunk_fn(ch, tuple(sl(r) for r in rows))
+        outs = tuple(_kernel._put(o, start, v, 0) for o, v in zip(outs, vals))
+        if gblock is not None and any(wants):
+            dZc, dW, db = _grad_gemms(ch, gblock, Zc, W, dW, db, lay.layout, wants)
+            if want_dZ:
+                dZ = _kernel._put(dZ, start, dZc if inv is None else dZc * inv, 0)
+        return outs, dZ, dW, db
+
+    w_shape = list(W.shape)
+    w_shape[ka] = kl if want_dW else 0
+    init = (
+        tuple(jnp.zeros((n,), acc) for _ in range(n_out)),
+        jnp.zeros((n if want_dZ else 0, d), dz_dtype),
+        jnp.zeros(w_shape, acc),
+        jnp.zeros((kl if want_db else 0,), acc),
+    )
+    outs, dZ, dW, db = fold_chunks(n, lay.chunk, body, init)
+    if inv is not None:
+        dW, db = dW * inv, db * inv
+    return outs, dZ, dW, db
+
+
+def run(Z, W, b, Zt, Wt, y, rows, lay: Layout, chunk_fn: ChunkFn, n_out: int, *,
+        wants=(False, False, False), inv=None):  # fmt: skip
+    """:func:`_pass` on one device, or under ``jax.shard_map`` over ``lay.mesh``: each device
+    its class shard of ``W``, ``b`` and the teacher's ``W``
+    (``offset = axis_index · K/P``), the rows split over ``lay.batch``; ``dZ`` summed over the
+    class axis, ``dW`` and ``db`` over the row axes. Returns global arrays."""
+    if lay.mesh is None:
+        return _pass(Z, W, b, Zt, Wt, y, rows, 0, lay, chunk_fn, n_out, wants, inv, Z.dtype)
+    rs, model = (lay.batch or None), lay.axis
+    wspec = P(None, model) if lay.layout == "dk" else P(model, None)
+    opt = {"b": (b, P(model)), "Zt": (Zt, P(rs, None)), "Wt": (Wt, wspec), "inv": (inv, P())}
+    names = [k for k, (x, _) in opt.items() if x is not None]
+    args = [Z, W, y, *rows] + [opt[k][0] for k in names]
+    in_specs = [P(rs, None), wspec, P(rs)] + [P(rs)] * len(rows) + [opt[k][1] for k in names]
+    acc = acc_dtype(W.dtype)
+
+    def f(Z, W, y, *rest):
+        rws, o = rest[: len(rows)], dict(zip(names, rest[len(rows) :]))
+        offset = lax.axis_index(model) * W.shape[kaxis(lay.layout)]
+        outs, dZ, dW, db = _pass(Z, W, o.get("b"), o.get("Zt"), o.get("Wt"), y, rws, offset,
+                                 lay, chunk_fn, n_out, wants, o.get("inv"), acc)  # fmt: skip
+        if wants[0]:
+            dZ = lax.psum(dZ, model)
+        if lay.batch:
+            dW = lax.psum(dW, lay.batch) if wants[1] else dW
+            db = lax.psum(db, lay.batch) if wants[2] else db
+        return outs, dZ, dW, db
+
+    out_specs = ((P(rs),) * n_out, P(rs, None), wspec, P(model))
+    if AxisType.Explicit in tuple(lay.mesh.axis_types):
+        args = [_kernel._reshard(x, lay.mesh, p) for x, p in zip(args, in_specs)]
+    # check_vma=False as in the head: every output declared replicated over an axis is a
+    # psum/pmax over it, or computed from replicated inputs only.
+    smap = jax.shard_map(f, mesh=lay.mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                         check_vma=False)  # fmt: skip
+    outs, dZ, dW, db = smap(*args)
+    return outs, dZ.astype(Z.dtype), dW, db

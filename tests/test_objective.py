@@ -1,0 +1,142 @@
+"""The training objective (``_objective``): the value, hand-written gradient, Hessian-vector
+product and Hessian diagonal with a bias and sample weights, against autodiff and against the core's
+public functions on ``Z`` augmented with a column of ones; one pass and the chunked passes agree
+(a row count past the chunking threshold, with a remainder)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import softmax_jax as sj
+from softmax_jax import _objective
+from softmax_jax._objective import (
+    CHUNK_ROWS,
+    TrainData,
+    chunk_rows,
+    data_vg,
+    evaluate,
+    hessian_diag,
+    hessian_probs,
+    hessian_vp,
+    objective_vg,
+)
+
+# Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
+pytestmark = pytest.mark.x64
+
+#: Rows that run chunk by chunk: 4 whole chunks and a remainder of 45.
+CHUNKED_N = 4 * CHUNK_ROWS + 45
+
+
+def reference_objective(params, Z, y, l2, s=None):
+    """``f`` written with jax.numpy, differentiated by autodiff below."""
+    A = Z @ params["W"] + params["b"]
+    per = jax.nn.logsumexp(A, axis=1) - jnp.take_along_axis(A, y[:, None], axis=1)[:, 0]
+    s = jnp.ones_like(per) if s is None else s
+    return jnp.sum(s * per) / jnp.sum(s) + 0.5 * l2 * jnp.sum(params["W"] ** 2)
+
+
+def random_problem(getkey, n, d, k, weighted):
+    params = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    V = {"W": jax.random.normal(getkey(), (d, k)), "b": jax.random.normal(getkey(), (k,))}
+    Z = jax.random.normal(getkey(), (n, d))
+    y = jax.random.randint(getkey(), (n,), 0, k)
+    s = jax.random.uniform(getkey(), (n,)) if weighted else None
+    return params, V, Z, y, s
+
+
+def augmented(params, Z):
+    """``[Z, 1]`` and ``[W; b]``: eq. (2) with the bias as a weight row."""
+    Z1 = jnp.concatenate([Z, jnp.ones((Z.shape[0], 1), Z.dtype)], 1)
+    return Z1, jnp.concatenate([params["W"], params["b"][None]], 0)
+
+
+@pytest.mark.parametrize("n", [45, CHUNKED_N])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_value_gradient_and_hessian_products_match_the_core_on_augmented_features(
+    getkey, n, weighted
+):
+    d, k, l2 = 3, 4, 0.2
+    params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
+    assert (chunk_rows(n) is not None) == (n == CHUNKED_N)
+    data = TrainData(Z, y, s)  # float64 Hessian operands: exact comparisons
+    v, g = jax.jit(data_vg)(params, data)
+    P = hessian_probs(params, data)
+    hv = jax.jit(functools.partial(hessian_vp, probs=P))(params, V, data, l2)
+    Z1, Wb = augmented(params, Z)
+    ref_v, ref_G = sj.value_and_grad(Wb, Z1, y, weights=s, reduction="mean")
+    assert float(v) == pytest.approx(float(ref_v), rel=1e-12)
+    np.testing.assert_allclose(g["W"], ref_G[:-1], rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(g["b"], ref_G[-1], rtol=1e-11, atol=1e-14)
+    Vb = jnp.concatenate([V["W"], V["b"][None]], 0)
+    ref_hv = sj.hvp(Wb, Z1, y, Vb, weights=s, reduction="mean")
+    np.testing.assert_allclose(hv["W"], ref_hv[:-1] + l2 * V["W"], rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(hv["b"], ref_hv[-1], rtol=1e-11, atol=1e-14)
+    # the diagonal from the cached softmax is the one computed from scratch, and the Hessian's
+    # diagonal of the augmented problem
+    d1, d0 = hessian_diag(params, data, l2, probs=P), hessian_diag(params, data, l2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), d1, d0)
+    c = np.ones(n) if s is None else np.asarray(s)
+    Pn = np.asarray(P)
+    ref_diag = (np.asarray(Z1) ** 2).T @ (Pn * (1 - Pn) * (c / c.sum())[:, None])
+    np.testing.assert_allclose(d1["W"], ref_diag[:-1] + l2, rtol=1e-11)
+    np.testing.assert_allclose(d1["b"], ref_diag[-1], rtol=1e-11)
+
+
+def test_objective_gradient_hvp_and_diagonal_match_autodiff(getkey):
+    n, d, k, l2 = 29, 4, 3, 0.3
+    params, V, Z, y, s = random_problem(getkey, n, d, k, True)
+    data = TrainData(Z, y, s)
+
+    @jax.jit
+    def ours(params, V, data):
+        value, grad = objective_vg(params, data, l2)
+        auto = jax.grad(_objective.objective)(params, data, l2)  # custom_vjp: the hand-written grad
+        hv = hessian_vp(params, V, data, l2)
+        return value, grad, auto, hv, hessian_diag(params, data, l2)
+
+    @jax.jit
+    def reference(params, V):
+        f = functools.partial(reference_objective, Z=Z, y=y, l2=l2, s=s)
+        value, grad = jax.value_and_grad(f)(params)
+        hv = jax.jvp(jax.grad(f), (params,), (V,))[1]
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        return value, grad, hv, jnp.diag(jax.hessian(lambda x: f(unravel(x)))(flat))
+
+    value, grad, auto, hv, diag = ours(params, V, data)
+    ref_v, ref_g, ref_hv, ref_diag = reference(params, V)
+    assert float(value) == pytest.approx(float(ref_v), rel=1e-13)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-11, atol=1e-13)
+    jax.tree.map(close, grad, ref_g)
+    jax.tree.map(close, auto, ref_g)  # what optax's line search differentiates
+    jax.tree.map(close, hv, ref_hv)
+    close(jax.flatten_util.ravel_pytree(diag)[0], ref_diag)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_hessian_operand_gives_float32_products(getkey, dtype):
+    # the Hessian products and diagonal run in the operand's dtype, returned in the params'
+    params, V, Z, y, s = random_problem(getkey, 40, 5, 3, False)
+    data = TrainData(Z, y, s, Z.astype(dtype))
+    assert hessian_probs(params, data).dtype == dtype
+    exact = TrainData(Z, y, s)
+    for fn in (lambda dt: hessian_vp(params, V, dt, 0.1), lambda dt: hessian_diag(params, dt, 0.1)):
+        got, ref = fn(data), fn(exact)
+        assert got["W"].dtype == jnp.float64
+        tol = 1e-5 if dtype == np.float32 else 1e-13
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), got, ref)
+
+
+def test_all_zero_weights_evaluate_to_zero_not_nan(getkey):
+    params, _, Z, y, _ = random_problem(getkey, 10, 3, 4, False)
+    data = TrainData(Z, y, jnp.zeros(10))
+    v, g = data_vg(params, data)
+    nll, acc = evaluate(params, data)
+    for x in (v, g["W"], g["b"], nll, acc):
+        assert np.all(np.asarray(x) == 0)
