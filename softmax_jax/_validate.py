@@ -387,6 +387,8 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+
+
 def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):
     """``(ignored, in_range)`` of integer labels, compared in their own dtype (``xp`` is NumPy
     for concrete checks, ``jax.numpy`` under tracing: both give the same masks). A label is
