@@ -65,3 +65,9 @@ def test_mean_of_all_zero_weights_is_zero_not_nan_everywhere():
     head = sj.linear_cross_entropy(Z, W, y, weights=s, reduction="mean")
     for x in (sj.loss(W, Z, y, weights=s, reduction="mean"), value, g, head):
         np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+def test_mean_normaliser_of_weights_summing_below_one():
+    # 1 / Σ s whatever Σ s > 0 is: the zero guard must not clip small totals
+    s = jnp.asarray([0.125, 0.375], jnp.float32)
+    assert float(mean_normaliser(s, 2, "mean", jnp.float32)) == 2.0
