@@ -25,7 +25,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: The suites, in the order they run; ``parallel`` only where ``bench/parallel.py`` exists.
-SUITES = ("grad", "head", "train", "scaling", "stream")
+SUITES = ("grad", "head", "train", "scaling", "stream", "sparse")
 OPTIONAL_SUITES = ("parallel",)
 _NOT_SUITES = {"run", "__init__"}
 

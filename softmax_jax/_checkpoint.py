@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from ._chunks import host_chunks
-from ._validate import check_mapped
+from ._validate import check_mapped, is_sparse
 
 __all__ = ["CheckpointError", "Checkpointer", "data_digest", "transformation_digest"]
 
@@ -299,6 +299,18 @@ def transformation_digest(transformation: Any) -> str:
     return hashlib.sha256("\x1f".join(out).encode()).hexdigest()[:16]
 
 
+def _expand_sparse(arrays) -> list:
+    """The arrays, a ``scipy.sparse`` one (a canonical CSR from ``check_training_data``) as a
+    marker with its shape and its three arrays."""
+    out: list = []
+    for a in arrays:
+        if is_sparse(a):
+            out += [f"csr{a.shape};".encode(), a.indptr, a.indices, a.data]
+        else:
+            out.append(a)
+    return out
+
+
 def data_digest(*arrays: Any) -> str:
     """SHA-256 (hex) of the training arrays (features, labels, weights; ``None`` skipped): their
     dtypes and shapes and, block by block of about 64 MiB of rows, their bytes.
@@ -311,9 +323,12 @@ def data_digest(*arrays: Any) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
     parts: list = []
-    for a in arrays:
+    for a in _expand_sparse(arrays):
         if a is None:
             parts.append(b"none;")
+            continue
+        if isinstance(a, bytes):
+            parts.append(a)
             continue
         check_mapped(a, "Z")
         a = np.asarray(a)

@@ -145,7 +145,7 @@ def _reduce(ell, s, cfg):
     sp = jnp.where(s == 0, 0.0, s * ell)  # a weight-0 row's NaN never reaches the sum
     if cfg.reduction == "none":
         return sp
-    inv = mean_normaliser(s, s.shape[0], cfg.reduction, ell.dtype)
+    inv = mean_normaliser(s, s.size, cfg.reduction, ell.dtype)
     value = jnp.sum(sp)
     return value if inv is None else value * inv
 
@@ -166,7 +166,7 @@ def _distill_fwd(Z, W, Zt, Wt, labels, s, cfg: _Cfg):
         ell = outs[0]
         res = (Z, W, Zt, Wt, labels, s, outs[1:], ell if want_ds else None, wants, proto)
         return _reduce(ell, s, cfg), res
-    inv = mean_normaliser(s, s.shape[0], cfg.reduction, acc_dtype(W.dtype))
+    inv = mean_normaliser(s, s.size, cfg.reduction, acc_dtype(W.dtype))
     (ell, *_), dZ, dW, _ = _vocab.run(Z, W, None, Zt, Wt, labels, (s,), cfg.lay,
                                       _forward_chunk(cfg), 9, wants=wants, inv=inv)  # fmt: skip
     value = _reduce(ell, s, cfg)
@@ -253,7 +253,7 @@ def _check_teacher(teacher_Z, teacher_W, lead, k, layout):
             f"`teacher_W` must have shape {doc} = {shape} (weight_layout={layout!r}, D_t from "
             f"`teacher_Z`, K from `W`), got {tuple(Wt.shape)}"
         )
-    return Zt.reshape(-1, Zt.shape[-1]), Wt
+    return Zt, Wt
 
 
 def linear_distillation(
@@ -351,8 +351,9 @@ def linear_distillation(
             mask, ignore_index = jnp.zeros(Za.shape[:-1], jnp.int32), None
         p = _head.prepare(Za, W, mask, None, weights, reduction, chunk_size, 0.0, 0.0,
                           ignore_index, None, weight_layout, False)  # fmt: skip
-        Zt, Wt = _check_teacher(teacher_Z, teacher_W, p.lead, p.spec.k, weight_layout)
-        lay = layout_for(p, 2 * p.spec.k)
+        k = p.spec.num_classes
+        Zt, Wt = _check_teacher(teacher_Z, teacher_W, p.lead, k, weight_layout)
+        lay = layout_for(p, 2 * k)
         cfg = _Cfg(lay, t, div, b, hw, reduction)
-        return run_on_mesh(_call, lay.mesh, p.Z, p.W, Zt, Wt, p.labels, p.weights, cfg=cfg,
+        return run_on_mesh(_call, lay, p.Z, p.W, Zt, Wt, p.labels, p.weights, cfg=cfg,
                            ignore_index=p.ignore_index, lead=p.lead)  # fmt: skip

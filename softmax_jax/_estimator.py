@@ -45,6 +45,15 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from . import _compile_cache
 from ._placement import bucket_rows, place
 from ._solvers import SOLVERS, solve
+from ._validate import check_sparse, is_sparse
+
+#: What ``X`` may be: float64/float32 arrays, or scipy.sparse CSR and CSC as they are (other
+#: formats converted to CSR; softmax_jax._sparse)
+_X_TYPES = {
+    "dtype": [np.float64, np.float32],
+    "accept_sparse": ("csr", "csc"),
+    "accept_large_sparse": True,
+}
 
 __all__ = ["SoftmaxRegression"]
 
@@ -126,6 +135,11 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.warm_start = warm_start
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # scipy.sparse X, never densified (softmax_jax._sparse)
+        return tags
+
     def _check_params(self) -> None:
         if not isinstance(self.C, numbers.Real) or not self.C > 0:
             raise ValueError(f"`C` must be a float > 0 (np.inf for no penalty), got {self.C!r}")
@@ -149,7 +163,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         _compile_cache.enable()
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X, y = validate_data(self, X, y, ensure_min_samples=1, **_X_TYPES)
+        sparse = is_sparse(X)  # scipy.sparse X: a canonical CSR (softmax_jax._sparse)
+        X = check_sparse(X, "X") if sparse else X
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -201,7 +217,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 tol=float(self.tol),
                 max_iter=int(self.max_iter),
-                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE,
+                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE and not sparse,
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)
@@ -240,7 +256,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Logits ``X Wᵀ + b`` ``(N, K)``; for two classes the margin ``a_1 − a_0`` ``(N,)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, reset=False, **_X_TYPES)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 

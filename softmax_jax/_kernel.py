@@ -50,6 +50,15 @@ class Spec(NamedTuple):
     placement: _shard.Layout | None = None  # where it runs (None: one device)
     class_axes: tuple[str, ...] | None = None  # per device: the mesh axes splitting the classes
 
+    # The former names, still read by the vocabulary losses (_logprobs, _distill).
+    @property
+    def layout(self) -> str:
+        return self.weight_layout
+
+    @property
+    def k(self) -> int:
+        return self.num_classes
+
 
 # --------------------------------------------------------------------------------------------
 # Loops, slices, collectives, layouts.
@@ -62,6 +71,15 @@ def _slice(x, start, size, axis):
 
 def _put(x, start, block, axis):
     return lax.dynamic_update_slice_in_dim(x, block.astype(x.dtype), start, axis=axis)
+
+
+def _reshard(x, mesh, pspec):
+    """``x`` resharded to ``pspec`` on ``mesh`` unless its type already says so (explicit axes;
+    used by the vocabulary losses' own shard_map)."""
+    have = getattr(jax.typeof(x), "sharding", None)
+    if isinstance(have, jax.sharding.NamedSharding) and have.spec == pspec:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, pspec))
 
 
 def _allmax(x, spec: Spec):

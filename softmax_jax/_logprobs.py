@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from . import _head, _vocab
+from . import _head, _shard, _vocab
 from ._precision import acc_dtype
 
 
@@ -135,7 +136,7 @@ def _call(Z, W, b, tokens, *, cfg, lead):
     acc = acc_dtype(W.dtype)
     b = None if b is None else b.astype(acc)  # outside the custom_vjp: db flows back cast
     logp, ent = _log_probs(Z, W, b, tokens.astype(jnp.int32), cfg)
-    return LogProbs(logp.reshape(lead), ent.reshape(lead))
+    return LogProbs(logp, ent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,34 +158,29 @@ def _prepare(Z, W, tokens, bias, temperature, weight_layout, chunk_size):
 
 
 def layout_for(p, k_rows: int) -> _vocab.Layout:
-    """The :class:`_vocab.Layout` of a prepared call: one device, or the class-sharded mesh of
-    ``W`` (the other mesh axes split the rows when N allows); ``chunk_size="auto"`` budgets
-    ``k_rows`` float32 logits per row (``K``, or ``2 K`` with a teacher)."""
-    sharded = _head.class_sharding(p.W, _vocab.kaxis(p.spec.layout))
-    n, k = p.Z.shape[0], p.spec.k
-    if sharded is None:
-        return _vocab.Layout(_head.rows_per_chunk(p.chunk_size, n, k_rows), p.spec.layout, k)
-    mesh, axis = sharded
-    if k % mesh.shape[axis]:
-        raise ValueError(
-            f"`W` is sharded over its class axis on mesh axis {axis!r} of size "
-            f"{mesh.shape[axis]}, but K = {k} is not divisible by it; shard W evenly or gather it"
-        )
-    others = tuple(a for a in mesh.axis_names if a != axis)
-    nb = int(np.prod([mesh.shape[a] for a in others], dtype=np.int64))
-    batch = others if n % nb == 0 else ()
-    rows = n // nb if batch else n
-    chunk = _head.rows_per_chunk(p.chunk_size, max(rows, 1), k_rows)
-    return _vocab.Layout(chunk, p.spec.layout, k, mesh, axis, batch)
+    """The :class:`_vocab.Layout` of a prepared call: where it runs (the head's
+    ``_shard.layout_of``, from the inputs' shardings) and the rows per chunk of one device,
+    ``chunk_size="auto"`` budgeting ``k_rows`` float32 logits per row (``K``, or ``2 K`` with a
+    teacher)."""
+    kaxis = _vocab.kaxis(p.spec.weight_layout)
+    placement = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis)
+    n_local = _shard.local_rows(placement, p.lead)
+    chunk = _head.rows_per_chunk(p.chunk_size, n_local, k_rows, p.Z.shape[-1])
+    return _vocab.Layout(chunk, p.spec.weight_layout, p.spec.num_classes, placement)
 
 
-def run_on_mesh(fn, mesh, *args, **kwargs):
-    """``fn(*args, **kwargs)``; eagerly inside ``jax.set_mesh`` for a mesh of explicit axes
+def run_on_mesh(fn, lay: _vocab.Layout, *args, **kwargs):
+    """``fn(*args, **kwargs)``; eagerly inside ``jax.set_mesh`` on a mesh of explicit axes
     (JAX's explicit-sharding mode types the outputs from the mesh in context)."""
-    explicit = mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    placement = lay.placement
     traced = any(isinstance(x, jax.core.Tracer) for x in args)
-    if explicit and not traced:
-        with jax.set_mesh(mesh):
+    if (
+        placement is not None
+        and placement.explicit
+        and isinstance(placement.mesh, Mesh)
+        and not traced
+    ):
+        with jax.set_mesh(placement.mesh):
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)
 
@@ -262,6 +258,6 @@ def linear_log_probs(
     """
     with jax.named_scope("linear_log_probs"):
         p, t = _prepare(Z, W, tokens, bias, temperature, weight_layout, chunk_size)
-        lay = layout_for(p, p.spec.k)
+        lay = layout_for(p, p.spec.num_classes)
         cfg = _Cfg(lay, t)
-        return run_on_mesh(_call, lay.mesh, p.Z, p.W, p.bias, p.labels, cfg=cfg, lead=p.lead)
+        return run_on_mesh(_call, lay, p.Z, p.W, p.bias, p.labels, cfg=cfg, lead=p.lead)

@@ -115,6 +115,8 @@ def _batch(
     On a mesh ``data``'s rows are split over ``"data"`` too: XLA gathers each row on the device
     that holds it and sums the masked gathers across devices (an all-reduce of the batch, never
     of the training set)."""
+    if hasattr(data.Z, "take_rows"):  # scipy.sparse rows (softmax_jax._sparse)
+        return TrainData(data.Z.take_rows(idx, weights), jnp.take(data.y, idx), weights)
     batch = TrainData(jnp.take(data.Z, idx, axis=0), jnp.take(data.y, idx), weights)
     return batch if dp is None else jax.tree.map(dp.split_rows, batch)
 

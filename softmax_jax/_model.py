@@ -28,7 +28,8 @@ from jax.typing import ArrayLike
 
 from ._chunks import map_chunks
 from ._loss import logits, logsumexp_rows
-from ._validate import as_host_array, check_finite, is_concrete
+from ._sparse import predict_sparse
+from ._validate import as_host_array, check_finite, check_sparse, is_concrete, is_sparse
 from ._version import package_version
 
 __all__ = ["Model", "ModelFileError", "load_model", "predict", "predict_proba", "save_model"]
@@ -105,6 +106,13 @@ def _run(params, Z, chunk_size: int, what: str) -> jax.Array:
     if b is not None:
         check_finite(b, "params['b']")
     W, b = jnp.asarray(W), None if b is None else jnp.asarray(b)
+    if is_sparse(Z):  # scipy.sparse rows, never densified (softmax_jax._sparse)
+        Zs = check_sparse(Z, "Z")
+        if Zs.shape[1] != W.shape[0]:
+            raise ValueError(
+                f"`Z` must have shape (N, D) with D = {W.shape[0]} features, got {Zs.shape}"
+            )
+        return predict_sparse(W, b, Zs, what)
     Z = _check_features(Z, W.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
         raise TypeError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
@@ -139,7 +147,8 @@ def predict_proba(params: dict, Z: ArrayLike, *, chunk_size: int = CHUNK_ROWS) -
     Args:
       params: ``{"W": (D, K), "b": (K,)}`` as returned by :func:`softmax_jax.fit` (``b``
         optional).
-      Z: features ``(N, D)``, preprocessed as for training.
+      Z: features ``(N, D)``, preprocessed as for training: an array, or a ``scipy.sparse``
+        matrix (never densified: its logits come from the sparse rows, ``softmax_jax._sparse``).
       chunk_size: rows per block.
 
     Returns:

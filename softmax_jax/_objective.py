@@ -122,6 +122,8 @@ def vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
     Logits ``A = Z W + b``, ``M = diag(s)(Ŷ − Y)``, ``∂/∂W = Zᵀ M`` and ``∂/∂b = Σ_i M_i`` (the
     column sums of ``M``): no ones column is appended to ``Z``. Also returns the logits ``A``.
     """
+    if hasattr(Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse)
+        return Z.vg_sum(params, y, s)
     W = params["W"]
     A = _biased_logits(params, Z)
     lse, E, S = logsumexp_rows(A)
@@ -180,6 +182,8 @@ def hessian_probs(params: Params, data: TrainData) -> jax.Array:
     """``Ŷ = softmax(Z W + b)`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
     depends on the parameters, computed once per Newton step and shared by the products."""
     Zh = hessian_operand(data)
+    if hasattr(Zh, "probs"):  # scipy.sparse rows (softmax_jax._sparse)
+        return Zh.probs(params)
     _, E, S = logsumexp_rows(_biased_logits(_hessian_params(params, Zh.dtype), Zh))
     return E / S
 
@@ -204,6 +208,8 @@ def hessian_vp(
     than float32's; the gradient, the objective and so the optimum stay in ``Z``'s dtype. With
     ``probs`` (:func:`hessian_probs` at ``params``) it is two GEMMs (``Z V`` and ``Zᵀ R``).
     """
+    if hasattr(hessian_operand(data), "hessian_vp"):  # scipy.sparse rows (softmax_jax._sparse)
+        return hessian_operand(data).hessian_vp(params, V, l2, probs=probs)
     dt = hessian_operand(data).dtype
     Vh = _hessian_params(V, dt)
 
@@ -223,6 +229,8 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
     r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
     GEMM ``(Z⊙Z)ᵀ M`` per chunk given ``probs`` (:func:`hessian_probs`), the squares formed chunk
     by chunk; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
+    if hasattr(hessian_operand(data), "hessian_diag"):  # scipy.sparse rows (softmax_jax._sparse)
+        return hessian_operand(data).hessian_diag(params, l2, probs=probs)
     dt = hessian_operand(data).dtype
 
     def part(Z, P, s):

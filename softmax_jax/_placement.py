@@ -13,6 +13,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ._objective import TrainData
+from ._sparse import place_sparse
+from ._validate import is_sparse
 
 # Data parallelism for ``fit``: batches split over a "data" axis, parameters replicated.
 # --------------------------------------------------------------------------------------------
@@ -227,6 +229,11 @@ def place(
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
+    if is_sparse(Z):  # a canonical CSR (softmax_jax._sparse)
+        Zs, yd, sd, Zh = place_sparse(
+            Z, y, s, dtype=dtype, device=device, shape=shape, hessian_dtype=hessian_dtype
+        )
+        return TrainData(Zs, yd, sd, Zh)
     n = Z.shape[0]
     if isinstance(device, DataParallel):
         rows = device.padded(n)

@@ -274,3 +274,13 @@ def reduce_like(ct, primal):
 def _vma(x) -> frozenset:
     mat = getattr(jax.typeof(x), "manual_axis_type", None)
     return frozenset() if mat is None else frozenset(mat.varying)
+
+
+def visible_sharding(x):
+    """The ``NamedSharding`` ``x`` visibly carries (see :func:`layout_of`), or ``None``."""
+    return _sharding(x)
+
+
+def axis_names(*entries) -> tuple[str, ...]:
+    """The mesh axis names in PartitionSpec entries (``None``, a name or a tuple of names)."""
+    return _names(entries)

@@ -241,14 +241,20 @@ def check_training_data(
     ``Z`` must be a non-empty ``(N, D)`` real array of finite values, ``y`` ``(N,)`` integer class
     indices ``>= 0`` (and ``< num_classes`` when given) with at least ``min_classes`` (2) classes, and
     ``sample_weight`` finite, ``>= 0`` with a positive sum.
+    A ``scipy.sparse`` ``Z`` is returned as a canonical CSR matrix (:func:`check_sparse`), never
+    densified.
 
     Returns:
       ``(Z, y, sample_weight, K)`` as NumPy arrays (``Z`` floating, ``y`` int32) and the number of
       classes ``K`` (``num_classes``, or ``max(y) + 1``). With ``finite=False`` the values of ``Z``
       are neither read nor converted (``Z`` as given: the caller checks the rows it reads).
     """
-    check_mapped(Z, z_name)
-    Zh = as_host_array(Z, z_name)
+    sparse = is_sparse(Z)
+    if sparse:  # a canonical CSR, never densified
+        Zh = check_sparse(Z, z_name, in_memory=finite)
+    else:
+        check_mapped(Z, z_name)
+        Zh = as_host_array(Z, z_name)
     yh = as_host_array(y, y_name)
     if Zh.ndim != 2:
         raise ValueError(f"`{z_name}` must have shape (N, D), got {Zh.shape}")
@@ -270,7 +276,7 @@ def check_training_data(
         raise TypeError(f"`{y_name}` must hold integer class indices, got dtype {yh.dtype}")
     if num_classes is not None:
         check_int(num_classes, "num_classes", minimum=1)
-    if finite:
+    if finite and not sparse:
         check_finite(Zh, z_name)
     found = _first_bad(yh, "negative" if num_classes is None else "range", int(num_classes or 0))
     if found is not None:
@@ -382,6 +388,58 @@ def check_mapped(Z: Any, name: str = "Z") -> None:
             f"`{name}`: its memory-mapped file {filename} is {size} bytes, shorter than the {need} "
             "it held when opened (truncated while in use); reading it would crash the process"
         )
+
+
+# scipy.sparse features ------------------------------------------------------------------------
+
+
+def is_sparse(x: Any) -> bool:
+    """True for a ``scipy.sparse`` matrix or array (scipy itself is imported only if it already
+    is: a sparse ``x`` implies it)."""
+    import sys
+
+    sparse = sys.modules.get("scipy.sparse")
+    return sparse is not None and sparse.issparse(x)
+
+
+def check_sparse(x: Any, name: str, *, in_memory: bool = True):
+    """A ``scipy.sparse`` ``x`` (N, D) as a canonical CSR matrix of floats (the caller's ``x`` is
+    never modified).
+
+    CSR and CSC are taken as they are (explicit zeros kept, unsorted indices allowed), other
+    formats (COO, BSR, DOK, LIL, DIA) converted; duplicate entries are summed (scipy's meaning of
+    them), integer/bool values become float64 (float32 without x64), float16 float32. Rejects
+    NaN/inf values naming the first one's ``(row, column)``, and ``in_memory=False`` (the rows
+    would be streamed: ``stream=True`` and multi-process meshes take dense arrays)."""
+    import scipy.sparse as sp
+
+    if not in_memory:
+        raise ValueError(
+            f"`{name}` as a scipy.sparse matrix must be trained in memory, got one with "
+            "stream=True (or a multi-process mesh): pass a dense array or memmap to stream"
+        )
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must have shape (N, D), got {x.shape}")
+    dt = np.dtype(x.dtype)
+    if dt.kind not in "fiub":
+        raise TypeError(f"`{name}` must hold real numbers, got a sparse matrix of dtype {dt}")
+    if dt.kind != "f":
+        dt = np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+    elif dt.itemsize < 4:
+        dt = np.dtype(np.float32)
+    fmt = x.format
+    X = sp.csr_matrix(x if fmt in ("csr", "csc") else x.tocsr(), dtype=dt, copy=False)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()  # sorts the indices too
+    bad = ~np.isfinite(X.data)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(X.indptr, j, side="right") - 1)
+        raise ValueError(
+            f"`{name}` must be finite, got {X.data[j]} at index ({row}, {int(X.indices[j])})"
+        )
+    return X
 
 
 def label_masks(labels: Any, num_classes: int, ignore_index: int | None, xp: Any = np):

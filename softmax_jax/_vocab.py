@@ -21,10 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh
-from jax.sharding import PartitionSpec as P
 
-from . import _kernel
+from . import _kernel, _shard
 from ._chunks import fold_chunks
 from ._precision import acc_dtype, gemm, operand
 
@@ -35,9 +33,8 @@ class Layout(NamedTuple):
     chunk: int  # rows per chunk (per device)
     layout: str  # "dk": W is (D, K); "kd": W is (K, D) (the teacher's W alike)
     k: int  # the global number of classes
-    mesh: Mesh | None = None  # class-sharded: the mesh, its class axis and its row axes
-    axis: str | None = None
-    batch: tuple[str, ...] = ()
+    placement: _shard.Layout | None = None  # the mesh dispatch's layout (None: one device)
+    axis: tuple[str, ...] | None = None  # per device: the mesh axes splitting the classes
 
 
 class Chunk(NamedTuple):
@@ -49,7 +46,7 @@ class Chunk(NamedTuple):
     yl: jax.Array  # (C,) labels minus the shard's first class (an iota compare finds them)
     valid: jax.Array  # (C,) labels in [0, K)
     kblock: int
-    axis: str | None
+    axis: tuple[str, ...] | None
 
 
 class Block(NamedTuple):
@@ -224,38 +221,37 @@ def _pass(Z, W, b, Zt, Wt, y, rows, offset, lay, chunk_fn, n_out, wants, inv, dz
 
 def run(Z, W, b, Zt, Wt, y, rows, lay: Layout, chunk_fn: ChunkFn, n_out: int, *,
         wants=(False, False, False), inv=None):  # fmt: skip
-    """:func:`_pass` on one device, or under ``jax.shard_map`` over ``lay.mesh``: each device
-    its class shard of ``W``, ``b`` and the teacher's ``W``
-    (``offset = axis_index · K/P``), the rows split over ``lay.batch``; ``dZ`` summed over the
-    class axis, ``dW`` and ``db`` over the row axes. Returns global arrays."""
-    if lay.mesh is None:
-        return _pass(Z, W, b, Zt, Wt, y, rows, 0, lay, chunk_fn, n_out, wants, inv, Z.dtype)
-    rs, model = (lay.batch or None), lay.axis
-    wspec = P(None, model) if lay.layout == "dk" else P(model, None)
-    opt = {"b": (b, P(model)), "Zt": (Zt, P(rs, None)), "Wt": (Wt, wspec), "inv": (inv, P())}
-    names = [k for k, (x, _) in opt.items() if x is not None]
-    args = [Z, W, y, *rows] + [opt[k][0] for k in names]
-    in_specs = [P(rs, None), wspec, P(rs)] + [P(rs)] * len(rows) + [opt[k][1] for k in names]
+    """:func:`_pass` where ``lay.placement`` says (the head's mesh dispatch, ``_shard.run``): on
+    one device, or on each device of its mesh — its rows, its class shard of ``W``, ``b`` and
+    the teacher's ``W`` at ``offset``; ``dZ`` summed over the class axes, ``dW`` and ``db`` over
+    the row axes. ``Z (..., D)``, ``Zt (..., D_t)`` and the per-row arrays keep their leading dims
+    (each device flattens its own). Returns ``(outputs, dZ, dW, db)``, the outputs shaped like
+    ``y``, every gradient sharded like its input."""
     acc = acc_dtype(W.dtype)
+    nrows = len(rows)
 
-    def f(Z, W, y, *rest):
-        rws, o = rest[: len(rows)], dict(zip(names, rest[len(rows) :]))
-        offset = lax.axis_index(model) * W.shape[kaxis(lay.layout)]
-        outs, dZ, dW, db = _pass(Z, W, o.get("b"), o.get("Zt"), o.get("Wt"), y, rws, offset,
-                                 lay, chunk_fn, n_out, wants, o.get("inv"), acc)  # fmt: skip
-        if wants[0]:
-            dZ = lax.psum(dZ, model)
-        if lay.batch:
-            dW = lax.psum(dW, lay.batch) if wants[1] else dW
-            db = lax.psum(db, lay.batch) if wants[2] else db
-        return outs, dZ, dW, db
+    def per_device(local, Z, W, b, Zt, Wt, y, inv, *rws):
+        lead = y.shape
+        axis = local.classes or None
+        flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
+        offset = local.class_offset(W.shape[kaxis(lay.layout)])
+        outs, dZ, dW, db = _pass(flat(Z), W, b, flat(Zt), Wt, y.reshape(-1),
+                                 tuple(r.reshape(-1) for r in rws), offset,
+                                 lay._replace(axis=axis), chunk_fn, n_out, wants, inv,
+                                 acc if axis else Z.dtype)  # fmt: skip
+        if wants[0] and axis:
+            dZ = lax.psum(dZ, axis).astype(Z.dtype)
+        if local.rows:
+            dW = lax.psum(dW, local.rows) if wants[1] else dW
+            db = lax.psum(db, local.rows) if wants[2] else db
+        # Outputs not asked for are empty: (0, ..., 0) keeps the rank the specs expect.
+        shape = lambda x: x.reshape(*(lead if x.shape[0] else (0,) * len(lead)), *x.shape[1:])  # noqa: E731
+        return (*(o.reshape(lead) for o in outs), shape(dZ), dW, db)
 
-    out_specs = ((P(rs),) * n_out, P(rs, None), wspec, P(model))
-    if AxisType.Explicit in tuple(lay.mesh.axis_types):
-        args = [_kernel._reshard(x, lay.mesh, p) for x, p in zip(args, in_specs)]
-    # check_vma=False as in the head: every output declared replicated over an axis is a
-    # psum/pmax over it, or computed from replicated inputs only.
-    smap = jax.shard_map(f, mesh=lay.mesh, in_specs=tuple(in_specs), out_specs=out_specs,
-                         check_vma=False)  # fmt: skip
-    outs, dZ, dW, db = smap(*args)
-    return outs, dZ.astype(Z.dtype), dW, db
+    out = _shard.run(
+        per_device, lay.placement, (Z, W, b, Zt, Wt, y, inv, *rows),
+        ("features", "weight", "classes", "features", "weight", "rows", "replicated",
+         *("rows",) * nrows),
+        (*(("rows", None),) * n_out, ("features", 0), ("weight", 1), ("classes", 2)),
+    )  # fmt: skip
+    return out[:n_out], out[n_out], out[n_out + 1], out[n_out + 2]

@@ -88,6 +88,8 @@ def run_case(mesh, layout, reduction, explicit):
     wspec = P(None, "model") if layout == "dk" else P("model", None)
     put = lambda x, p: jax.device_put(x, NamedSharding(mesh, p))  # noqa: E731
     Ws, Wts, bs = put(W, wspec), put(Wt, wspec), put(b, P("model"))
+    if "data" in mesh.axis_names:  # the rows split over the data axis (data x vocabulary)
+        Z = put(Z, P("data", None))
     g_lp = jax.value_and_grad(f_lp, (0, 1, 2))
     g_d = jax.value_and_grad(f_d, (0, 1, 2))
     if explicit:  # JAX's explicit-sharding mode: differentiate under jit

@@ -65,3 +65,15 @@ def test_mean_of_all_zero_weights_is_zero_not_nan_everywhere():
     head = sj.linear_cross_entropy(Z, W, y, weights=s, reduction="mean")
     for x in (sj.loss(W, Z, y, weights=s, reduction="mean"), value, g, head):
         np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+def test_mean_normaliser_of_weights_summing_below_one():
+    # 1 / Σ s whatever Σ s > 0 is: the zero guard must not clip small totals
+    s = jnp.asarray([0.125, 0.375], jnp.float32)
+    assert float(mean_normaliser(s, 2, "mean", jnp.float32)) == 2.0
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
+def test_operand_narrower_than_w_is_cast_up(x_dtype):
+    # W's dtype whichever is wider: a narrower Z (bf16/f16 features, float32 W) is cast up too
+    assert operand(jnp.ones((3, 2), x_dtype), jnp.float32).dtype == jnp.float32

@@ -134,3 +134,14 @@ def test_newton_stops_where_tol_asks_not_far_past_it():
     for tol in (1e-6, 1e-8):
         res = solve(data, zeros(6, 5), solver="newton-cg", l2=1e-3, tol=tol, max_iter=100)
         assert res.converged and tol / 30 <= res.grad_max <= tol
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "lbfgs"])
+def test_a_start_at_the_optimum_takes_no_iteration(solver):
+    # max|∇f| = 0 exactly at the start (features all zero, balanced classes, zero parameters):
+    # the stopping test max|∇f| <= tol holds at tol = 0, so no iteration runs
+    y = np.tile(np.arange(4, dtype=np.int32), 2)
+    res = solve(float64_data(np.zeros((8, 3)), y), zeros(3, 4), solver=solver, l2=0.1, tol=0.0,
+                max_iter=5)  # fmt: skip
+    assert res.converged and res.n_iter == 0 and res.grad_max == 0.0, res
+    assert res.value == pytest.approx(np.log(4), rel=1e-15)

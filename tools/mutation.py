@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 MODULE_TESTS = {
-    "_precision": ["tests/test_grad.py"],  # no test file of its own: its users' exactness tests
+    "_precision": ["tests/test_precision.py"],
     "_chunks": ["tests/test_chunks.py"],
     # mean_scale (the per-sample factor of the mean) is used by _grad and _objective, not by loss
     "_loss": ["tests/test_loss.py", "tests/test_grad.py"],
