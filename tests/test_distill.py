@@ -73,7 +73,7 @@ def _matrix_case(key, div, temperature, hard_weight, reduction, layout, masked):
 
 
 @pytest.mark.x64
-@pytest.mark.parametrize("div, temperature, hard_weight, reduction, layout, masked", MATRIX[::9])
+@pytest.mark.parametrize("div, temperature, hard_weight, reduction, layout, masked", MATRIX[::18])
 def test_float64_matrix(getkey, div, temperature, hard_weight, reduction, layout, masked):
     _matrix_case(getkey(), div, temperature, hard_weight, reduction, layout, masked)
 
@@ -81,7 +81,7 @@ def test_float64_matrix(getkey, div, temperature, hard_weight, reduction, layout
 @pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("div, temperature, hard_weight, reduction, layout, masked",
-                         [c for i, c in enumerate(MATRIX) if i % 9 and i % 3 == 1])  # fmt: skip
+                         [c for i, c in enumerate(MATRIX) if i % 9 and i % 12 == 1])  # fmt: skip
 def test_float64_matrix_rest(getkey, div, temperature, hard_weight, reduction, layout, masked):
     _matrix_case(getkey(), div, temperature, hard_weight, reduction, layout, masked)
 
