@@ -88,7 +88,7 @@ def test_float64_matrix_rest(getkey, div, temperature, hard_weight, reduction, l
 
 @pytest.mark.slow
 @pytest.mark.x64
-@settings(max_examples=12, derandomize=True)
+@settings(max_examples=6, derandomize=True)
 @given(
     div=st.sampled_from(DIVERGENCES),
     temperature=st.sampled_from([0.5, 1.0, 3.0]),
