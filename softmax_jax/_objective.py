@@ -33,7 +33,7 @@ from jax import lax
 
 from ._chunks import fold_chunks
 from ._grad import hvp_residual, residual, transpose_gemm
-from ._loss import logits, logsumexp_rows, reduce_losses, target_term
+from ._loss import logits, logsumexp_rows, nll_rows, reduce_losses
 from ._precision import mean_normaliser
 
 Params = dict[str, jax.Array]
@@ -126,8 +126,8 @@ def vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
         return Z.vg_sum(params, y, s)
     W = params["W"]
     A = _biased_logits(params, Z)
-    lse, E, S = logsumexp_rows(A)
-    value = reduce_losses(lse - target_term(A, y, True), s, "sum")
+    _, E, S = logsumexp_rows(A)
+    value = reduce_losses(nll_rows(A, S, y, True), s, "sum")
     M = residual(A, E, S, y, None if s is None else s.astype(A.dtype), True)
     g = {"W": features_t_times(Z, M, W.dtype)}
     if "b" in params:
@@ -251,8 +251,8 @@ def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array
     if hasattr(data.Z, "predict_stats"):  # rows left on the host
         return data.Z.predict_stats(params)
     A = _biased_logits(params, data.Z)
-    lse, _, _ = logsumexp_rows(A)
-    per = lse - target_term(A, data.y, True)
+    _, _, S = logsumexp_rows(A)
+    per = nll_rows(A, S, data.y, True)
     correct = (jnp.argmax(A, axis=1) == data.y).astype(A.dtype)
     s = jnp.ones_like(per) if data.s is None else data.s.astype(per.dtype)
     return jnp.sum(s * per), jnp.sum(s * correct)

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from ._grad import residual
-from ._loss import logsumexp_rows, mean_scale, reduce_losses, target_term
+from ._loss import logsumexp_rows, mean_scale, nll_rows, reduce_losses
 from ._precision import mean_normaliser
 
 #: Longest piece: longer rows of ``S`` are cut into pieces of this length, whose partial products
@@ -218,8 +218,8 @@ class SparseRows(NamedTuple):
         """``softmax_jax._objective.vg_sum`` on these rows: eq. (2) summed with weights ``s``,
         its gradient (eq. (6): ``Xᵀ M`` and the column sums of ``M``) and the logits."""
         A = self.logits(params)
-        lse, E, S = logsumexp_rows(A)
-        value = reduce_losses(lse - target_term(A, y, True), s, "sum")
+        _, E, S = logsumexp_rows(A)
+        value = reduce_losses(nll_rows(A, S, y, True), s, "sum")
         M = residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
         return value, _sums_to_params(M, ell_apply(self.bwd, M), params), A
 
@@ -232,8 +232,8 @@ class SparseRows(NamedTuple):
     def predict_stats(self, params):
         """``(Σ s_i ℓ_i, Σ s_i [argmax a_i = y_i])`` (``softmax_jax._objective.predict_stats``)."""
         A = self.logits(params)
-        lse, _, _ = logsumexp_rows(A)
-        per = lse - target_term(A, self.y, True)
+        _, _, S = logsumexp_rows(A)
+        per = nll_rows(A, S, self.y, True)
         correct = (jnp.argmax(A, axis=1) == self.y).astype(A.dtype)
         s = jnp.ones_like(per) if self.s is None else self.s.astype(per.dtype)
         return jnp.sum(s * per), jnp.sum(s * correct)
@@ -302,8 +302,8 @@ class SparseBatch(NamedTuple):
         """Like :meth:`SparseRows.vg_sum`; ``Xᵀ M`` is a scatter-add of the batch's entries."""
         W = params["W"]
         A = _with_bias(_slot_sum(self.idx, self.val, W, 0, self.idx.shape[0]), params)
-        lse, E, S = logsumexp_rows(A)
-        value = reduce_losses(lse - target_term(A, y, True), s, "sum")
+        _, E, S = logsumexp_rows(A)
+        value = reduce_losses(nll_rows(A, S, y, True), s, "sum")
         M = residual(A, E, S, y, mean_scale(s, A.shape[0], A.dtype, "sum"), True)
         upd = self.val.astype(M.dtype)[:, :, None] * M[None, :, :]
         gW = jnp.zeros(W.shape, M.dtype).at[self.idx.reshape(-1)].add(upd.reshape(-1, W.shape[1]))

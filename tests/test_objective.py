@@ -140,3 +140,17 @@ def test_all_zero_weights_evaluate_to_zero_not_nan(getkey):
     nll, acc = evaluate(params, data)
     for x in (v, g["W"], g["b"], nll, acc):
         assert np.all(np.asarray(x) == 0)
+
+
+def test_huge_tied_logits_keep_log_k():
+    """Logits ~1e30 tied across the classes: ``lse − a_y`` cancels to 0 in float32, the objective's
+    ``(m − a_y) + log Σ exp(a − m)`` keeps the exact ``N log K`` (value and predict_stats)."""
+    n, d, k = 5, 3, 4
+    Z = jnp.full((n, d), 1e15, jnp.float32)
+    params = {"W": jnp.full((d, k), 1e15 / 3, jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
+    y = jnp.arange(n) % k
+    value, _, A = _objective.vg_sum(params, Z, y, None)
+    assert float(jnp.max(jnp.abs(A))) > 1e29  # the regime where lse − a_y cancels
+    np.testing.assert_allclose(float(value), n * np.log(k), rtol=1e-6)
+    total, _ = _objective.predict_stats(params, _objective.TrainData(Z, y, None))
+    np.testing.assert_allclose(float(total), n * np.log(k), rtol=1e-6)
