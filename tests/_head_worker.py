@@ -129,16 +129,23 @@ def plain_sharded() -> dict:
     # explicit mesh against the same call on one device.
     n, d, k = 8192, 256, 65536
 
-    def temps(sharding):
+    def temps(sharding, rows=n, row_sharding=None):
         sds = jax.ShapeDtypeStruct
-        args = (sds((n, d), jnp.float32), sds((d, k), jnp.float32, sharding=sharding),
-                sds((n,), jnp.int32))  # fmt: skip
+        args = (sds((rows, d), jnp.float32, sharding=row_sharding),
+                sds((d, k), jnp.float32, sharding=sharding),
+                sds((rows,), jnp.int32, sharding=row_sharding))  # fmt: skip
         g = jax.value_and_grad(lambda Z, W, y: sj.linear_cross_entropy(Z, W, y), (0, 1))
         return int(jax.jit(g).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
     one = temps(None)
     four = temps(NamedSharding(explicit, P(None, "model")))
-    out["memory"] = {"one_device": one, "four_devices_per_device": four}
+    # Plain data parallelism: rows over 4 devices, W replicated, against one device running the
+    # same call on its 2048 local rows.
+    data = jax.make_mesh((4,), ("data",), devices=devs[:4])
+    rows = temps(NamedSharding(data, P()), n, NamedSharding(data, P("data")))
+    local = temps(None, n // 4)
+    out["memory"] = {"one_device": one, "four_devices_per_device": four,
+                     "data_parallel_per_device": rows, "one_device_local_rows": local}  # fmt: skip
 
     return out
 

@@ -55,3 +55,33 @@ def getkey(request):
         return jax.random.fold_in(key, next(counter))
 
     return _getkey
+
+
+#: Module-scoped fixtures that start subprocesses or train models, by test module. Every test that
+#: uses one joins one xdist group (``--dist loadgroup``, in pyproject.toml's addopts), so under
+#: ``-n 2`` the fixture runs once on one worker instead of once on each.
+SHARED_FIXTURES = {
+    "test_checkpoint": ("saved_run",),
+    "test_cli": ("files",),
+    "test_cli_predict": ("trained",),
+    "test_lm_client": ("runs",),
+    "test_parallel": ("devices_run", "heads_run", "matrix_run", "two_processes"),
+    "test_sparse": ("problem",),
+    "test_vocab": ("mesh_run",),
+}
+
+
+def _heavy(item) -> bool:
+    return any(item.get_closest_marker(m) is not None for m in ("slow", "multiprocess"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # The slow and multiprocess tests first (in their order): under -n 2 the long tests start
+    # early and the short ones fill the end, instead of a long test finishing the run alone.
+    items.sort(key=lambda item: not _heavy(item))  # stable
+    for item in items:
+        module = getattr(item, "module", None)
+        names = SHARED_FIXTURES.get(getattr(module, "__name__", "").rsplit(".", 1)[-1], ())
+        used = [name for name in names if name in getattr(item, "fixturenames", ())]
+        if used:
+            item.add_marker(pytest.mark.xdist_group(f"{module.__name__}:{used[0]}"))

@@ -235,6 +235,10 @@ def test_plain_head_with_class_sharded_w(heads_run):
         assert got[f"{name}_dW_spec"] == "P(None, 'model')"
     mem = got["memory"]
     assert mem["four_devices_per_device"] <= 0.5 * mem["one_device"], mem
+    # Data parallel: each device's temporaries are those of one device running the call on its
+    # local rows (the all-reduce of dW adds at most a dW-sized buffer: W is (256, 65536) here).
+    dw_bytes = 256 * 65536 * 4
+    assert mem["data_parallel_per_device"] <= mem["one_device_local_rows"] + dw_bytes, mem
 
 
 MATRIX = Path(__file__).with_name("_mesh_matrix.py")
