@@ -10,7 +10,6 @@ a mesh, from the inputs' shardings) in ``_shard``; this module checks the argume
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Literal, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from . import _fused, _kernel, _shard
+from ._options import check_chunk_size, check_counted_labels, check_head_options
 from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
@@ -47,7 +47,7 @@ class CrossEntropyAux(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    """Arguments checked and flattened, ready for the kernel (the heads' shared interface)."""
+    """Arguments checked, ready for the kernel (the heads' shared interface)."""
 
     Z: jax.Array  # (..., D)
     W: jax.Array  # (D, K) or (K, D)
@@ -60,98 +60,13 @@ class _Prepared(NamedTuple):
     ignore_index: int | None
 
 
-# --------------------------------------------------------------------------------------------
-# Validation.
-# --------------------------------------------------------------------------------------------
-
-
-def _is_int(x) -> bool:
-    """A Python or NumPy integer (``bool`` excluded)."""
-    try:
-        return not isinstance(x, bool) and operator.index(x) == x
-    except TypeError:
-        return False
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == "auto"):
-        return
-    if not _is_int(chunk_size):
-        raise TypeError(
-            f"`chunk_size` must be a positive int, 'auto' or None, got "
-            f"{type(chunk_size).__name__} {chunk_size!r}"
-        )
-    if chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive int, 'auto' or None, got {chunk_size}")
-
-
-def _static_float(x, name: str) -> float:
-    try:
-        return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise TypeError(
-            f"`{name}` must be a Python float (a static configuration value), got "
-            f"{type(x).__name__}"
-        ) from None
-
-
-def _check_options(label_smoothing, z_loss, ignore_index, softcap, weight_layout, return_aux):
-    ls = _static_float(label_smoothing, "label_smoothing")
-    zl = _static_float(z_loss, "z_loss")
-    if not 0.0 <= ls < 1.0:
-        raise ValueError(f"`label_smoothing` must lie in [0, 1), got {ls}")
-    if not zl >= 0.0:
-        raise ValueError(f"`z_loss` must be >= 0, got {zl}")
-    if ignore_index is not None:
-        if not _is_int(ignore_index):
-            raise TypeError(
-                f"`ignore_index` must be an int or None, got {type(ignore_index).__name__} "
-                f"{ignore_index!r}"
-            )
-        ignore_index = int(ignore_index)
-    if softcap is not None:
-        softcap = _static_float(softcap, "softcap")
-        if not softcap > 0.0:
-            raise ValueError(f"`softcap` must be a positive float or None, got {softcap}")
-    if weight_layout not in ("dk", "kd"):
-        raise ValueError(f"`weight_layout` must be 'dk' or 'kd', got {weight_layout!r}")
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"`return_aux` must be a bool, got {type(return_aux).__name__}")
-    return ls, zl, ignore_index, softcap
-
-
-def _check_label_values(labels, weights, k: int, ignore_index) -> None:
-    """Labels in ``[0, K)`` where they count (not ``ignore_index``, weight ≠ 0): checked when the
-    values are concrete; under tracing such a row's loss and gradients are NaN."""
-    if not is_concrete(labels) or labels.size == 0:
-        return
-    if weights is not None and not is_concrete(weights):
-        return  # which rows count is known only at run time: NaN rows there, as under jit
-    y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
-    ignored, in_range = label_masks(y, k, ignore_index)
-    bad = ~(ignored | in_range)
-    if weights is not None:
-        bad &= np.asarray(weights).reshape(-1) != 0
-    if bad.any():
-        idx = int(np.flatnonzero(bad)[0])
-        where = np.unravel_index(idx, labels.shape) if labels.ndim != 1 else idx
-        where = tuple(int(i) for i in where) if labels.ndim != 1 else idx
-        extra = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
-        stored = None if ignore_index is None else np.array(ignore_index).astype(y.dtype)
-        if stored is not None and int(stored) != ignore_index:
-            extra += f" (held as {int(stored)} in {y.dtype})"
-        raise ValueError(
-            f"`labels` must lie in [0, K) = [0, {k}){extra}, got {int(y[idx])} at index {where}"
-        )
-
-
 def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss,
             ignore_index, softcap, weight_layout, return_aux, *, flatten=True) -> _Prepared:  # fmt: skip
     """Checks every argument of the heads (the leading dims stay: each device flattens its own
     rows, so any sharding of them works)."""
     check_reduction(reduction)
-    _check_chunk_size(chunk_size)
-    ls, zl, ignore_index, softcap = _check_options(
+    check_chunk_size(chunk_size)
+    ls, zl, ignore_index, softcap = check_head_options(
         label_smoothing, z_loss, ignore_index, softcap, weight_layout, return_aux
     )
     Z, W = as_array(Z, "Z"), as_array(W, "W")
@@ -207,7 +122,7 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
             if np.any(w < 0):
                 idx = int(np.flatnonzero(w < 0)[0])
                 raise ValueError(f"`weights` must be >= 0, got {w[idx]} at flat index {idx}")
-    _check_label_values(labels, weights, k, ignore_index)
+    check_counted_labels(labels, weights, k, ignore_index)
     if flatten:  # (N, D) rows: the vocabulary losses' interface (the heads keep the lead dims)
         n = int(np.prod(lead, dtype=np.int64))
         Z, labels = Z.reshape(n, d), labels.reshape(n)

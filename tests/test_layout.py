@@ -31,6 +31,7 @@ LAYER_OF = {
     "_version": MATH,
     "_precision": MATH,
     "_validate": MATH,
+    "_options": MATH,  # issue16: the fused vocabulary losses' option and label checks
     "_loss": MATH,
     "_grad": MATH,
     "_check": MATH,
