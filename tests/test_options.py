@@ -42,7 +42,9 @@ def test_chunk_size_accepted(ok):
     ],
 )
 def test_chunk_size_errors(bad, error, match):
-    with pytest.raises(error, match=r"`chunk_size` must be a positive int, 'auto' or None, " + match):
+    with pytest.raises(
+        error, match=r"`chunk_size` must be a positive int, 'auto' or None, " + match
+    ):
         _options.check_chunk_size(bad)
 
 
@@ -72,9 +74,13 @@ def test_head_option_errors_name_the_argument(change, error, match):
 def test_counted_labels_skip_ignored_and_weight0_rows():
     y = jnp.array([[0, 4, -100], [5, 1, 2]])
     _options.check_counted_labels(y, jnp.array([[1, 1, 1], [0, 1, 1]]), 5, -100)
-    with pytest.raises(ValueError, match=r"\[0, 5\) or ignore_index = -100, got 5 at index \(1, 0\)"):
+    with pytest.raises(
+        ValueError, match=r"\[0, 5\) or ignore_index = -100, got 5 at index \(1, 0\)"
+    ):
         _options.check_counted_labels(y, None, 5, -100)
-    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, K\) = \[0, 5\), got -100 at index 2$"):
+    with pytest.raises(
+        ValueError, match=r"`labels` must lie in \[0, K\) = \[0, 5\), got -100 at index 2$"
+    ):
         _options.check_counted_labels(jnp.array([0, 1, -100]), None, 5, None)
 
 
