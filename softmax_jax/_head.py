@@ -4,7 +4,8 @@
 differentiated by the hand-written gradient of eq. (6) carried to the head's inputs (``_fused``:
 forward and reverse mode). The per-chunk math lives in ``_kernel``, where it runs (one device or
 a mesh, from the inputs' shardings) in ``_shard``; this module checks the arguments, applies
-``ignore_index`` and the weights, and picks the rows per chunk.
+``ignore_index`` and the weights, and picks the rows per chunk. The vocabulary losses
+(``_logprobs``, ``_distill``) share its :func:`prepare` and :func:`rows_per_chunk`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class _Prepared(NamedTuple):
 
 
 def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss,
-            ignore_index, softcap, weight_layout, return_aux, *, flatten=True) -> _Prepared:  # fmt: skip
+            ignore_index, softcap, weight_layout, return_aux) -> _Prepared:  # fmt: skip
     """Checks every argument of the heads (the leading dims stay: each device flattens its own
     rows, so any sharding of them works)."""
     check_reduction(reduction)
@@ -123,10 +124,6 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
                 idx = int(np.flatnonzero(w < 0)[0])
                 raise ValueError(f"`weights` must be >= 0, got {w[idx]} at flat index {idx}")
     check_counted_labels(labels, weights, k, ignore_index)
-    if flatten:  # (N, D) rows: the vocabulary losses' interface (the heads keep the lead dims)
-        n = int(np.prod(lead, dtype=np.int64))
-        Z, labels = Z.reshape(n, d), labels.reshape(n)
-        weights = None if weights is None else weights.reshape(n)
     spec = _kernel.Spec(reduction, 0, _kernel.K_BLOCK, ls, zl, softcap, weight_layout, k,
                         return_aux)  # fmt: skip
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
@@ -177,18 +174,6 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     hits = jnp.sum(jnp.where(pred == labels, s, 0.0))
     accuracy = hits / jnp.where(total > 0, total, 1)
     return loss, CrossEntropyAux(lse, pred, accuracy)
-
-
-def class_sharding(W, kaxis: int):
-    """``(mesh, axis)`` when ``W``'s class axis is visibly sharded over one mesh axis of size > 1
-    (the vocabulary losses' dispatch; the heads read every sharding with ``_shard.layout_of``)."""
-    sharding = _shard.visible_sharding(W)
-    if sharding is None:
-        return None
-    names = _shard.axis_names((tuple(sharding.spec) + (None, None))[kaxis])
-    if len(names) != 1 or sharding.mesh.shape[names[0]] == 1:
-        return None
-    return sharding.mesh, names[0]
 
 
 def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
@@ -376,6 +361,6 @@ def linear_cross_entropy(
     """
     with jax.named_scope("linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
-                    z_loss, ignore_index, softcap, weight_layout, return_aux, flatten=False)  # fmt: skip
+                    z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
         spec = placed_spec(p)
         return dispatch(p, spec)

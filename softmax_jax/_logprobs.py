@@ -152,7 +152,7 @@ def _prepare(Z, W, tokens, bias, temperature, weight_layout, chunk_size):
         raise ValueError(f"`temperature` must be a positive finite float, got {t}")
     try:
         p = _head.prepare(Z, W, tokens, bias, None, "none", chunk_size, 0.0, 0.0, None, None,
-                          weight_layout, False, flatten=False)  # fmt: skip
+                          weight_layout, False)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("`labels`", "`tokens`")) from None
     return p, t
