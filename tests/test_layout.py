@@ -81,10 +81,7 @@ MAX_MODULE_LINES = 500
 
 # Known offenders, one entry per (check, item): each becomes an xfail(strict=True) so the suite
 # stays green while the owner fixes it, and fails as soon as it is fixed (then delete the entry).
-KNOWN = {
-    ("test_file", "_shard"): "issue16: no tests/test_shard.py",
-    ("test_file", "_kernel"): "issue16: no tests/test_kernel.py",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @functools.cache
