@@ -8,6 +8,7 @@ static size with these helpers, so the remainder is handled — and tested — o
   ``lax.fori_loop`` over the whole ones and one static remainder block; nothing is padded.
 - :func:`map_chunks` (traced): ``f`` applied to row blocks of arrays, outputs concatenated.
 - :func:`host_chunks` (host): the blocks as Python ``slice`` objects.
+- :func:`slice_block` / :func:`put_block` (traced): read / write one block along an axis.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def fold_chunks(
     """``carry = body(start, size, carry)`` over the blocks ``[start, start + size)`` of
     ``range(n)``: ``size == block`` for the ``n // block`` whole blocks (a ``lax.fori_loop``;
     ``start`` traced; inlined when there is one) and ``size == n % block`` for the last one
-    (``start`` a Python int). ``body`` reads its block with ``lax.dynamic_slice_in_dim``."""
+    (``start`` a Python int). ``body`` reads its block with :func:`slice_block`."""
     _check_block(n, block)
     nfull, rem = divmod(n, block)
     if nfull == 1:
@@ -70,3 +71,13 @@ def host_chunks(n: int, block: int) -> Iterator[slice]:
     _check_block(n, block)
     for start in range(0, n, block):
         yield slice(start, min(n, start + block))
+
+
+def slice_block(x: jax.Array, start: int | jax.Array, size: int, axis: int) -> jax.Array:
+    """``x[..., start : start + size, ...]`` along ``axis`` (``start`` may be traced)."""
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def put_block(x: jax.Array, start: int | jax.Array, block: jax.Array, axis: int) -> jax.Array:
+    """``x`` with ``block`` (cast to ``x``'s dtype) written at ``start`` along ``axis``."""
+    return lax.dynamic_update_slice_in_dim(x, block.astype(x.dtype), start, axis=axis)

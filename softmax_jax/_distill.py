@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from . import _head, _vocab
 from ._logprobs import layout_for, run_on_mesh
+from ._options import static_float
 from ._precision import acc_dtype, mean_normaliser
 from ._validate import as_array, check_float
 
@@ -215,17 +216,17 @@ def _call(Z, W, Zt, Wt, labels, weights, *, cfg, ignore_index, lead):
 
 def _check_options(temperature, divergence, beta, hard_weight, labels):
     """The static options; returns ``(T, divergence, β, λ_h)`` with β = 0 / 1 resolved."""
-    t = _head._static_float(temperature, "temperature")
+    t = static_float(temperature, "temperature")
     if not (t > 0.0 and np.isfinite(t)):
         raise ValueError(f"`temperature` must be a positive finite float, got {t}")
     if divergence not in DIVERGENCES:
         raise ValueError(
             f"`divergence` must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}"
         )
-    b = _head._static_float(beta, "beta")
+    b = static_float(beta, "beta")
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"`beta` must lie in [0, 1], got {b}")
-    hw = _head._static_float(hard_weight, "hard_weight")
+    hw = static_float(hard_weight, "hard_weight")
     if not (hw >= 0.0 and np.isfinite(hw)):
         raise ValueError(f"`hard_weight` must be a finite float >= 0, got {hw}")
     if hw != 0.0 and labels is None:

@@ -4,13 +4,13 @@
 differentiated by the hand-written gradient of eq. (6) carried to the head's inputs (``_fused``:
 forward and reverse mode). The per-chunk math lives in ``_kernel``, where it runs (one device or
 a mesh, from the inputs' shardings) in ``_shard``; this module checks the arguments, applies
-``ignore_index`` and the weights, and picks the rows per chunk.
+``ignore_index`` and the weights, and picks the rows per chunk. The vocabulary losses
+(``_logprobs``, ``_distill``) share its :func:`prepare` and :func:`rows_per_chunk`.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Literal, NamedTuple
 
 import jax
@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from . import _fused, _kernel, _shard
+from ._options import check_chunk_size, check_counted_labels, check_head_options
 from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
@@ -47,7 +48,7 @@ class CrossEntropyAux(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    """Arguments checked and flattened, ready for the kernel (the heads' shared interface)."""
+    """Arguments checked, ready for the kernel (the heads' shared interface)."""
 
     Z: jax.Array  # (..., D)
     W: jax.Array  # (D, K) or (K, D)
@@ -60,98 +61,13 @@ class _Prepared(NamedTuple):
     ignore_index: int | None
 
 
-# --------------------------------------------------------------------------------------------
-# Validation.
-# --------------------------------------------------------------------------------------------
-
-
-def _is_int(x) -> bool:
-    """A Python or NumPy integer (``bool`` excluded)."""
-    try:
-        return not isinstance(x, bool) and operator.index(x) == x
-    except TypeError:
-        return False
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == "auto"):
-        return
-    if not _is_int(chunk_size):
-        raise TypeError(
-            f"`chunk_size` must be a positive int, 'auto' or None, got "
-            f"{type(chunk_size).__name__} {chunk_size!r}"
-        )
-    if chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive int, 'auto' or None, got {chunk_size}")
-
-
-def _static_float(x, name: str) -> float:
-    try:
-        return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise TypeError(
-            f"`{name}` must be a Python float (a static configuration value), got "
-            f"{type(x).__name__}"
-        ) from None
-
-
-def _check_options(label_smoothing, z_loss, ignore_index, softcap, weight_layout, return_aux):
-    ls = _static_float(label_smoothing, "label_smoothing")
-    zl = _static_float(z_loss, "z_loss")
-    if not 0.0 <= ls < 1.0:
-        raise ValueError(f"`label_smoothing` must lie in [0, 1), got {ls}")
-    if not zl >= 0.0:
-        raise ValueError(f"`z_loss` must be >= 0, got {zl}")
-    if ignore_index is not None:
-        if not _is_int(ignore_index):
-            raise TypeError(
-                f"`ignore_index` must be an int or None, got {type(ignore_index).__name__} "
-                f"{ignore_index!r}"
-            )
-        ignore_index = int(ignore_index)
-    if softcap is not None:
-        softcap = _static_float(softcap, "softcap")
-        if not softcap > 0.0:
-            raise ValueError(f"`softcap` must be a positive float or None, got {softcap}")
-    if weight_layout not in ("dk", "kd"):
-        raise ValueError(f"`weight_layout` must be 'dk' or 'kd', got {weight_layout!r}")
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"`return_aux` must be a bool, got {type(return_aux).__name__}")
-    return ls, zl, ignore_index, softcap
-
-
-def _check_label_values(labels, weights, k: int, ignore_index) -> None:
-    """Labels in ``[0, K)`` where they count (not ``ignore_index``, weight ≠ 0): checked when the
-    values are concrete; under tracing such a row's loss and gradients are NaN."""
-    if not is_concrete(labels) or labels.size == 0:
-        return
-    if weights is not None and not is_concrete(weights):
-        return  # which rows count is known only at run time: NaN rows there, as under jit
-    y = np.asarray(labels).reshape(-1)  # NumPy: under an outer jit, jnp ops would be traced
-    ignored, in_range = label_masks(y, k, ignore_index)
-    bad = ~(ignored | in_range)
-    if weights is not None:
-        bad &= np.asarray(weights).reshape(-1) != 0
-    if bad.any():
-        idx = int(np.flatnonzero(bad)[0])
-        where = np.unravel_index(idx, labels.shape) if labels.ndim != 1 else idx
-        where = tuple(int(i) for i in where) if labels.ndim != 1 else idx
-        extra = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
-        stored = None if ignore_index is None else np.array(ignore_index).astype(y.dtype)
-        if stored is not None and int(stored) != ignore_index:
-            extra += f" (held as {int(stored)} in {y.dtype})"
-        raise ValueError(
-            f"`labels` must lie in [0, K) = [0, {k}){extra}, got {int(y[idx])} at index {where}"
-        )
-
-
 def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing, z_loss,
-            ignore_index, softcap, weight_layout, return_aux, *, flatten=True) -> _Prepared:  # fmt: skip
+            ignore_index, softcap, weight_layout, return_aux) -> _Prepared:  # fmt: skip
     """Checks every argument of the heads (the leading dims stay: each device flattens its own
     rows, so any sharding of them works)."""
     check_reduction(reduction)
-    _check_chunk_size(chunk_size)
-    ls, zl, ignore_index, softcap = _check_options(
+    check_chunk_size(chunk_size)
+    ls, zl, ignore_index, softcap = check_head_options(
         label_smoothing, z_loss, ignore_index, softcap, weight_layout, return_aux
     )
     Z, W = as_array(Z, "Z"), as_array(W, "W")
@@ -207,11 +123,7 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
             if np.any(w < 0):
                 idx = int(np.flatnonzero(w < 0)[0])
                 raise ValueError(f"`weights` must be >= 0, got {w[idx]} at flat index {idx}")
-    _check_label_values(labels, weights, k, ignore_index)
-    if flatten:  # (N, D) rows: the vocabulary losses' interface (the heads keep the lead dims)
-        n = int(np.prod(lead, dtype=np.int64))
-        Z, labels = Z.reshape(n, d), labels.reshape(n)
-        weights = None if weights is None else weights.reshape(n)
+    check_counted_labels(labels, weights, k, ignore_index)
     spec = _kernel.Spec(reduction, 0, _kernel.K_BLOCK, ls, zl, softcap, weight_layout, k,
                         return_aux)  # fmt: skip
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
@@ -262,18 +174,6 @@ def call(Z, W, labels, bias, weights, *, spec, ignore_index, lead):
     hits = jnp.sum(jnp.where(pred == labels, s, 0.0))
     accuracy = hits / jnp.where(total > 0, total, 1)
     return loss, CrossEntropyAux(lse, pred, accuracy)
-
-
-def class_sharding(W, kaxis: int):
-    """``(mesh, axis)`` when ``W``'s class axis is visibly sharded over one mesh axis of size > 1
-    (the vocabulary losses' dispatch; the heads read every sharding with ``_shard.layout_of``)."""
-    sharding = _shard.visible_sharding(W)
-    if sharding is None:
-        return None
-    names = _shard.axis_names((tuple(sharding.spec) + (None, None))[kaxis])
-    if len(names) != 1 or sharding.mesh.shape[names[0]] == 1:
-        return None
-    return sharding.mesh, names[0]
 
 
 def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
@@ -461,6 +361,6 @@ def linear_cross_entropy(
     """
     with jax.named_scope("linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
-                    z_loss, ignore_index, softcap, weight_layout, return_aux, flatten=False)  # fmt: skip
+                    z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
         spec = placed_spec(p)
         return dispatch(p, spec)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _shard
-from ._chunks import fold_chunks
+from ._chunks import fold_chunks, put_block, slice_block
 from ._precision import acc_dtype, gemm, operand
 
 # Columns of a logits chunk handled per step of the inner (class) loops: besides the (chunk, K)
@@ -33,6 +33,13 @@ K_BLOCK = 2048
 # A class shard is read in this many column blocks, ``(chunk, K/P/4)`` each: its residual blocks
 # shrink with the shard, so the per-device temporaries scale as 1/P whatever P.
 _SHARD_BLOCKS = 4
+
+
+def column_block(k_local: int, sharded: bool, kblock: int = K_BLOCK) -> int:
+    """Columns per step of the inner class loops over a ``(chunk, k_local)`` logits chunk:
+    ``kblock`` on one device, ``⌈k_local / 4⌉`` on a class shard; within ``[1, k_local]``."""
+    block = -(-k_local // _SHARD_BLOCKS) if sharded else kblock
+    return max(1, min(block, k_local))
 
 
 class Spec(NamedTuple):
@@ -50,36 +57,10 @@ class Spec(NamedTuple):
     placement: _shard.Layout | None = None  # where it runs (None: one device)
     class_axes: tuple[str, ...] | None = None  # per device: the mesh axes splitting the classes
 
-    # The former names, still read by the vocabulary losses (_logprobs, _distill).
-    @property
-    def layout(self) -> str:
-        return self.weight_layout
-
-    @property
-    def k(self) -> int:
-        return self.num_classes
-
 
 # --------------------------------------------------------------------------------------------
-# Loops, slices, collectives, layouts.
+# Collectives, layouts.
 # --------------------------------------------------------------------------------------------
-
-
-def _slice(x, start, size, axis):
-    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-
-
-def _put(x, start, block, axis):
-    return lax.dynamic_update_slice_in_dim(x, block.astype(x.dtype), start, axis=axis)
-
-
-def _reshard(x, mesh, pspec):
-    """``x`` resharded to ``pspec`` on ``mesh`` unless its type already says so (explicit axes;
-    used by the vocabulary losses' own shard_map)."""
-    have = getattr(jax.typeof(x), "sharding", None)
-    if isinstance(have, jax.sharding.NamedSharding) and have.spec == pspec:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, pspec))
 
 
 def _allmax(x, spec: Spec):
@@ -107,9 +88,9 @@ def _logits_chunk(Zc, W, spec, acc):
 
 def _block_logits(A, b, start, size, spec):
     """Columns ``[start, start + size)`` of the logits: ``r = A + b``, softcapped if asked."""
-    r = _slice(A, start, size, 1)
+    r = slice_block(A, start, size, 1)
     if b is not None:
-        r = r + _slice(b, start, size, 0)[None, :]
+        r = r + slice_block(b, start, size, 0)[None, :]
     return r if spec.softcap is None else spec.softcap * jnp.tanh(r / spec.softcap)
 
 
@@ -206,13 +187,13 @@ def _grad_blocks(A, b, stats, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
             G = G * (1.0 - jnp.square(a / cap))
         Gg = operand(G, W.dtype)
         if want_dZ:
-            Wj = _slice(W, start, size, ka)
+            Wj = slice_block(W, start, size, ka)
             dZc = dZc + gemm(Gg, Wj, (1, ka), acc)
         if want_dW:
             blk = gemm(Zg, Gg, (0, 0), acc) if ka == 1 else gemm(Gg, Zg, (0, 0), acc)
-            dW = _put(dW, start, _slice(dW, start, size, ka) + blk, ka)
+            dW = put_block(dW, start, slice_block(dW, start, size, ka) + blk, ka)
         if want_db:
-            db = _put(db, start, _slice(db, start, size, 0) + jnp.sum(G, axis=0), 0)
+            db = put_block(db, start, slice_block(db, start, size, 0) + jnp.sum(G, axis=0), 0)
         return dZc, dW, db
 
     init = (vary(jnp.zeros((c if want_dZ else 0, d), acc)), dW, db)
@@ -238,8 +219,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     """
     (n, d), kl = Z.shape, W.shape[_kaxis(spec)]
     acc = acc_dtype(W.dtype)
-    kblock = -(-kl // _SHARD_BLOCKS) if spec.class_axes else spec.kblock
-    kblock = max(1, min(kblock, kl))
+    kblock = column_block(kl, bool(spec.class_axes), spec.kblock)
     want_dZ, want_dW, want_db = wants
     want_grads = any(wants)
     want_lse = spec.aux or lse_in is not None
@@ -250,9 +230,9 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     def body(start, size, carry):
         per, lse_all, pred_all, dZ, dW, db = carry
         Zc, yc, sc = (
-            _slice(Z, start, size, 0),
-            _slice(labels, start, size, 0),
-            _slice(s, start, size, 0),
+            slice_block(Z, start, size, 0),
+            slice_block(labels, start, size, 0),
+            slice_block(s, start, size, 0),
         )
         valid = (yc >= 0) & (yc < spec.num_classes)
         yl = yc - offset
@@ -260,21 +240,21 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         if lse_in is None or want_per or spec.aux:
             lse, tgt, tot, pred = _row_stats(A, b, yl, offset, spec, kblock, vary)
         if lse_in is not None:
-            lse = _slice(lse_in, start, size, 0)
+            lse = slice_block(lse_in, start, size, 0)
         if want_per:
             ell = _per_sample(lse, tgt, tot, spec)
             ell = jnp.where(valid, ell, jnp.where(sc == 0, 0.0, jnp.nan))
-            per = _put(per, start, ell, 0)
+            per = put_block(per, start, ell, 0)
         if want_lse:
-            lse_all = _put(lse_all, start, lse, 0)
+            lse_all = put_block(lse_all, start, lse, 0)
         if spec.aux and lse_in is None:
-            pred_all = _put(pred_all, start, pred, 0)
+            pred_all = put_block(pred_all, start, pred, 0)
         if want_grads:
-            cc = sc if g is None else sc * _slice(g, start, size, 0)
+            cc = sc if g is None else sc * slice_block(g, start, size, 0)
             cc = jnp.where(valid | (sc == 0), cc, jnp.nan)
             dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary)
             if want_dZ:
-                dZ = _put(dZ, start, dZc if inv is None else dZc * inv, 0)
+                dZ = put_block(dZ, start, dZc if inv is None else dZc * inv, 0)
         return per, lse_all, pred_all, dZ, dW, db
 
     w_shape = list(W.shape)
@@ -306,12 +286,12 @@ def fused_pass(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per
 
     def per_device(local, Z, W, b, labels, s, g, lse, inv):
         lead = labels.shape
-        flat = lambda x: None if x is None else x.reshape(-1, *x.shape[len(lead) :])  # noqa: E731
+        flat = lambda x: _shard.flat_rows(x, lead)  # noqa: E731
         axis = local.classes or None
         sp = spec._replace(class_axes=axis)
         offset = local.class_offset(W.shape[_kaxis(spec)])
         per, lse_, pred, dZ, dW, db = _pass(
-            Z.reshape(-1, Z.shape[-1]),
+            flat(Z),
             W,
             b,
             flat(labels),
@@ -325,14 +305,9 @@ def fused_pass(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per
             wants=wants,
             dz_dtype=acc if axis else Z.dtype,
         )
-        if wants[0] and axis:
-            dZ = lax.psum(dZ, axis).astype(Z.dtype)
-        if local.rows:
-            dW = lax.psum(dW, local.rows) if wants[1] else dW
-            db = lax.psum(db, local.rows) if wants[2] else db
-        # Outputs not asked for are empty: (0, ..., 0) keeps the rank the specs expect.
-        shape = lambda x: x.reshape(*(lead if x.shape[0] else (0,) * len(lead)), *x.shape[1:])  # noqa: E731
-        return shape(per), shape(lse_), shape(pred), shape(dZ), dW, db
+        dZ, dW, db = _shard.reduce_gradients(local, lead, dZ, dW, db, wants, Z.dtype)
+        per, lse_, pred = (_shard.lead_rows(x, lead) for x in (per, lse_, pred))
+        return per, lse_, pred, dZ, dW, db
 
     return _shard.run(
         per_device, spec.placement, (Z, W, b, labels, s, g, lse, inv),

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from . import _head, _shard, _vocab
+from ._options import static_float
 from ._precision import acc_dtype
 
 
@@ -146,12 +147,12 @@ def _call(Z, W, b, tokens, *, cfg, lead):
 
 def _prepare(Z, W, tokens, bias, temperature, weight_layout, chunk_size):
     """The head's checks (``tokens`` named as such), the temperature, the layout."""
-    t = _head._static_float(temperature, "temperature")
+    t = static_float(temperature, "temperature")
     if not (t > 0.0 and np.isfinite(t)):
         raise ValueError(f"`temperature` must be a positive finite float, got {t}")
     try:
         p = _head.prepare(Z, W, tokens, bias, None, "none", chunk_size, 0.0, 0.0, None, None,
-                          weight_layout, False, flatten=False)  # fmt: skip
+                          weight_layout, False)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("`labels`", "`tokens`")) from None
     return p, t

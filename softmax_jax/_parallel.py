@@ -128,7 +128,7 @@ def sharded_linear_cross_entropy(
     """
     with jax.named_scope("sharded_linear_cross_entropy"):
         p = prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
-                    z_loss, ignore_index, softcap, weight_layout, return_aux, flatten=False)  # fmt: skip
+                    z_loss, ignore_index, softcap, weight_layout, return_aux)  # fmt: skip
         n = int(np.prod(p.lead, dtype=np.int64))
         _check_mesh(mesh, axis_name, n, p.spec.num_classes)
         rows = tuple(a for a in mesh.axis_names if a != axis_name)

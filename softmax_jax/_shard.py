@@ -256,6 +256,30 @@ def run(
     return tuple(final)
 
 
+def flat_rows(x, lead: tuple[int, ...]):
+    """``x`` ``(*lead, ...)`` as rows ``(n, ...)`` (``None`` stays ``None``): what a per-device
+    function does to its local shard before the row-chunk pass."""
+    return None if x is None else x.reshape(-1, *x.shape[len(lead) :])
+
+
+def lead_rows(x, lead: tuple[int, ...]):
+    """A per-row output ``(n, ...)`` back to ``(*lead, ...)``; an empty one (not asked for) to
+    ``(0, ..., 0, ...)``: the rank the out specs of :func:`run` expect."""
+    return x.reshape(*(lead if x.shape[0] else (0,) * len(lead)), *x.shape[1:])
+
+
+def reduce_gradients(local: Local, lead: tuple[int, ...], dZ, dW, db, wants, z_dtype):
+    """The per-device tail of a pass over rows: of the gradients asked for in
+    ``wants = (dZ, dW, db)``, ``dZ`` ``(n, D)`` summed over the class axes (in ``z_dtype``) and
+    reshaped to ``(*lead, D)``, ``dW`` and ``db`` summed over the row axes."""
+    if wants[0] and local.classes:
+        dZ = lax.psum(dZ, local.classes).astype(z_dtype)
+    if local.rows:
+        dW = lax.psum(dW, local.rows) if wants[1] else dW
+        db = lax.psum(db, local.rows) if wants[2] else db
+    return lead_rows(dZ, lead), dW, db
+
+
 def varying_like(x, *refs):
     """``x`` typed as varying over the manual axes any of ``refs`` varies over (inside a user's
     ``jax.shard_map`` with ``check_vma``): loop carries then keep one type."""
@@ -274,13 +298,3 @@ def reduce_like(ct, primal):
 def _vma(x) -> frozenset:
     mat = getattr(jax.typeof(x), "manual_axis_type", None)
     return frozenset() if mat is None else frozenset(mat.varying)
-
-
-def visible_sharding(x):
-    """The ``NamedSharding`` ``x`` visibly carries (see :func:`layout_of`), or ``None``."""
-    return _sharding(x)
-
-
-def axis_names(*entries) -> tuple[str, ...]:
-    """The mesh axis names in PartitionSpec entries (``None``, a name or a tuple of names)."""
-    return _names(entries)

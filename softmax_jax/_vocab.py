@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _kernel, _shard
-from ._chunks import fold_chunks
+from . import _shard
+from ._chunks import fold_chunks, put_block, slice_block
+from ._kernel import column_block
 from ._precision import acc_dtype, gemm, operand
 
 
@@ -76,10 +77,10 @@ def fold_columns(ch: Chunk, body, init):
     """``carry = body(block, carry)`` over the column blocks of the chunk (a :class:`Block`)."""
 
     def step(start, size, carry):
-        a = _kernel._slice(ch.A, start, size, 1)
+        a = slice_block(ch.A, start, size, 1)
         if ch.b is not None:
-            a = a + _kernel._slice(ch.b, start, size, 0)[None, :]
-        t = None if ch.B is None else _kernel._slice(ch.B, start, size, 1)
+            a = a + slice_block(ch.b, start, size, 0)[None, :]
+        t = None if ch.B is None else slice_block(ch.B, start, size, 1)
         cols = lax.broadcasted_iota(ch.yl.dtype, (1, size), 1) + start
         return body(Block(a, t, cols, start, size), carry)
 
@@ -160,12 +161,12 @@ def _grad_gemms(ch: Chunk, gblock, Zc, W, dW, db, layout, wants):
         Gg = operand(G, W.dtype)
         start, size = blk.start, blk.size
         if want_dZ:
-            dZc = dZc + gemm(Gg, _kernel._slice(W, start, size, ka), (1, ka), acc)
+            dZc = dZc + gemm(Gg, slice_block(W, start, size, ka), (1, ka), acc)
         if want_dW:
             blk = gemm(Zg, Gg, (0, 0), acc) if ka == 1 else gemm(Gg, Zg, (0, 0), acc)
-            dW = _kernel._put(dW, start, _kernel._slice(dW, start, size, ka) + blk, ka)
+            dW = put_block(dW, start, slice_block(dW, start, size, ka) + blk, ka)
         if want_db:
-            db = _kernel._put(db, start, _kernel._slice(db, start, size, 0) + jnp.sum(G, 0), 0)
+            db = put_block(db, start, slice_block(db, start, size, 0) + jnp.sum(G, 0), 0)
         return dZc, dW, db
 
     init = (jnp.zeros((Zc.shape[0] if want_dZ else 0, W.shape[1 - ka]), acc), dW, db)
@@ -184,13 +185,12 @@ def _pass(Z, W, b, Zt, Wt, y, rows, offset, lay, chunk_fn, n_out, wants, inv, dz
     (n, d), ka = Z.shape, kaxis(lay.layout)
     kl = W.shape[ka]
     acc = acc_dtype(W.dtype) if Wt is None else acc_dtype(W.dtype, Wt.dtype)
-    kblock = -(-kl // _kernel._SHARD_BLOCKS) if lay.axis else _kernel.K_BLOCK
-    kblock = max(1, min(kblock, kl))
+    kblock = column_block(kl, bool(lay.axis))
     want_dZ, want_dW, want_db = wants
 
     def body(start, size, carry):
         outs, dZ, dW, db = carry
-        sl = lambda x: _kernel._slice(x, start, size, 0)  # noqa: E731
+        sl = lambda x: slice_block(x, start, size, 0)  # noqa: E731
         Zc, yc = sl(Z), sl(y)
         A = gemm(operand(Zc, W.dtype), W, (1, 1 - ka), acc)
         B = None
@@ -198,11 +198,11 @@ def _pass(Z, W, b, Zt, Wt, y, rows, offset, lay, chunk_fn, n_out, wants, inv, dz
             B = gemm(operand(sl(Zt), Wt.dtype), Wt, (1, 1 - ka), acc).astype(acc)
         ch = Chunk(A, b, B, yc - offset, (yc >= 0) & (yc < lay.k), kblock, lay.axis)
         vals, gblock = chunk_fn(ch, tuple(sl(r) for r in rows))
-        outs = tuple(_kernel._put(o, start, v, 0) for o, v in zip(outs, vals))
+        outs = tuple(put_block(o, start, v, 0) for o, v in zip(outs, vals))
         if gblock is not None and any(wants):
             dZc, dW, db = _grad_gemms(ch, gblock, Zc, W, dW, db, lay.layout, wants)
             if want_dZ:
-                dZ = _kernel._put(dZ, start, dZc if inv is None else dZc * inv, 0)
+                dZ = put_block(dZ, start, dZc if inv is None else dZc * inv, 0)
         return outs, dZ, dW, db
 
     w_shape = list(W.shape)
@@ -233,20 +233,14 @@ def run(Z, W, b, Zt, Wt, y, rows, lay: Layout, chunk_fn: ChunkFn, n_out: int, *,
     def per_device(local, Z, W, b, Zt, Wt, y, inv, *rws):
         lead = y.shape
         axis = local.classes or None
-        flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
+        flat = lambda x: _shard.flat_rows(x, lead)  # noqa: E731
         offset = local.class_offset(W.shape[kaxis(lay.layout)])
-        outs, dZ, dW, db = _pass(flat(Z), W, b, flat(Zt), Wt, y.reshape(-1),
-                                 tuple(r.reshape(-1) for r in rws), offset,
+        outs, dZ, dW, db = _pass(flat(Z), W, b, flat(Zt), Wt, flat(y),
+                                 tuple(flat(r) for r in rws), offset,
                                  lay._replace(axis=axis), chunk_fn, n_out, wants, inv,
                                  acc if axis else Z.dtype)  # fmt: skip
-        if wants[0] and axis:
-            dZ = lax.psum(dZ, axis).astype(Z.dtype)
-        if local.rows:
-            dW = lax.psum(dW, local.rows) if wants[1] else dW
-            db = lax.psum(db, local.rows) if wants[2] else db
-        # Outputs not asked for are empty: (0, ..., 0) keeps the rank the specs expect.
-        shape = lambda x: x.reshape(*(lead if x.shape[0] else (0,) * len(lead)), *x.shape[1:])  # noqa: E731
-        return (*(o.reshape(lead) for o in outs), shape(dZ), dW, db)
+        dZ, dW, db = _shard.reduce_gradients(local, lead, dZ, dW, db, wants, Z.dtype)
+        return (*(o.reshape(lead) for o in outs), dZ, dW, db)
 
     out = _shard.run(
         per_device, lay.placement, (Z, W, b, Zt, Wt, y, inv, *rows),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from softmax_jax._chunks import fold_chunks, host_chunks, map_chunks
+from softmax_jax._chunks import fold_chunks, host_chunks, map_chunks, put_block, slice_block
 
 sizes = st.tuples(st.integers(0, 40), st.integers(1, 50))
 
@@ -80,3 +80,18 @@ def test_host_chunks_partition_the_rows(nb):
 def test_bad_block_is_an_internal_error():
     with pytest.raises(AssertionError):
         list(host_chunks(3, 0))
+
+
+def test_blocks_read_and_written_along_an_axis():
+    """``slice_block``/``put_block`` at a traced start (inside a fold), along rows or columns;
+    a written block takes the target's dtype."""
+    x = jnp.arange(24.0).reshape(4, 6)
+
+    def body(start, size, acc):
+        blk = slice_block(x, start, size, 1)
+        return put_block(acc, start, 2 * blk, 1)
+
+    out = jax.jit(lambda: fold_chunks(6, 4, body, jnp.zeros((4, 6), jnp.int32)))()
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, 2 * np.arange(24).reshape(4, 6))
+    np.testing.assert_array_equal(slice_block(x, 1, 2, 0), x[1:3])

@@ -1,8 +1,10 @@
 """linear_cross_entropy: the fused head against the unfused loss, its memory, and its errors.
 
-Exactness is checked in float64 (x64 is on for the session, see conftest.py) against ``jax.grad``
-of an unfused reference written plainly below. The class block is shrunk to 3 columns
-(``small_kblock``) so that small problems run the inner class loops as well as the row loops.
+Exactness is checked in float64 (x64 on for this module, see conftest.py) against ``jax.grad``
+of an unfused reference written plainly below. Every test runs the head as users do (columns in
+blocks of ``_kernel.K_BLOCK``); ``test_row_and_class_remainders`` takes K past two blocks so the
+inner class loops run whole blocks and a remainder (tests/test_kernel.py drives those loops
+with small blocks directly).
 """
 
 import jax
@@ -23,12 +25,6 @@ pytestmark = pytest.mark.x64
 # The gradients must equal the unfused reference to 1e-10 relative in float64 (the issue's bar);
 # they agree to ~1e-15, so the helper's float64 tolerance (1e-12) is used where nothing says more.
 RTOL64 = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def small_kblock(monkeypatch):
-    # Read at call time and part of the jit's static configuration: every test retraces with it.
-    monkeypatch.setattr(_kernel, "K_BLOCK", 3)
 
 
 def reference(
@@ -84,10 +80,9 @@ OPTIONS = {
     "lm+all": {"bias": True, "weights": "float", "label_smoothing": 0.2, "z_loss": 1e-2,
                "softcap": 2.0, "weight_layout": "kd", "ignore": True, "lead": (2, 4)},
 }  # fmt: skip
-# Every option with row chunks (8 rows: two chunks of 4) and class blocks (6 classes: two blocks
-# of 3); the single-chunk path (chunk_size=None, or larger than N) and the default ("auto") for
-# the combination of all options; remainders (N, K not multiples) in
-# test_row_and_class_remainders. Each case compiles its own program (loops cost most of the
+# Every option with row chunks (8 rows: two chunks of 4); the single-chunk path (chunk_size=None,
+# or larger than N) and the default ("auto") for the combination of all options; several class
+# blocks and remainders (N, K not multiples) in test_row_and_class_remainders. Each case compiles its own program (loops cost most of the
 # compile time): the matrix is kept to distinct paths.
 CASES = [(opt, 4) for opt in OPTIONS] + [("all", None), ("plain", 32), ("lm+all", "auto")]
 
@@ -152,25 +147,51 @@ def test_equals_optax_integer_label_loss(getkey):
         assert_close(g, r)
 
 
+# Columns come in blocks of K_BLOCK: K = 2 blocks + 5 runs the class loop over whole blocks
+# and a remainder, K = 1 block + 3 one whole block (inlined) and a remainder, K = 5 or 1 a
+# single partial block; N = 11 in chunks of 4 a row remainder, N = 1 a lone partial chunk.
+TWO_BLOCKS, ONE_BLOCK = 2 * _kernel.K_BLOCK + 5, _kernel.K_BLOCK + 3
+REMAINDER_OPTIONS = {
+    "smoothing": {"label_smoothing": 0.1},
+    "softcap+z_loss+kd": {"label_smoothing": 0.1, "softcap": 3.0, "z_loss": 1e-2,
+                          "weight_layout": "kd"},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "n,chunk_size,k,reduction",
-    [(11, 4, 7, "sum"), (11, 4, 7, "none"), (1, 4, 5, "mean"), (9, 9, 1, "sum")],
+    "n,chunk_size,k,reduction,option",
+    [
+        (11, 4, TWO_BLOCKS, "sum", "smoothing"),
+        (11, 4, TWO_BLOCKS, "none", "softcap+z_loss+kd"),
+        (1, 4, ONE_BLOCK, "mean", "softcap+z_loss+kd"),
+        (11, 4, 5, "mean", "smoothing"),
+        (9, 9, 1, "sum", "smoothing"),
+    ],
 )
-def test_row_and_class_remainders(getkey, n, chunk_size, k, reduction):
+def test_row_and_class_remainders(getkey, n, chunk_size, k, reduction, option):
+    opts = REMAINDER_OPTIONS[option]
     Z, W, b, y, s = make(getkey(), n=n, k=k)
+    W = W.T if opts.get("weight_layout") == "kd" else W
     ct = jnp.linspace(-1.0, 2.0, n) if reduction == "none" else 1.0
 
     def f(fn):
         def loss(Z, W, b):
-            out = fn(Z, W, y, bias=b, weights=s, reduction=reduction, label_smoothing=0.1)
+            out = fn(Z, W, y, bias=b, weights=s, reduction=reduction, **opts)
             return jnp.sum(ct * out)
 
         return loss
 
     fused = f(lambda *a, **kw: linear_cross_entropy(*a, chunk_size=chunk_size, **kw))
+    assert_close(fused(Z, W, b), f(reference)(Z, W, b))
     got, want = jax.grad(fused, (0, 1, 2))(Z, W, b), jax.grad(f(reference), (0, 1, 2))(Z, W, b)
     for g, r in zip(got, want):
         assert_close(g, r)
+    # The row statistics over every block: the log-sum-exp and the first argmax.
+    _, aux = linear_cross_entropy(Z, W, y, bias=b, chunk_size=chunk_size, return_aux=True, **opts)
+    A = Z @ (W.T if opts.get("weight_layout") == "kd" else W) + b
+    A = A if "softcap" not in opts else opts["softcap"] * jnp.tanh(A / opts["softcap"])
+    assert_close(aux.lse, jax.nn.logsumexp(A, axis=1))
+    np.testing.assert_array_equal(aux.predictions, jnp.argmax(A, axis=1))
 
 
 def test_finite_differences(getkey):
@@ -336,20 +357,19 @@ def _temp_bytes(f, *specs, **options):
     [{}, {"xla_cpu_experimental_ynn_fusion_type": ""}],
     ids=["default", "no-library-fusion"],
 )
-def test_memory_of_value_and_grad(monkeypatch, options):
+def test_memory_of_value_and_grad(options):
     """Compile only (no arrays allocated): XLA's buffer assignment is deterministic.
 
     At N=16384, D=1024, K=32768, float32, chunk 1024 the unfused loss holds the (N, K) logits and
     their gradient (2 × 2 GiB). The chunked head holds one (chunk, K) logits chunk (128 MiB) plus
-    blocks of ``_K_BLOCK`` columns: the chunk's slice of G, the matching columns of W and of the
-    dW update (each ≤ max(chunk, D) × _K_BLOCK × 4 bytes, three of them with slack), O(N + D)
+    blocks of ``K_BLOCK`` columns: the chunk's slice of G, the matching columns of W and of the
+    dW update (each ≤ max(chunk, D) × K_BLOCK × 4 bytes, three of them with slack), O(N + D)
     vectors, and the (D, K) dW accumulator: reverse mode transposes the custom_jvp's tangent
     ⟨dW, Ẇ⟩, so the gradient is ``ct · dW`` computed from it (one (D, K) temporary).
 
     On CPU, the ``no-library-fusion`` case turns off XLA's YNNPACK fusions, whose scratch memory
     the analysis cannot see; the bound must hold either way.
     """
-    monkeypatch.setattr(_kernel, "K_BLOCK", 2048)
     if jax.default_backend() != "cpu":
         options = {}
     n, d, k, chunk, f32 = 16384, 1024, 32768, 1024, 4
@@ -595,11 +615,10 @@ def test_low_precision_mean_at_large_n(dtype):
     ("layout", "n", "d", "k", "ratio"),
     [("dk", 16384, 1024, 32768, 15), ("kd", 16384, 1024, 32768, 15), ("kd", 16 * 64, 128, 4096, 4)],
 )
-def test_memory_with_default_arguments(monkeypatch, layout, n, d, k, ratio):
+def test_memory_with_default_arguments(layout, n, d, k, ratio):
     """Compile only. Default arguments (chunk_size="auto") hold ≥ 15× less than the unfused
     loss at N=16384, D=1024, K=32768 and ≥ 4× less at a small LM's B=16, T=64, D=128, K=4096
     (tied); the tied (K, D) layout holds within 1.25× of (D, K) (no transposed copy of W)."""
-    monkeypatch.setattr(_kernel, "K_BLOCK", 2048)
     w_shape = (d, k) if layout == "dk" else (k, d)
     specs = (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
