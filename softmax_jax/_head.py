@@ -25,11 +25,14 @@ from ._precision import acc_dtype
 from ._validate import as_array, check_float, check_reduction, is_concrete, label_masks
 
 #: ``chunk_size="auto"``: a chunk's logits ``(rows, K)`` as large as the hidden-state block
-#: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), but at
-#: least MIN_ROWS rows (GEMMs that short of rows run below full speed) and its float32 logits at
-#: most LOGITS_BUDGET bytes.
+#: ``(N, D)`` it comes from (Liger-Kernel's rule: rows = N / ⌈K / D⌉, to a power of two), raised
+#: to GEMM_ROWS rows where N allows at most MAX_CHUNKS chunks of them (each chunk adds a pass over
+#: the (D, K) gradient, whose GEMM contracts over the chunk's rows: short chunks run it below full
+#: speed), at least MIN_ROWS rows, and its float32 logits at most LOGITS_BUDGET bytes.
 MIN_ROWS = 64
-LOGITS_BUDGET = 64 * 2**20
+GEMM_ROWS = 512
+MAX_CHUNKS = 16
+LOGITS_BUDGET = 128 * 2**20
 
 
 class CrossEntropyAux(NamedTuple):
@@ -131,14 +134,15 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
 
 def rows_per_chunk(chunk_size, n: int, k: int, d: int | None = None) -> int:
     """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
-    or, for ``"auto"``, the power of two ≥ ``n / ⌈k / d⌉`` clamped to
-    ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]`` (``d=None``: the largest within the budget)."""
+    or, for ``"auto"``, the power of two ≥ ``max(n / ⌈k / d⌉, min(GEMM_ROWS, n / MAX_CHUNKS))``
+    clamped to ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]`` (``d=None``: the largest within the
+    budget)."""
     if d is None and isinstance(chunk_size, str):
         d = n * k  # no hidden-state bound: the budget alone
     if chunk_size is None:
         rows = n
     elif isinstance(chunk_size, str):
-        share = max(1, n // max(1, -(-k // max(d, 1))))
+        share = max(1, n // max(1, -(-k // max(d, 1))), min(GEMM_ROWS, -(-n // MAX_CHUNKS)))
         rows = 1 << (share - 1).bit_length()
         cap = max(1, LOGITS_BUDGET // (4 * max(k, 1)))
         rows = min(max(rows, MIN_ROWS), 1 << (cap.bit_length() - 1))

@@ -215,7 +215,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
       is read, not recomputed);
     - the gradients of ``inv · Σ_i s_i g_i ℓ_i`` (``g`` a per-row cotangent or ``None``, ``inv``
       the mean's ``1 / Σ s`` or ``None``) for the ``wants = (dZ, dW, db)`` asked for, ``inv``
-      applied to the float32 GEMM results.
+      folded into ``G`` for operands in the accumulation dtype, else applied to the GEMM results.
     """
     (n, d), kl = Z.shape, W.shape[_kaxis(spec)]
     acc = acc_dtype(W.dtype)
@@ -224,6 +224,11 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
     want_grads = any(wants)
     want_lse = spec.aux or lse_in is not None
     refs = (Z, W, b, labels, s, g, lse_in, inv)
+    # The mean's 1/Σs: folded into G when the GEMM operands are in the accumulation dtype (no
+    # (K, D) rescaling pass after the loop); applied to the float32 GEMM results for narrower
+    # operands, whose range 1/Σs · G could leave (float16 underflows at 6e-5).
+    fold = inv is not None and jnp.dtype(W.dtype) == jnp.dtype(acc)
+    post = None if fold else inv
     # Inside a user's shard_map (check_vma) the carries vary over the axes the inputs do.
     vary = lambda t: jax.tree.map(lambda x: _shard.varying_like(x, *refs), t)  # noqa: E731
 
@@ -252,9 +257,11 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         if want_grads:
             cc = sc if g is None else sc * slice_block(g, start, size, 0)
             cc = jnp.where(valid | (sc == 0), cc, jnp.nan)
+            if fold:
+                cc = cc * inv
             dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary)
             if want_dZ:
-                dZ = put_block(dZ, start, dZc if inv is None else dZc * inv, 0)
+                dZ = put_block(dZ, start, dZc if post is None else dZc * post, 0)
         return per, lse_all, pred_all, dZ, dW, db
 
     w_shape = list(W.shape)
@@ -270,8 +277,8 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         )
     )
     per, lse, pred, dZ, dW, db = fold_chunks(n, spec.chunk, body, init)
-    if inv is not None:
-        dW, db = dW * inv, db * inv
+    if post is not None:
+        dW, db = dW * post, db * post
     return per, lse, pred, dZ, dW, db
 
 

@@ -2,9 +2,9 @@
 
 Exactness is checked in float64 (x64 on for this module, see conftest.py) against ``jax.grad``
 of an unfused reference written plainly below. Every test runs the head as users do (columns in
-blocks of ``_kernel.K_BLOCK``); ``test_row_and_class_remainders`` takes K past two blocks so the
-inner class loops run whole blocks and a remainder (tests/test_kernel.py drives those loops
-with small blocks directly).
+blocks of ``_kernel.K_BLOCK``) except ``test_row_and_class_remainders``, which takes K past two
+blocks of 3 columns so the inner class loops run whole blocks and a remainder
+(tests/test_kernel.py drives those loops directly).
 """
 
 import jax
@@ -147,10 +147,20 @@ def test_equals_optax_integer_label_loss(getkey):
         assert_close(g, r)
 
 
-# Columns come in blocks of K_BLOCK: K = 2 blocks + 5 runs the class loop over whole blocks
-# and a remainder, K = 1 block + 3 one whole block (inlined) and a remainder, K = 5 or 1 a
-# single partial block; N = 11 in chunks of 4 a row remainder, N = 1 a lone partial chunk.
-TWO_BLOCKS, ONE_BLOCK = 2 * _kernel.K_BLOCK + 5, _kernel.K_BLOCK + 3
+# Columns come in blocks of K_BLOCK, here SMALL_BLOCK (the `small_column_blocks` fixture: the
+# same loops as 2048-column blocks, at a fraction of the compile and run time): K = 2 blocks + 5
+# runs the class loop over whole blocks and a remainder, K = 1 block + 3 one whole block
+# (inlined) and a remainder, K = 1 a single partial block; N = 11 in chunks of 4 a row
+# remainder, N = 1 a lone partial chunk.
+SMALL_BLOCK = 3
+TWO_BLOCKS, ONE_BLOCK = 2 * SMALL_BLOCK + 5, SMALL_BLOCK + 3
+
+
+@pytest.fixture
+def small_column_blocks(monkeypatch):
+    monkeypatch.setattr(_kernel, "K_BLOCK", SMALL_BLOCK)
+
+
 REMAINDER_OPTIONS = {
     "smoothing": {"label_smoothing": 0.1},
     "softcap+z_loss+kd": {"label_smoothing": 0.1, "softcap": 3.0, "z_loss": 1e-2,
@@ -164,11 +174,10 @@ REMAINDER_OPTIONS = {
         (11, 4, TWO_BLOCKS, "sum", "smoothing"),
         (11, 4, TWO_BLOCKS, "none", "softcap+z_loss+kd"),
         (1, 4, ONE_BLOCK, "mean", "softcap+z_loss+kd"),
-        (11, 4, 5, "mean", "smoothing"),
         (9, 9, 1, "sum", "smoothing"),
     ],
 )
-def test_row_and_class_remainders(getkey, n, chunk_size, k, reduction, option):
+def test_row_and_class_remainders(getkey, small_column_blocks, n, chunk_size, k, reduction, option):
     opts = REMAINDER_OPTIONS[option]
     Z, W, b, y, s = make(getkey(), n=n, k=k)
     W = W.T if opts.get("weight_layout") == "kd" else W
@@ -559,11 +568,14 @@ def test_named_scope_in_the_program(getkey):
 
 
 def test_default_chunk_is_frugal():
-    """ "auto": the logits chunk about the size of the hidden-state block (Liger's rule), at
-    least MIN_ROWS rows, within the logits budget."""
+    """ "auto": the logits chunk about the size of the hidden-state block (Liger's rule), raised
+    to GEMM_ROWS rows where that leaves at most MAX_CHUNKS chunks, at least MIN_ROWS rows, within
+    the logits budget."""
     assert _head.rows_per_chunk("auto", 16384, 32768, 1024) == 512
-    assert _head.rows_per_chunk("auto", 8192, 50257, 1024) == 256
+    assert _head.rows_per_chunk("auto", 8192, 50257, 1024) == _head.GEMM_ROWS  # GPT-2's vocabulary
+    assert _head.rows_per_chunk("auto", 4096, 50257, 1024) == 256  # 16 chunks
     assert _head.rows_per_chunk("auto", 1024, 4096, 128) == _head.MIN_ROWS  # a small LM
+    assert _head.rows_per_chunk("auto", 16384, 262144, 4096) == 128  # the logits budget
     assert _head.rows_per_chunk("auto", 50, 1000, 8) == 50  # fewer rows than one chunk
     assert _head.rows_per_chunk(None, 100, 10**6, 8) == 100
     assert 4 * 50257 * _head.rows_per_chunk("auto", 10**6, 50257, 10**5) <= _head.LOGITS_BUDGET
