@@ -259,7 +259,11 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
             cc = jnp.where(valid | (sc == 0), cc, jnp.nan)
             if fold:
                 cc = cc * inv
-            dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary)
+            # W tied to this chunk (a barrier with the chunk's start): XLA would otherwise
+            # hoist the column blocks' slices of the loop-invariant W out of the row loop, into
+            # a stacked copy of W.
+            Wc, _ = lax.optimization_barrier((W, start))
+            dZc, dW, db = _grad_blocks(A, b, lse, yl, cc, Zc, Wc, dW, db, spec, kblock, wants, vary)
             if want_dZ:
                 dZ = put_block(dZ, start, dZc if post is None else dZc * post, 0)
         return per, lse_all, pred_all, dZ, dW, db

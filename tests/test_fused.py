@@ -90,15 +90,18 @@ def test_reduction_none_reverse_mode_still_works(getkey):
 
 
 def test_forward_mode_memory_like_reverse_mode():
-    """Compile only, float32, N=16384, D=1024, K=32768: jax.jvp's temporaries within 1.5x of
-    value_and_grad's, and ≥ 10x below the unfused loss's jvp."""
+    """Compile only, float32, N=16384, D=1024, K=32768: jax.jvp's temporaries within 1.2x of
+    value_and_grad's temporaries and outputs (the tangent contracts the gradients that reverse
+    mode returns: forward mode holds them as temporaries), and ≥ 10x below the unfused loss's
+    jvp."""
     n, d, k = 16384, 1024, 32768
     sds = jax.ShapeDtypeStruct
     Z, W = sds((n, d), jnp.float32), sds((d, k), jnp.float32)
     y = jnp.zeros(n, jnp.int32)
 
-    def temps(g):
-        return jax.jit(g).lower(Z, W).compile().memory_analysis().temp_size_in_bytes
+    def temps(g, outputs=False):
+        m = jax.jit(g).lower(Z, W).compile().memory_analysis()
+        return m.temp_size_in_bytes + (m.output_size_in_bytes if outputs else 0)
 
     def head(Z, W):
         return sj.linear_cross_entropy(Z, W, y)
@@ -107,5 +110,5 @@ def test_forward_mode_memory_like_reverse_mode():
         return optax.softmax_cross_entropy_with_integer_labels(Z @ W, y).mean()
 
     jvp = temps(lambda Z, W: jax.jvp(head, (Z, W), (Z, W)))
-    assert jvp <= 1.5 * temps(jax.value_and_grad(head, (0, 1)))
+    assert jvp <= 1.2 * temps(jax.value_and_grad(head, (0, 1)), outputs=True)
     assert 10 * jvp <= temps(lambda Z, W: jax.jvp(unfused, (Z, W), (Z, W)))
