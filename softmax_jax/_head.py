@@ -30,9 +30,9 @@ from ._validate import as_array, check_float, check_reduction, is_concrete, labe
 #: the (D, K) gradient, whose GEMM contracts over the chunk's rows: short chunks run it below full
 #: speed), at least MIN_ROWS rows, and its float32 logits at most LOGITS_BUDGET bytes.
 MIN_ROWS = 64
-GEMM_ROWS = 512
-MAX_CHUNKS = 16
-LOGITS_BUDGET = 128 * 2**20
+GEMM_ROWS = 1024
+MAX_CHUNKS = 8
+LOGITS_BUDGET = 256 * 2**20
 
 
 class CrossEntropyAux(NamedTuple):

@@ -571,11 +571,12 @@ def test_default_chunk_is_frugal():
     """ "auto": the logits chunk about the size of the hidden-state block (Liger's rule), raised
     to GEMM_ROWS rows where that leaves at most MAX_CHUNKS chunks, at least MIN_ROWS rows, within
     the logits budget."""
-    assert _head.rows_per_chunk("auto", 16384, 32768, 1024) == 512
+    assert _head.rows_per_chunk("auto", 16384, 32768, 1024) == _head.GEMM_ROWS
     assert _head.rows_per_chunk("auto", 8192, 50257, 1024) == _head.GEMM_ROWS  # GPT-2's vocabulary
-    assert _head.rows_per_chunk("auto", 4096, 50257, 1024) == 256  # 16 chunks
-    assert _head.rows_per_chunk("auto", 1024, 4096, 128) == _head.MIN_ROWS  # a small LM
-    assert _head.rows_per_chunk("auto", 16384, 262144, 4096) == 128  # the logits budget
+    assert _head.rows_per_chunk("auto", 4096, 50257, 1024) == 512  # MAX_CHUNKS chunks
+    assert _head.rows_per_chunk("auto", 1024, 4096, 128) == 128  # a small LM
+    assert _head.rows_per_chunk("auto", 256, 4096, 16) == _head.MIN_ROWS
+    assert _head.rows_per_chunk("auto", 16384, 262144, 4096) == 256  # the logits budget
     assert _head.rows_per_chunk("auto", 50, 1000, 8) == 50  # fewer rows than one chunk
     assert _head.rows_per_chunk(None, 100, 10**6, 8) == 100
     assert 4 * 50257 * _head.rows_per_chunk("auto", 10**6, 50257, 10**5) <= _head.LOGITS_BUDGET
