@@ -424,3 +424,21 @@ def test_digests_are_stable_across_versions():
     assert transformation_digest({"lr": 0.1, "betas": (0.9, 0.999), "on": True}) == (
         "d5601c125984f539"
     )
+
+
+def test_optimizer_digest_sees_deep_inside_a_chain_and_empty_closure_cells():
+    def opt(peak):  # the schedule's peak sits 26 levels down in the description
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, 10, 100)
+        return optax.chain(optax.clip(1.0), optax.adamw(schedule))
+
+    assert transformation_digest(opt(0.1)) == transformation_digest(opt(0.1))
+    assert transformation_digest(opt(0.1)) != transformation_digest(opt(0.2))
+
+    def unfinished():
+        def fn(x):
+            return x * later
+
+        return fn
+        later = 2.0  # noqa: F841 - never runs: `fn`'s closure cell stays empty
+
+    assert len(transformation_digest(unfinished())) == 16
