@@ -89,8 +89,12 @@ def test_incompatible_checkpoint_is_refused_naming_the_directory(tmp_path):
         fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "seed": 6})
     with pytest.raises(CheckpointError, match=r"optimizer: saved 'adam\(lr=0.01\)', now"):
         fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "learning_rate": 0.02})
-    with pytest.raises(CheckpointError, match=r"n_samples: saved 96, now 95"):
+    with pytest.raises(CheckpointError, match=r"n_samples: saved 96, now 95") as e:
         fit(Z[:95], y[:95], epochs=2, checkpoint_dir=tmp_path, **KW)
+    # beside other differences, the data digests by their first twelve digits
+    assert re.search(r"data_sha256: saved '[0-9a-f]{12}…', now '[0-9a-f]{12}…', n_s", str(e.value))
+    with pytest.raises(CheckpointError, match=r"\(batch_size: saved 20, now 10\)"):
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "batch_size": 10})
 
 
 def _corrupt(step_dir) -> None:
@@ -389,13 +393,16 @@ def test_an_unusable_directory_is_a_checkpoint_error_naming_it(tmp_path):
 
 def test_a_single_process_state_is_restored_as_device_arrays(tmp_path):
     # one process: nothing is host-local, so the state comes back as jax arrays where the target
-    # lives (not as host NumPy copies), with the saved values
+    # lives (not as host NumPy copies), with the saved values; three checkpoints kept by default
     state = {"W": jnp.arange(6.0).reshape(2, 3), "key": jax.random.key_data(jax.random.key(1))}
     ck = Checkpointer(tmp_path, fingerprint={"run": 1})
-    ck.save(1, state, {"epoch": [1]})
+    assert ck.fingerprint == {"format": 1, "run": 1}  # a new format refuses every old checkpoint
+    for epoch in range(1, 5):
+        ck.save(epoch, state, {"epoch": list(range(1, epoch + 1))})
+    assert ck.steps() == [2, 3, 4]
     epoch, restored, history = ck.restore_latest(jax.tree.map(jnp.zeros_like, state))
     ck.close()
-    assert epoch == 1 and history == {"epoch": [1]}
+    assert epoch == 4 and history == {"epoch": [1, 2, 3, 4]}
     for name in state:
         assert isinstance(restored[name], jax.Array), type(restored[name])
         assert restored[name].sharding == state[name].sharding
@@ -424,6 +431,27 @@ def test_digests_are_stable_across_versions():
     assert transformation_digest({"lr": 0.1, "betas": (0.9, 0.999), "on": True}) == (
         "d5601c125984f539"
     )
+
+
+def test_a_save_from_another_thread_leaves_sigint_alone(tmp_path):
+    # signal handlers can only be set from the main thread: a save from a worker thread skips
+    # the Ctrl-C deferral instead of failing
+    import threading
+
+    ck = Checkpointer(tmp_path, fingerprint={})
+    errors = []
+
+    def save():
+        try:
+            ck.save(1, {"W": np.ones(2)}, {})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=save)
+    worker.start()
+    worker.join()
+    ck.close()
+    assert errors == [] and steps(tmp_path) == [1]
 
 
 def test_optimizer_digest_sees_deep_inside_a_chain_and_empty_closure_cells():
