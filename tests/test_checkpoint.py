@@ -425,6 +425,7 @@ def test_digests_are_stable_across_versions():
     assert data_digest(Z, np.arange(4, dtype=np.int32), None) == (
         "31111619e95aec07bb78848f557bdfaec7565b6bc026a4587ee6cb5d46e3e96b"
     )
+    assert data_digest(np.array(2.0)) != data_digest(np.array(3.0))  # 0-d: hashed whole
     assert transformation_digest(functools.partial(max, 1.5, np.arange(3.0), key=None)) == (
         "d16bae87f7d508de"
     )
