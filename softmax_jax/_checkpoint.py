@@ -246,7 +246,9 @@ def _one_line(step: int, error: Exception) -> str:
 def _describe(value: Any, out: list, seen: dict, depth: int) -> None:
     """Appends to ``out`` what defines ``value``: the names of functions, and the numbers,
     strings and arrays held in closures, defaults, partials, tuples and dicts (recursively)."""
-    if depth > 24 or id(value) in seen:
+    # a guard against pathological nesting only (`seen` cuts cycles): real optimizers are
+    # described whole (a schedule inside adamw inside a chain is 26 levels down)
+    if depth > 100 or id(value) in seen:
         out.append("...")
         return
     if value is None or isinstance(value, bool | int | float | complex | str | bytes):

@@ -3,18 +3,28 @@ incompatible checkpoints, divergence, and a real training process killed with SI
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from softmax_jax import TrainingDiverged, fit
-from softmax_jax._checkpoint import CheckpointError
+from softmax_jax._checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    _one_line,
+    data_digest,
+    transformation_digest,
+)
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64
@@ -79,8 +89,12 @@ def test_incompatible_checkpoint_is_refused_naming_the_directory(tmp_path):
         fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "seed": 6})
     with pytest.raises(CheckpointError, match=r"optimizer: saved 'adam\(lr=0.01\)', now"):
         fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "learning_rate": 0.02})
-    with pytest.raises(CheckpointError, match=r"n_samples: saved 96, now 95"):
+    with pytest.raises(CheckpointError, match=r"n_samples: saved 96, now 95") as e:
         fit(Z[:95], y[:95], epochs=2, checkpoint_dir=tmp_path, **KW)
+    # beside other differences, the data digests by their first twelve digits
+    assert re.search(r"data_sha256: saved '[0-9a-f]{12}…', now '[0-9a-f]{12}…', n_s", str(e.value))
+    with pytest.raises(CheckpointError, match=r"\(batch_size: saved 20, now 10\)"):
+        fit(Z, y, epochs=2, checkpoint_dir=tmp_path, **{**KW, "batch_size": 10})
 
 
 def _corrupt(step_dir) -> None:
@@ -103,6 +117,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         resumed, h = fit(Z, y, epochs=6, checkpoint_dir=tmp_path, **KW)
     np.testing.assert_array_equal(resumed["W"], full["W"])
     assert h["epoch"] == [1, 2, 3, 4, 5, 6]
+    # the unreadable epoch 4 alone was set aside, not epoch 3 it resumed from
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("unreadable-")]
+    assert len(aside) == 1 and aside[0].startswith("unreadable-4-"), aside
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
@@ -198,6 +215,9 @@ def test_another_dataset_of_the_same_shape_is_refused_naming_the_directory(tmp_p
         msg = str(e.value)
         assert f"checkpoint directory {tmp_path} was written for other training data" in msg
         assert "\n" not in msg
+        # twelve hex digits of each digest, the saved one and the current one
+        digests = re.search(r"values: SHA-256 ([0-9a-f]+)…, now ([0-9a-f]+)…\)", msg)
+        assert digests and [len(g) for g in digests.groups()] == [12, 12], msg
     with pytest.raises(CheckpointError, match="other training data"):
         fit(Z, y[::-1].copy(), epochs=3, checkpoint_dir=tmp_path, **KW)  # other labels
     with pytest.raises(CheckpointError, match="weighted: saved False, now True"):
@@ -207,8 +227,6 @@ def test_another_dataset_of_the_same_shape_is_refused_naming_the_directory(tmp_p
 
 
 def test_data_digest_tells_datasets_apart_and_reads_memmaps_in_blocks(tmp_path):
-    from softmax_jax._checkpoint import data_digest
-
     Z, y = blobs()
     assert data_digest(Z, y, None) == data_digest(Z.copy(), y.copy(), None)
     changed = Z.copy()
@@ -359,3 +377,97 @@ def test_damaged_checkpoint_folders_resume_or_raise_one_line(saved_run, tmp_path
             assert str(root) in str(e) and "\n" not in str(e), str(e)
             return
     assert np.isfinite(params["W"]).all() and history["epoch"][-1] == 3
+
+
+# --- mutation testing (issue 19): what the tests above let through -------------------------------
+
+
+def test_an_unusable_directory_is_a_checkpoint_error_naming_it(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder is needed")
+    with pytest.raises(CheckpointError, match=rf"cannot open checkpoint directory {blocker}/ck"):
+        Checkpointer(blocker / "ck", fingerprint={})
+    with pytest.raises(CheckpointError, match=rf"directory {blocker} is not a directory"):
+        Checkpointer(blocker, fingerprint={})
+
+
+def test_a_single_process_state_is_restored_as_device_arrays(tmp_path):
+    # one process: nothing is host-local, so the state comes back as jax arrays where the target
+    # lives (not as host NumPy copies), with the saved values; three checkpoints kept by default
+    state = {"W": jnp.arange(6.0).reshape(2, 3), "key": jax.random.key_data(jax.random.key(1))}
+    ck = Checkpointer(tmp_path, fingerprint={"run": 1})
+    assert ck.fingerprint == {"format": 1, "run": 1}  # a new format refuses every old checkpoint
+    for epoch in range(1, 5):
+        ck.save(epoch, state, {"epoch": list(range(1, epoch + 1))})
+    assert ck.steps() == [2, 3, 4]
+    epoch, restored, history = ck.restore_latest(jax.tree.map(jnp.zeros_like, state))
+    ck.close()
+    assert epoch == 4 and history == {"epoch": [1, 2, 3, 4]}
+    for name in state:
+        assert isinstance(restored[name], jax.Array), type(restored[name])
+        assert restored[name].sharding == state[name].sharding
+        np.testing.assert_array_equal(restored[name], state[name])
+
+
+def test_orbax_errors_are_cut_to_one_short_line():
+    assert _one_line(3, ValueError("first\nsecond")) == "epoch 3: ValueError: first"
+    assert _one_line(4, OSError("")) == "epoch 4: OSError: "
+    at_limit = "x" * 160
+    assert _one_line(1, RuntimeError(at_limit)) == f"epoch 1: RuntimeError: {at_limit}"
+    cut = _one_line(2, RuntimeError("y" * 161))
+    assert cut == "epoch 2: RuntimeError: " + "y" * 157 + "..."
+
+
+def test_digests_are_stable_across_versions():
+    # no softmax_jax version in the fingerprint: a checkpoint written before an upgrade is
+    # resumed after it only if the digests of the same data and optimizer are unchanged
+    Z = np.arange(12.0).reshape(4, 3)
+    assert data_digest(Z, np.arange(4, dtype=np.int32), None) == (
+        "31111619e95aec07bb78848f557bdfaec7565b6bc026a4587ee6cb5d46e3e96b"
+    )
+    assert data_digest(np.array(2.0)) != data_digest(np.array(3.0))  # 0-d: hashed whole
+    assert transformation_digest(functools.partial(max, 1.5, np.arange(3.0), key=None)) == (
+        "d16bae87f7d508de"
+    )
+    assert transformation_digest({"lr": 0.1, "betas": (0.9, 0.999), "on": True}) == (
+        "d5601c125984f539"
+    )
+
+
+def test_a_save_from_another_thread_leaves_sigint_alone(tmp_path):
+    # signal handlers can only be set from the main thread: a save from a worker thread skips
+    # the Ctrl-C deferral instead of failing
+    import threading
+
+    ck = Checkpointer(tmp_path, fingerprint={})
+    errors = []
+
+    def save():
+        try:
+            ck.save(1, {"W": np.ones(2)}, {})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=save)
+    worker.start()
+    worker.join()
+    ck.close()
+    assert errors == [] and steps(tmp_path) == [1]
+
+
+def test_optimizer_digest_sees_deep_inside_a_chain_and_empty_closure_cells():
+    def opt(peak):  # the schedule's peak sits 26 levels down in the description
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, 10, 100)
+        return optax.chain(optax.clip(1.0), optax.adamw(schedule))
+
+    assert transformation_digest(opt(0.1)) == transformation_digest(opt(0.1))
+    assert transformation_digest(opt(0.1)) != transformation_digest(opt(0.2))
+
+    def unfinished():
+        def fn(x):
+            return x * later
+
+        return fn
+        later = 2.0  # noqa: F841 - never runs: `fn`'s closure cell stays empty
+
+    assert len(transformation_digest(unfinished())) == 16

@@ -77,9 +77,23 @@ def test_host_chunks_partition_the_rows(nb):
     assert len(parts) == -(-n // block)
 
 
-def test_bad_block_is_an_internal_error():
+@pytest.mark.parametrize("n, block", [(3, 0), (3, -1), (-1, 2), (-2, 2)])
+def test_bad_sizes_are_an_internal_error(n, block):
+    # blocks of fewer than one row, or fewer than zero rows, from each helper
+    with pytest.raises(AssertionError, match=rf"over n={n} rows in blocks of {block}"):
+        list(host_chunks(n, block))
     with pytest.raises(AssertionError):
-        list(host_chunks(3, 0))
+        fold_chunks(n, block, lambda start, size, c: c, 0)
+    if n >= 0:  # map_chunks reads n from its array
+        with pytest.raises(AssertionError):
+            map_chunks(lambda x: x, block, jnp.zeros(n))
+
+
+def test_map_chunks_of_one_array():
+    # prediction maps over Z alone: n comes from the only array
+    Z = jnp.arange(14.0).reshape(7, 2)
+    got = jax.jit(lambda Z: map_chunks(lambda z: z.sum(axis=1), 3, Z))(Z)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(Z.sum(axis=1)))
 
 
 def test_blocks_read_and_written_along_an_axis():

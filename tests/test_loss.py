@@ -224,3 +224,22 @@ def test_huge_tied_logits_keep_the_log_k_term(targets):
     exact = n * np.log(k)
     np.testing.assert_allclose(float(sj.loss(W, Z, Y)), exact, rtol=1e-6)
     np.testing.assert_allclose(float(sj.value_and_grad(W, Z, Y)[0]), exact, rtol=1e-6)
+
+
+# --- mutation testing (issue 19): what the tests above let through -------------------------------
+
+from softmax_jax._loss import logsumexp_rows  # noqa: E402
+
+
+def test_logsumexp_rows_is_the_log_partition_and_its_softmax():
+    # lse is what the objective and the sparse path read; E / S the softmax the gradient reads.
+    # One row per magnitude of the logits, 1e-3 to 1e30 (seed 0)
+    scales = np.array([1e-3, 1.0, 30.0, 1e4, 1e30])[:, None]
+    A = (scales * np.random.default_rng(0).normal(size=(5, 7))).astype(np.float32)
+    lse, E, S = logsumexp_rows(jnp.asarray(A))
+    a = A.astype(np.float64)
+    m = a.max(axis=1, keepdims=True)
+    ref = (m + np.log(np.exp(a - m).sum(axis=1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(lse, ref, rtol=1e-6)
+    assert E.shape == A.shape and S.shape == (5, 1)
+    np.testing.assert_allclose(E / S, np.exp(a - ref[:, None]), rtol=1e-5, atol=1e-30)

@@ -335,3 +335,99 @@ def test_damaged_model_files_are_one_line_model_file_errors(tmp_path_factory, sp
     X = np.ones((2, m.n_features), np.float32)
     P = m.predict_proba(X)
     assert P.shape == (2, m.n_classes) and np.isfinite(P).all()
+
+
+# --- mutation testing (issue 19): what the tests above let through -------------------------------
+
+
+def test_chunk_size_is_keyword_only_and_params_z_can_be_named():
+    X, _ = problem(6)
+    p = params_of()
+    for fn in (sj.predict_proba, sj.predict):
+        np.testing.assert_array_equal(fn(params=p, Z=X, chunk_size=4), fn(p, X))
+        with pytest.raises(TypeError):
+            fn(p, X, 4)
+
+
+def test_params_without_b_and_a_non_finite_b():
+    X, _ = problem(7)
+    p = params_of()
+    ref = jax.nn.softmax(X @ p["W"], axis=1)
+    np.testing.assert_allclose(sj.predict_proba({"W": p["W"]}, X), ref, rtol=2e-6, atol=1e-7)
+    for bad in (np.nan, np.inf):
+        b = p["b"].copy()
+        b[2] = bad
+        for fn in (sj.predict_proba, sj.predict):
+            with pytest.raises(ValueError, match=r"`params\['b'\]` must be finite, got .* index"):
+                fn({"W": p["W"], "b": b}, X)
+
+
+@pytest.mark.x64
+def test_float64_features_are_not_rounded_under_x64():
+    # x64 on: float64 params and features compute in float64, the features never cast to float32
+    rng = np.random.default_rng(4)
+    W, b, Z = rng.normal(size=(5, 3)), rng.normal(size=3), rng.normal(size=(9, 5))
+    Z[:, 0] += 1 / 3  # not representable in float32
+    P = sj.predict_proba({"W": W, "b": b}, Z)
+    assert P.dtype == jnp.float64
+    A = Z @ W + b
+    ref = np.exp(A - A.max(1, keepdims=True))
+    np.testing.assert_allclose(P, ref / ref.sum(1, keepdims=True), rtol=1e-13)
+
+
+def test_sparse_features_predict_as_dense_and_their_width_is_checked():
+    import scipy.sparse as sp
+
+    X, _ = problem(9, d=6)  # N = 9 rows, D = 6 features: the two sizes differ
+    X[X < 0.5] = 0.0
+    p = params_of()
+    Xs = sp.csr_matrix(X)
+    np.testing.assert_allclose(sj.predict_proba(p, Xs), sj.predict_proba(p, X), atol=1e-6)
+    np.testing.assert_array_equal(sj.predict(p, Xs), sj.predict(p, X))
+    assert sj.predict(p, sp.csr_matrix(X[:6])).shape == (6,)  # N = D: fine too
+    with pytest.raises(ValueError, match=r"`Z` must have shape \(N, D\) with D = 6 features"):
+        sj.predict(p, sp.csr_matrix(X[:, :5]))
+
+
+def test_one_class_models_are_models_and_no_class_is_an_error(tmp_path):
+    # K >= 1: a one-class model predicts its class with probability 1; K = 0 is refused
+    W = np.ones((2, 1), np.float32)
+    m = sj.Model(W, np.zeros(1, np.float32), np.array(["only"]))
+    X = np.array([[1.0, -2.0], [3.0, 0.5]], np.float32)
+    assert m.predict(X).tolist() == ["only", "only"]
+    np.testing.assert_array_equal(m.predict_proba(X), np.ones((2, 1)))
+    again = sj.load_model(m.save(tmp_path / "one.npz"))
+    assert again.n_classes == 1 and again.predict(X).tolist() == ["only", "only"]
+    np.testing.assert_array_equal(sj.predict({"W": W}, X), [0, 0])
+    with pytest.raises(ValueError, match=r"`W` must have shape \(D, K\) with K >= 1, got \(2, 0\)"):
+        sj.Model(np.ones((2, 0), np.float32), np.zeros(0), np.arange(0))
+    with pytest.raises(ValueError, match=r"`params\['W'\]` must be a float \(D, K\) array with K"):
+        sj.predict({"W": np.ones((2, 0), np.float32)}, X)
+
+
+@pytest.mark.parametrize("version", [0, -1, 2])
+def test_formats_outside_one_to_current_are_refused(tmp_path, version):
+    path = _forge(tmp_path / "m.npz", json.dumps({"format": version}))
+    with pytest.raises(sj.ModelFileError, match=rf"model format {version} is not readable"):
+        sj.load_model(path)
+
+
+def test_headerless_file_with_the_old_arrays_gets_the_hint_whatever_else_it_holds(tmp_path):
+    W, b = np.eye(2, dtype=np.float32), np.zeros(2, np.float32)
+    exact = _npz(tmp_path / "a.npz", W=W, b=b, classes=np.arange(2))
+    extra = _npz(tmp_path / "b.npz", W=W, b=b, classes=np.arange(2), accuracy=np.array(0.9))
+    partial = _npz(tmp_path / "c.npz", W=W, b=b)
+    for path in (exact, extra):
+        with pytest.raises(sj.ModelFileError, match="an older `softmax-jax train --save` file"):
+            sj.load_model(path)
+    with pytest.raises(sj.ModelFileError, match=r"no header, found W, b$"):
+        sj.load_model(partial)
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "x").write_text("a non-empty directory: os.replace onto it fails")
+    with pytest.raises(OSError):
+        sj.save_model(target, params_of())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
