@@ -132,17 +132,19 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
 
 
-def rows_per_chunk(chunk_size, n: int, k: int, d: int | None = None) -> int:
+def rows_per_chunk(chunk_size, n: int, k: int, d: int | None = None, *,
+                   gemm_rows: int = GEMM_ROWS) -> int:
     """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
     or, for ``"auto"``, the power of two ≥ ``max(n / ⌈k / d⌉, min(GEMM_ROWS, n / MAX_CHUNKS))``
     clamped to ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]`` (``d=None``: the largest within the
-    budget)."""
+    budget; ``gemm_rows=MIN_ROWS``: Liger's rule alone, for losses holding several logits-sized
+    blocks per chunk)."""
     if d is None and isinstance(chunk_size, str):
         d = n * k  # no hidden-state bound: the budget alone
     if chunk_size is None:
         rows = n
     elif isinstance(chunk_size, str):
-        share = max(1, n // max(1, -(-k // max(d, 1))), min(GEMM_ROWS, -(-n // MAX_CHUNKS)))
+        share = max(1, n // max(1, -(-k // max(d, 1))), min(gemm_rows, -(-n // MAX_CHUNKS)))
         rows = 1 << (share - 1).bit_length()
         cap = max(1, LOGITS_BUDGET // (4 * max(k, 1)))
         rows = min(max(rows, MIN_ROWS), 1 << (cap.bit_length() - 1))

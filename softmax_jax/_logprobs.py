@@ -166,7 +166,10 @@ def layout_for(p, k_rows: int) -> _vocab.Layout:
     kaxis = _vocab.kaxis(p.spec.weight_layout)
     placement = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis)
     n_local = _shard.local_rows(placement, p.lead)
-    chunk = _head.rows_per_chunk(p.chunk_size, n_local, k_rows, p.Z.shape[-1])
+    # Liger's rule alone: each chunk holds several (rows, K) blocks (logits, probabilities, a
+    # teacher's), so the head's larger GEMM chunks would cost these losses their frugality.
+    chunk = _head.rows_per_chunk(p.chunk_size, n_local, k_rows, p.Z.shape[-1],
+                                 gemm_rows=_head.MIN_ROWS)  # fmt: skip
     return _vocab.Layout(chunk, p.spec.weight_layout, p.spec.num_classes, placement)
 
 

@@ -21,6 +21,9 @@ MESH_KINDS = ("explicit", "auto", "legacy")
 SHARDINGS = ("rows", "rows_t", "replicated", "fsdp", "vocab", "2d", "user_shard_map")
 OPTIONS = ("plain", "smoothing", "z_loss", "softcap", "weights", "ignore", "aux")
 GRADS = ("ZWb", "W", "Z", "none")
+#: Every mesh kind × sharding pair once (options, layout, reduction and gradients rotating), then
+#: 4 more drawn cases: each case compiles several programs in the one subprocess.
+DEFAULT_COUNT = len(MESH_KINDS) * len(SHARDINGS) + 4
 
 
 def cases(count: int, seed: int = 0) -> list[dict]:
@@ -240,7 +243,7 @@ def main(argv):
     import jax
 
     count = int(argv[1]) if len(argv) > 1 else 0
-    todo = cases(count or len(MESH_KINDS) * len(SHARDINGS) + 12)
+    todo = cases(count or DEFAULT_COUNT)
     out = {}
     for i, case in enumerate(todo):
         name = "-".join(str(v) for v in case.values()) + f"-{i}"

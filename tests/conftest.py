@@ -75,6 +75,7 @@ def _heavy(item) -> bool:
     return any(item.get_closest_marker(m) is not None for m in ("slow", "multiprocess"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     # The slow and multiprocess tests first (in their order): under -n 2 the long tests start
     # early and the short ones fill the end, instead of a long test finishing the run alone.

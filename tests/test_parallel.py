@@ -245,7 +245,7 @@ MATRIX = Path(__file__).with_name("_mesh_matrix.py")
 sys.path.insert(0, str(MATRIX.parent))
 import _mesh_matrix  # noqa: E402
 
-MATRIX_CASES = _mesh_matrix.cases(len(_mesh_matrix.MESH_KINDS) * len(_mesh_matrix.SHARDINGS) + 12)
+MATRIX_CASES = _mesh_matrix.cases(_mesh_matrix.DEFAULT_COUNT)
 
 
 @pytest.fixture(scope="module")
