@@ -71,15 +71,8 @@ SHARED_FIXTURES = {
 }
 
 
-def _heavy(item) -> bool:
-    return any(item.get_closest_marker(m) is not None for m in ("slow", "multiprocess"))
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    # The slow and multiprocess tests first (in their order): under -n 2 the long tests start
-    # early and the short ones fill the end, instead of a long test finishing the run alone.
-    items.sort(key=lambda item: not _heavy(item))  # stable
     for item in items:
         module = getattr(item, "module", None)
         names = SHARED_FIXTURES.get(getattr(module, "__name__", "").rsplit(".", 1)[-1], ())
