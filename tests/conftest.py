@@ -66,6 +66,7 @@ SHARED_FIXTURES = {
     "test_cli_predict": ("trained",),
     "test_lm_client": ("runs",),
     "test_parallel": ("devices_run", "heads_run", "matrix_run", "two_processes"),
+    "test_shard": ("devices",),
     "test_sparse": ("problem",),
     "test_vocab": ("mesh_run",),
 }

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,3 +87,15 @@ def numpy_hvp(W, Z, V, weights=None, reduction="sum"):
     s = np.ones(Z.shape[0]) if s is None else s
     c = s / s.sum() if reduction == "mean" else s
     return Z.T @ (c[:, None] * R)
+
+
+def run_device_worker(script, *, devices: int = 8, timeout: float = 300) -> dict:
+    """Runs ``script`` in a fresh interpreter with ``devices`` forced CPU devices and returns the
+    JSON of its ``RESULT {json}`` line (its stderr tail on a non-zero exit)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])

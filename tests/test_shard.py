@@ -10,15 +10,12 @@ one fresh interpreter, ``tests/_shard_worker.py``, started with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_device_worker
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -119,13 +116,7 @@ def test_one_device_run_and_gradient_tail():
 
 @pytest.fixture(scope="module")
 def devices() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-8000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_device_worker(WORKER, timeout=300)
 
 
 @pytest.mark.multiprocess

@@ -4,15 +4,12 @@ and compiled temporaries of each gradient against the unfused computation."""
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import run_device_worker
 
 import softmax_jax as sj
 
@@ -24,13 +21,7 @@ EXACT = 1e-12
 
 @pytest.fixture(scope="module")
 def mesh_run() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-8000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_device_worker(WORKER, timeout=600)
 
 
 @pytest.mark.multiprocess
