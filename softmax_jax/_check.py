@@ -141,6 +141,14 @@ _LABELS = ("integer", "one-hot", "soft", "unnormalised")
 LabelKind = Literal["integer", "one-hot", "soft", "unnormalised"]
 
 
+def _rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by the bits of a JAX PRNG key (raw ``uint32`` or typed)."""
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+
+
 def random_problem(
     key: jax.Array,
     n: int,
@@ -153,8 +161,8 @@ def random_problem(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """A random problem ``(W, Z, Y, weights)``, drawn in float64 and rounded to ``dtype``.
 
-    The values depend only on ``key`` and the sizes, not on whether x64 is on: they are drawn with
-    x64 switched on locally (and off again before returning). ``W`` ``(D, K)`` is ``scale`` times
+    The values depend only on ``key`` and the sizes, not on whether x64 is on: they are drawn in
+    float64 NumPy from a generator seeded by ``key``'s bits. ``W`` ``(D, K)`` is ``scale`` times
     standard normal, ``Z`` ``(N, D)`` standard normal, ``weights`` uniform in ``[0, 2)``. ``labels``:
     ``"integer"`` ``(N,)``, ``"one-hot"``, ``"soft"`` (rows on the simplex, ``softmax(3 ξ)``) or
     ``"unnormalised"`` (entries uniform in ``[0, 2)``: rows with arbitrary sums), all ``(N, K)``.
@@ -165,22 +173,22 @@ def random_problem(
         raise ValueError("`dtype` float64 needs jax_enable_x64 on (e.g. `with jax.enable_x64():`)")
     if labels not in _LABELS:
         raise ValueError(f"`labels` must be one of {', '.join(map(repr, _LABELS))}, got {labels!r}")
-    with jax.enable_x64(True):
-        kw, kz, ky, ks = jax.random.split(key, 4)
-        W = scale * jax.random.normal(kw, (d, k), jnp.float64)
-        Z = jax.random.normal(kz, (n, d), jnp.float64)
-        y = jax.random.randint(ky, (n,), 0, k, jnp.int32)
-        if labels == "integer":
-            Y = y
-        elif labels == "one-hot":
-            Y = jax.nn.one_hot(y, k, dtype=jnp.float64)
-        elif labels == "soft":
-            Y = jax.nn.softmax(3 * jax.random.normal(ky, (n, k), jnp.float64), axis=1)
-        else:  # rows that do not sum to one: eq. (2) as written, still exactly differentiated
-            Y = jax.random.uniform(ky, (n, k), jnp.float64, 0.0, 2.0)
-        s = jax.random.uniform(ks, (n,), jnp.float64, 0.0, 2.0) if weighted else None
-        host = [None if x is None else np.asarray(x) for x in (W, Z, Y, s)]
-    W, Z, Y, s = host
+    # drawn on the host: jax.random would compile a program per shape (seconds on 2 cores)
+    rng = _rng(key)
+    W = scale * rng.standard_normal((d, k))
+    Z = rng.standard_normal((n, d))
+    y = rng.integers(0, k, n).astype(np.int32)
+    s = rng.uniform(0.0, 2.0, n) if weighted else None
+    if labels == "integer":
+        Y = y
+    elif labels == "one-hot":
+        Y = np.eye(k)[y]
+    elif labels == "soft":  # softmax(3 ξ), max-shifted
+        xi = rng.standard_normal((n, k))
+        E = np.exp(3 * (xi - xi.max(axis=1, keepdims=True)))
+        Y = E / E.sum(axis=1, keepdims=True)
+    else:  # rows that do not sum to one: eq. (2) as written, still exactly differentiated
+        Y = rng.uniform(0.0, 2.0, (n, k))
     rounded = [None if x is None else jnp.asarray(x.astype(cast)) for x in (W, Z, s)]
     Y = jnp.asarray(Y) if labels == "integer" else jnp.asarray(Y.astype(cast))
     return rounded[0], rounded[1], Y, rounded[2]

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 REDUCTIONS = ("sum", "mean", "none")
+#: Concrete arrays on CPU devices up to this many elements are scanned by NumPy (the host's memory
+#: already) rather than by a compiled scan, which costs a compilation per shape and dtype.
+HOST_SCAN_MAX = 1 << 20
 
 
 def is_concrete(x: Any) -> bool:
@@ -97,9 +100,17 @@ def _scan(x: jax.Array, kind: Literal["finite", "range", "negative"], bound: int
 def _first_bad(x: Any, kind: str, bound: int = 0):
     """``None`` when ``x`` passes, else ``(flat index, value, min, max)`` as Python numbers.
 
-    NumPy arrays are scanned on the host where they are; device arrays on their device (eagerly
-    even inside an outer ``jax.jit`` trace, since ``x`` is concrete), bringing back five scalars.
+    NumPy arrays and small arrays on CPU devices (:data:`HOST_SCAN_MAX`) are scanned on the host;
+    other device arrays on their device (eagerly even inside an outer ``jax.jit`` trace, since
+    ``x`` is concrete), bringing back five scalars: never a copy of an accelerator's array.
     """
+    if (
+        isinstance(x, jax.Array)
+        and x.size <= HOST_SCAN_MAX
+        and x.is_fully_addressable
+        and all(d.platform == "cpu" for d in x.devices())
+    ):
+        x = np.asarray(x)
     if isinstance(x, np.ndarray):
         v = x.astype(np.float32) if x.dtype == np.dtype(jnp.bfloat16) else x
         if kind == "finite":

@@ -253,3 +253,47 @@ def test_prediction_names_the_culprit_or_matches_numpy(problem, fn):
         top2 = np.sort(A, axis=1)[:, -2:] if A.shape[1] > 1 else np.zeros((A.shape[0], 2))
         clear = (top2[:, 1] - top2[:, 0]) > 1e-2 * (np.abs(A).max() + 1)
         np.testing.assert_array_equal(out[clear], A.argmax(axis=1)[clear])
+
+
+@settings(max_examples=25)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 7)),
+    kind_dtype=st.sampled_from(
+        [("finite", t) for t in ("float32", "float16", "bfloat16")]
+        + [("range", t) for t in ("int32", "int8", "uint8")]
+        + [("negative", t) for t in ("float32", "bfloat16", "int32", "uint8")]
+    ),
+    bad_at=st.one_of(st.none(), st.integers(0, 62)),
+    seed=st.integers(0, 2**16),
+)
+def test_host_and_device_scans_agree(shape, kind_dtype, bad_at, seed):
+    """Small device arrays are scanned on the host, large ones by a compiled scan on their device:
+    the same verdict, first bad index and value either way (the kinds as the checks use them:
+    finiteness of floats, label ranges of integers, signs of weights)."""
+    import jax.numpy as jnp
+
+    from softmax_jax import _validate
+
+    kind, dtype = kind_dtype
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 5, shape).astype(np.float64)
+    if bad_at is not None:
+        bad = {"finite": np.inf, "range": 5.0, "negative": -1.0}[kind]  # at the boundaries
+        x.flat[bad_at % x.size] = bad
+    if dtype == "uint8":
+        x = np.abs(x)
+    a = jnp.asarray(x.astype(jnp.dtype(dtype)))
+    results = []
+    default = _validate.HOST_SCAN_MAX
+    try:
+        for limit in (default, 0):
+            _validate.HOST_SCAN_MAX = limit
+            found = _validate._first_bad(a, kind, 5)
+            results.append(None if found is None else tuple(float(v) for v in found))
+    finally:
+        _validate.HOST_SCAN_MAX = default
+    assert results[0] == results[1]
+    unsigned = kind == "negative" and dtype == "uint8"  # |x| above: nothing negative
+    assert (results[0] is not None) == (bad_at is not None and not unsigned)
+    if results[0] is not None:
+        assert results[0][0] == bad_at % x.size  # the first bad flat index
