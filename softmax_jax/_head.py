@@ -132,8 +132,9 @@ def prepare(Z, W, labels, bias, weights, reduction, chunk_size, label_smoothing,
     return _Prepared(Z, W, labels, bias, weights, lead, spec, chunk_size, ignore_index)
 
 
-def rows_per_chunk(chunk_size, n: int, k: int, d: int | None = None, *,
-                   gemm_rows: int = GEMM_ROWS) -> int:
+def rows_per_chunk(
+    chunk_size, n: int, k: int, d: int | None = None, *, gemm_rows: int = GEMM_ROWS
+) -> int:
     """The static rows per chunk of ``n`` rows (per device): ``chunk_size``, all rows (``None``)
     or, for ``"auto"``, the power of two ≥ ``max(n / ⌈k / d⌉, min(GEMM_ROWS, n / MAX_CHUNKS))``
     clamped to ``[MIN_ROWS, LOGITS_BUDGET / (4 k)]`` (``d=None``: the largest within the
