@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax._check import TOLERANCES, random_problem
+from softmax_jax._check import _rng as host_rng  # noqa: F401  (NumPy draws from a JAX key)
 
 # Relative tolerances (normwise, against a float64 reference on the same rounded inputs).
 #  float64: unit roundoff 1.1e-16; sums over N and the cancellation in Ŷ − Y lose a few digits,

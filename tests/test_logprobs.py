@@ -10,20 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _vocab_refs import log_probs_ref
-from helpers import assert_close
+from helpers import assert_close, host_rng
 
 import softmax_jax as sj
 
 
 def _problem(key, lead, d, k, dtype=jnp.float64, scale=1.0, bias=False):
-    ks = jax.random.split(key, 6)
-    Z = (scale * jax.random.normal(ks[0], (*lead, d))).astype(dtype)
-    W = (scale * jax.random.normal(ks[1], (d, k))).astype(dtype)
-    b = jax.random.normal(ks[2], (k,)).astype(dtype) if bias else None
-    tok = jax.random.randint(ks[3], lead, 0, k)
-    g_l = jax.random.normal(ks[4], lead).astype(dtype)
-    g_h = jax.random.normal(ks[5], lead).astype(dtype)
-    return Z, W, b, tok, g_l, g_h
+    rng = host_rng(key)  # NumPy: jax.random compiles a program per shape
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+
+    Z, W = normal((*lead, d), scale), normal((d, k), scale)
+    b = normal((k,)) if bias else None
+    tok = jnp.asarray(rng.integers(0, k, lead), jnp.int32)
+    return Z, W, b, tok, normal(lead), normal(lead)
 
 
 def _objective(fn, tok, g_l, g_h, use=("logp", "entropy"), **kw):
