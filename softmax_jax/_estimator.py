@@ -31,6 +31,7 @@ as scikit-learn's multinomial coefficients are.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -62,6 +63,30 @@ __all__ = ["SoftmaxRegression"]
 #: logits' GEMM ``N·D·K`` on: below it the float32 phase's extra passes (the cast, a second
 #: initial gradient) cost about what its cheaper GEMMs save.
 MIXED_PRECISION_MIN_SIZE = 1 << 24
+
+
+#: A fit with at most this many entries ``N·D·K`` pads its rows for a 25% larger fit too: the
+#: refit of a 5-fold cross-validation then runs its folds' compiled solver (on small data,
+#: compiling costs far more than the padded rows).
+CV_HEADROOM_MAX_SIZE = 1 << 22
+CV_HEADROOM = 1.25
+#: The row buckets this process's fits have compiled for (see :func:`_bucket_rows`).
+_row_buckets: set[int] = set()
+
+
+def _bucket_rows(n: int, dk: int) -> int:
+    """The padded row count of a fit on ``n`` rows (``dk = D·K``): a bucket an earlier fit
+    compiled for when one holds ``n`` rows within 2× (cross-validation folds and their refit
+    share one program), else :func:`bucket_rows` of ``CV_HEADROOM · n`` on small problems
+    (:data:`CV_HEADROOM_MAX_SIZE`), of ``n`` on larger ones."""
+    reuse = [m for m in _row_buckets if n <= m <= 2 * n]
+    if reuse:
+        return min(reuse)
+    small = n * dk <= CV_HEADROOM_MAX_SIZE and n <= 65536
+    m = bucket_rows(min(math.ceil(CV_HEADROOM * n), 65536)) if small else bucket_rows(n)
+    if m != n:  # a bucket, not a problem's own size
+        _row_buckets.add(m)
+    return m
 
 
 def _bucket_features(d: int) -> int:
@@ -123,7 +148,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         fit_intercept: bool = True,
         solver: str = "newton-cg",
         max_iter: int = 100,
-        tol: float = 1e-8,
+        tol: float = 1e-9,
         class_weight: dict | str | None = None,
         warm_start: bool = False,
     ):
@@ -192,7 +217,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             if prev is not None and np.array_equal(prev, classes) and self.coef_.shape[1] == d:
                 W0, b0 = self._softmax_params()
 
-        m, dp = bucket_rows(n), _bucket_features(d)
+        dp = _bucket_features(d)
+        m = _bucket_rows(n, dp * k)
         if dp > d:
             W0 = np.concatenate([W0, np.zeros((dp - d, k))])
         if m == n and np.all(sw == 1):

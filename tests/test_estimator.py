@@ -329,3 +329,21 @@ def test_intercept_is_not_penalised(n_classes):
     # without an intercept the same penalty gives uniform probabilities
     flat = SoftmaxRegression(C=1e-8, fit_intercept=False).fit(X, y)
     np.testing.assert_allclose(flat.predict_proba(X), 1.0 / n_classes, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_full, cv", [(150, 5), (569, 5), (1797, 5), (1000, 10), (301, 4)])
+def test_cross_validation_folds_and_refit_share_one_program(monkeypatch, n_full, cv):
+    """The folds of a cv-fold search (``n (cv − 1) / cv`` rows) and the refit on all ``n`` rows
+    run one compiled solver: one new program, not one per row count."""
+    from softmax_jax import _estimator, _solvers
+
+    monkeypatch.setattr(_estimator, "_row_buckets", set())  # a fresh process
+    rng = np.random.default_rng(n_full)
+    X = rng.normal(size=(n_full, 5))
+    y = np.arange(n_full) % 3
+    fold = n_full - n_full // cv
+    before = _solvers._solve_impl._cache_size()
+    SoftmaxRegression(C=0.37).fit(X[:fold], y[:fold])
+    SoftmaxRegression(C=0.37).fit(X[: fold + 1], y[: fold + 1])  # folds differ by a row
+    SoftmaxRegression(C=0.37).fit(X, y)
+    assert _solvers._solve_impl._cache_size() - before <= 1
