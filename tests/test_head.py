@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_close, rel_err
+from helpers import assert_close, host_rng, rel_err
 from jax.test_util import check_grads
 
 from softmax_jax import _head, _kernel
@@ -58,13 +58,13 @@ def reference(
 
 
 def make(key, n=8, d=4, k=6, dtype=jnp.float64, scale=1.0):
-    kz, kw, kb, ky, ks = jax.random.split(key, 5)
-    Z = jax.random.normal(kz, (n, d), jnp.float64)
-    W = scale * jax.random.normal(kw, (d, k), jnp.float64)
-    b = jax.random.normal(kb, (k,), jnp.float64)
-    y = jax.random.randint(ky, (n,), 0, k)
-    s = jax.random.uniform(ks, (n,), jnp.float64, 0.0, 2.0)
-    return Z.astype(dtype), W.astype(dtype), b.astype(dtype), y, s.astype(dtype)
+    rng = host_rng(key)  # NumPy: jax.random compiles a program per shape
+    Z = rng.standard_normal((n, d))
+    W = scale * rng.standard_normal((d, k))
+    b = rng.standard_normal(k)
+    y = jnp.asarray(rng.integers(0, k, n))  # JAX's default integer, as jax.random.randint
+    s = rng.uniform(0.0, 2.0, n)
+    return (*(jnp.asarray(x.astype(dtype)) for x in (Z, W, b)), y, jnp.asarray(s.astype(dtype)))
 
 
 OPTIONS = {
