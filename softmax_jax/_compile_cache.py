@@ -14,15 +14,23 @@ The directory is ``$XDG_CACHE_HOME/softmax_jax/jax`` (``~/.cache/softmax_jax/jax
 ``XDG_CACHE_HOME`` is unset), or the path ``$SOFTMAX_JAX_COMPILATION_CACHE`` names. JAX's
 threshold for writing an entry (``jax_persistent_cache_min_compile_time_secs``) is lowered to
 :data:`MIN_COMPILE_SECONDS` only when it is at JAX's default, so the small solvers are kept too.
+
+:func:`cached_program` also keeps the full-batch solver's traced and lowered form there
+(``softmax_jax_programs/``, :mod:`jax.export`), so a warm process skips tracing too.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 
 #: The environment variable: ``0``/``off``/``false``/``no`` turns the cache off, a path moves it.
 ENV = "SOFTMAX_JAX_COMPILATION_CACHE"
@@ -81,3 +89,86 @@ def enable() -> Path | None:
 
         compilation_cache.reset_cache()
         return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Traced programs on disk: a warm process skips tracing and lowering too.
+
+#: Exported programs already loaded in this process, by key.
+_programs: dict[str, Any] = {}
+_source_digest: str | None = None
+
+
+def _digest_of_sources() -> str:
+    """A digest of this package's source files and JAX's version: an exported program is reused
+    only by the code that traced it."""
+    global _source_digest
+    if _source_digest is None:
+        h = hashlib.sha256(f"{jax.__version__} {jax.lib.__version__}".encode())
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
+    """``fn`` (a function of arrays; ``static`` bound as keywords) jitted, with its traced and
+    lowered form kept on disk next to the compiled programs (:func:`jax.export`), so that a new
+    process with a warm cache skips tracing and lowering as well as compiling.
+
+    The key holds the package's sources, JAX's version, x64, the backend and the shapes, dtypes
+    and tree structure of ``args``. Without the persistent cache, without JAX's export
+    serialization (``flatbuffers``), or on any failure to export or read an entry, ``fn`` is
+    returned jitted as it is.
+    """
+    plain = functools.partial(fn, **static)
+    directory = jax.config.jax_compilation_cache_dir
+    try:
+        from jax import export
+        from jax._src.export import serialization  # noqa: F401  (needs flatbuffers)
+    except ImportError:
+        return plain
+    if not directory:
+        return plain
+    leaves, tree = jax.tree.flatten(args)
+    spec = [
+        (np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x))) for x in leaves
+    ]
+    text = repr((name, sorted(static.items()), spec, str(tree), jax.config.jax_enable_x64,
+                 jax.default_backend(), _digest_of_sources()))  # fmt: skip
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    if key in _programs:
+        return _programs[key]
+    path = Path(directory) / "softmax_jax_programs" / f"{name}-{key}.bin"
+    try:
+        _register_trees()
+        if path.is_file():
+            exported = export.deserialize(bytearray(path.read_bytes()))
+        else:
+            exported = export.export(jax.jit(plain))(*args)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(exported.serialize())
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except Exception:  # a damaged entry, an unsupported program: trace it as usual
+        return plain
+    _programs[key] = jax.jit(exported.call)
+    return _programs[key]
+
+
+_registered = False
+
+
+def _register_trees() -> None:
+    """The solvers' NamedTuples, serializable in exported programs' tree structures."""
+    global _registered
+    if _registered:
+        return
+    from jax import export
+
+    from ._objective import TrainData
+    from ._solvers import FBState
+
+    for cls in (TrainData, FBState):
+        export.register_namedtuple_serialization(cls, serialized_name=f"softmax_jax.{cls.__name__}")
+    _registered = True

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from . import _compile_cache
 from ._objective import (
     Params,
     TrainData,
@@ -306,15 +307,15 @@ def solve(
         raise ValueError(f"`solver` must be one of {sorted(SOLVERS)}, got {solver!r}")
     dt = data.Z.dtype
     mixed = bool(mixed_precision) and solver == "newton-cg" and dt == jnp.float64
-    st, gmax = _solve_impl(
+    args = (
         params,
         data,
         np.asarray(l2, dt),  # NumPy scalars: no conversion programs to compile
         np.asarray(tol, dt),
         np.int32(max_iter),
-        solver=solver,
-        mixed=mixed,
     )
+    program = _compile_cache.cached_program(_solve_impl, "solve", args, solver=solver, mixed=mixed)
+    st, gmax = program(*args)
     gmax, value, it, stalled, n_inner = jax.device_get(
         (gmax, st.value, st.it, st.stalled, st.n_inner)
     )
