@@ -442,6 +442,24 @@ def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
+def run_first_fit(quick: bool = False) -> dict[str, Any]:
+    """Section 3 alone (minutes rather than the hour of the whole suite): the large problem at the
+    tolerances the last ``train.json`` found; writes ``train_first_fit.json``."""
+    tiny = C.tiny_mode()
+    last = C.results_dir() / "train.json"
+    datasets = json.loads(last.read_text())["datasets"] if last.is_file() and not tiny else {}
+    name = specs(quick, tiny)[-1]["name"]
+    if name not in datasets:  # no tolerances to reuse: the small datasets and the grid only
+        datasets = {name: {"methods": {"ours-newton-cg": {"tol_optimum": None},
+                                       "sklearn-lbfgs": {"tol_optimum": None}}}}  # fmt: skip
+    results: dict[str, Any] = {"config": {"quick": quick, "tiny": tiny, "C": C_REG,
+                                          "tols": list(TOLS), "large_tols_from": str(last)}}  # fmt: skip
+    results["first_fit"], table = _first_fit_section(quick, tiny, datasets)
+    results["table"] = table
+    C.write_json("train_first_fit", results)
+    return results
+
+
 _README_NAMES = {
     "digits": "digits, standardised",
     "digits-raw": "digits, raw pixels",
@@ -487,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sklearn-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--first-fit-worker", metavar="JOB", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--first-fit",
+        action="store_true",
+        help="only section 3 (fresh-process first fits, GridSearchCV), the large problem at the "
+        "tolerances of the last train.json; writes train_first_fit.json",
+    )
+    parser.add_argument(
         "--readme", metavar="JSON", help="print the README table of a train.json and exit"
     )
     args = parser.parse_args(argv)
@@ -498,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.first_fit_worker:
         print(json.dumps(_first_fit.worker(json.loads(args.first_fit_worker))), flush=True)
+        return 0
+    if args.first_fit:
+        run_first_fit(args.quick)
         return 0
     run(args.quick)
     return 0
