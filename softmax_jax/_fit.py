@@ -187,8 +187,7 @@ def fit(
     setup = _setup(
         Z, y, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size, l2=l2,
         fit_intercept=fit_intercept, sample_weight=sample_weight, num_classes=num_classes,
-        tol=tol, eval_data=eval_data, device=device, mesh=mesh, stream=stream, epochs=epochs,
-        checkpoint_every=checkpoint_every,
+        tol=tol, eval_data=eval_data, device=device, mesh=mesh, stream=stream,
     )  # fmt: skip
     params = setup.put(initial_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
     run = _Run(
@@ -236,10 +235,11 @@ class _Run(NamedTuple):
 
 
 def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sample_weight,
-           num_classes, tol, eval_data, device, mesh, stream, epochs, checkpoint_every) -> _Setup:  # fmt: skip
+           num_classes, tol, eval_data, device, mesh, stream) -> _Setup:  # fmt: skip
     """Checks the arguments and data, chooses how the epochs run and places the data once."""
     dp = data_parallel(mesh)
-    _check_fit_args(device, dp, epochs, l2, checkpoint_every)
+    if dp is not None and device is not None:  # the other options: check_fit_options in fit
+        raise ValueError(f"`device` must be None when `mesh` is given, got {device!r}")
     local_rows = stream or (dp is not None and jax.process_count() > 1)  # not all of Z here
     Zh, yh, sw, k = check_training_data(
         Z, y, sample_weight=sample_weight, num_classes=num_classes, finite=not local_rows
@@ -333,17 +333,6 @@ def _train_epochs(setup: _Setup, run: _Run, epochs, ckpt, checkpoint_every, prog
         if ckpt is not None:
             ckpt.close()
     return state
-
-
-def _check_fit_args(device, dp, epochs, l2, checkpoint_every) -> None:
-    if dp is not None and device is not None:
-        raise ValueError(f"`device` must be None when `mesh` is given, got {device!r}")
-    if not isinstance(epochs, int | np.integer) or epochs < 0:
-        raise ValueError(f"`epochs` must be a non-negative integer, got {epochs!r}")
-    if not (isinstance(l2, int | float | np.floating) and l2 >= 0 and math.isfinite(l2)):
-        raise ValueError(f"`l2` must be a finite float >= 0, got {l2!r}")
-    if checkpoint_every < 1:
-        raise ValueError(f"`checkpoint_every` must be >= 1, got {checkpoint_every}")
 
 
 class _Plan(NamedTuple):
