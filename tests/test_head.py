@@ -575,11 +575,13 @@ def test_default_chunk_is_frugal():
     assert _head.rows_per_chunk("auto", 8192, 50257, 1024) == _head.GEMM_ROWS  # GPT-2's vocabulary
     assert _head.rows_per_chunk("auto", 4096, 50257, 1024) == 512  # MAX_CHUNKS chunks
     assert _head.rows_per_chunk("auto", 1024, 4096, 128) == 128  # a small LM
-    assert _head.rows_per_chunk("auto", 256, 4096, 16) == _head.MIN_ROWS
+    assert _head.rows_per_chunk("auto", 256, 4096, 16) == 64  # MIN_ROWS, a power of two
     assert _head.rows_per_chunk("auto", 16384, 262144, 4096) == 256  # the logits budget
     assert _head.rows_per_chunk("auto", 50, 1000, 8) == 50  # fewer rows than one chunk
     assert _head.rows_per_chunk(None, 100, 10**6, 8) == 100
-    assert 4 * 50257 * _head.rows_per_chunk("auto", 10**6, 50257, 10**5) <= _head.LOGITS_BUDGET
+    for k in (50257, 70000, 262144):  # the largest power of two within the budget
+        rows = _head.rows_per_chunk("auto", 10**6, k, 10**5)
+        assert 4 * k * rows <= _head.LOGITS_BUDGET < 4 * k * 2 * rows, k
 
 
 # Low precision at N = 65536 with reduction="mean": the mean's 1/N (1.5e-5) and the softmax
@@ -750,9 +752,12 @@ BAD = [
     ({"Z": jnp.ones(())}, ValueError, r"`Z` must have shape \(\.\.\., D\), got \(\)"),
     ({"Z": jnp.ones((4, 3, 1))}, ValueError, r"feature dimension D.*\(D=1\).*\(D=3"),
     ({"W": jnp.ones(3)}, ValueError, r"`W` must have shape \(D, K\) \(weight_layout='dk'\), got \(3,\)"),
+    ({"W": jnp.ones(3), "weight_layout": "kd"}, ValueError, r"`W` must have shape \(K, D\) \(weight_layout='kd'\), got \(3,\)"),
     ({"Z": jnp.ones((4, 3), jnp.int32)}, TypeError, r"`Z` must have a floating dtype, got int32"),
     ({"bias": jnp.ones(4)}, ValueError, r"`bias` must have shape \(K,\) = \(5,\).*got \(4,\)"),
     ({"weights": jnp.ones(5)}, ValueError, r"`weights` must have shape \(\.\.\.\) = \(4,\).*got \(5,\)"),
+    ({"weights": jnp.ones(3)}, ValueError, r"`weights` must have shape \(\.\.\.\) = \(4,\).*got \(3,\)"),
+    ({"weights": jnp.array([1.0, jnp.nan, 1.0, 1.0])}, ValueError, r"`weights` must be finite, got nan at flat index 1"),
     ({"weights": jnp.array([1.0, -1.0, 1.0, 1.0])}, ValueError, r"`weights` must be >= 0, got -1"),
     ({"chunk_size": 0}, ValueError, r"`chunk_size` must be a positive int, 'auto' or None, got 0"),
     ({"chunk_size": -3}, ValueError, r"`chunk_size` must be a positive int, 'auto' or None, got -3"),
@@ -772,6 +777,13 @@ def test_bad_input(change, error, match):
     Z, W, labels = args.pop("Z"), args.pop("W"), args.pop("labels")
     with pytest.raises(error, match=match):
         linear_cross_entropy(Z, W, labels, **args)
+
+
+def test_arrays_by_position_or_name_options_by_name_only():
+    ref = linear_cross_entropy(Z0, W0, Y0)
+    assert linear_cross_entropy(Z=Z0, W=W0, labels=Y0) == ref
+    with pytest.raises(TypeError, match="positional"):
+        linear_cross_entropy(Z0, W0, Y0, None)  # the bias (every option) by keyword only
 
 
 def test_traced_configuration_is_rejected():

@@ -173,6 +173,36 @@ def test_row_stats_of_a_class_shard_offset():
     np.testing.assert_array_equal(pred, [7, 6])
 
 
+def test_row_stats_combined_over_class_shards():
+    """On a class shard (``spec.class_axes`` set) each statistic is combined across the shards:
+    ``M = max_p m_p``, ``Σ_p s_p exp(m_p − M)``, the smoothing sums rebased to ``M``, the target
+    logits summed, the first global argmax; here 3 shards of 3 classes under ``vmap`` with a named
+    axis (its collectives are those of ``shard_map``), each holding its columns of the logits."""
+    k, shards, n = 9, 3, 6
+    Z, W, b, y, s = problem(7, n, 3, k, out_of_range=2)
+    sp = spec(k, option="all", aux=True)._replace(class_axes=("c",))
+    kl = k // shards
+    A = (Z @ W).reshape(n, shards, kl).transpose(1, 0, 2)
+    offsets = jnp.arange(shards) * kl
+
+    def shard(A, b, offset):
+        return _kernel._row_stats(A, b, y - offset, offset, sp, 2, identity)
+
+    stats, tgt, tot, pred = jax.jit(jax.vmap(shard, axis_name="c"))(
+        A, b.reshape(shards, kl), offsets
+    )
+    ref = numpy_head(Z, W, b, y, s, None, sp)
+    a, m = ref["a"], ref["a"].max(axis=1)
+    in_range = (np.asarray(y) >= 0) & (np.asarray(y) < k)
+    for p in range(shards):  # every shard holds the combined statistics
+        assert_close(stats[p, :, 0], m, rtol=RTOL)
+        assert_close(stats[p, :, 0] + stats[p, :, 1], ref["lse"], rtol=RTOL)
+        assert_close(tgt[p], np.where(in_range, a[np.arange(n), np.clip(y, 0, k - 1)], 0.0),
+                     rtol=RTOL)  # fmt: skip
+        assert_close(tot[p], (a - m[:, None]).sum(axis=1), rtol=RTOL)
+        np.testing.assert_array_equal(pred[p], ref["pred"])
+
+
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_per_sample_loss(option):
     Z, W, b, y, s = problem(1, 5, 4, 6)

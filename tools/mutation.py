@@ -16,7 +16,9 @@ Operators left out (``EXCLUDED_OPERATORS``): arithmetic operators turned into bi
 they raise at trace time, so they only inflate the score; and ``RemoveDecorator``, whose mutants
 here are removals of ``jax.jit`` (equivalent: the same function, not compiled). Mutants inside
 annotations are skipped too (never evaluated: every module has ``from __future__ import
-annotations``).
+annotations``). So are mutants that do not compile (say ``def f(a, *, b)`` turned into
+``def f(a, +, b)``): cosmic-ray would count them as killed; the report counts them apart, as
+"not compiling", out of the score and out of the sample.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ MODULE_TESTS = {
     # mean_scale (the per-sample factor of the mean) is used by _grad and _objective, not by loss
     "_loss": ["tests/test_loss.py", "tests/test_grad.py"],
     "_grad": ["tests/test_grad.py"],
-    "_kernel": ["tests/test_head.py"],  # the head's kernel: tested through the head
+    "_kernel": ["tests/test_kernel.py", "tests/test_head.py"],
     "_head": ["tests/test_head.py"],
     "_solvers": ["tests/test_solvers.py"],
     "_model": ["tests/test_model.py"],
@@ -51,6 +53,8 @@ EXCLUDED_OPERATORS = [
     r"core/ReplaceComparisonOperator_(Is|IsNot)_(Eq|NotEq|Lt|LtE|Gt|GtE)$",
     r"core/RemoveDecorator$",
 ]
+
+NOT_COMPILING = "does not compile"
 
 PYTEST = "-q -x -p no:cacheprovider -m 'not slow and not multiprocess'"
 
@@ -118,6 +122,34 @@ def _skip_annotations(db: Path, source: str) -> None:
             work_db.set_multiple_results(inside, result)
 
 
+def _compiles(source: str, mutation) -> bool:
+    from cosmic_ray.mutating import mutate_code
+    from cosmic_ray.plugins import get_operator
+
+    operator = get_operator(mutation.operator_name)(**mutation.operator_args)
+    try:
+        compile(mutate_code(source, operator, mutation.occurrence), "<mutant>", "exec")
+    except SyntaxError:
+        return False
+    return True
+
+
+def _skip_not_compiling(db: Path, source: str) -> None:
+    """Marks mutants whose source does not compile as skipped ("does not compile")."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(db), WorkDB.Mode.open) as work_db:
+        broken = [
+            item.job_id
+            for item in work_db.pending_work_items
+            if not _compiles(source, item.mutations[0])
+        ]
+        result = WorkResult(output=NOT_COMPILING, worker_outcome=WorkerOutcome.SKIPPED)
+        if broken:
+            work_db.set_multiple_results(broken, result)
+
+
 def _sample(db: Path, n: int, seed: int) -> None:
     """Marks all but ``n`` pending mutants (drawn with ``seed``) as skipped."""
     from cosmic_ray.work_db import WorkDB, use_db
@@ -136,7 +168,9 @@ def summary(db: Path) -> dict:
     """Counts per outcome, and the survivors' diffs."""
     from cosmic_ray.work_db import WorkDB, use_db
 
-    counts = dict(run=0, killed=0, survived=0, timeout=0, incompetent=0, skipped=0, pending=0)
+    counts = dict(
+        run=0, killed=0, survived=0, timeout=0, incompetent=0, not_compiling=0, skipped=0, pending=0
+    )
     survivors = []
     with use_db(str(db), WorkDB.Mode.open) as work_db:
         results = dict(work_db.results)
@@ -145,7 +179,7 @@ def summary(db: Path) -> dict:
             if res is None:
                 counts["pending"] += 1
             elif res.worker_outcome == "skipped":
-                counts["skipped"] += 1
+                counts["not_compiling" if res.output == NOT_COMPILING else "skipped"] += 1
             elif res.test_outcome == "survived":
                 counts["run"] += 1
                 counts["survived"] += 1
@@ -179,7 +213,9 @@ def main(argv=None) -> int:
         (work / "cosmic-ray.toml").write_text(_config(args.module, args.timeout))
         subprocess.run(["cosmic-ray", "init", "cosmic-ray.toml", db.name], cwd=work, check=True)
         subprocess.run(["cr-filter-operators", db.name, "cosmic-ray.toml"], cwd=work, check=True)
-        _skip_annotations(db, (work / "softmax_jax" / f"{args.module}.py").read_text())
+        source = (work / "softmax_jax" / f"{args.module}.py").read_text()
+        _skip_annotations(db, source)
+        _skip_not_compiling(db, source)
         if args.sample is not None:
             _sample(db, args.sample, args.seed)
     subprocess.run(["cosmic-ray", "exec", "cosmic-ray.toml", db.name], cwd=work, check=True)
