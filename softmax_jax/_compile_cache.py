@@ -111,7 +111,9 @@ def _digest_of_sources() -> str:
     return _source_digest
 
 
-def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
+def cached_program(
+    fn: Callable, name: str, args: tuple, namedtuples: tuple[type, ...] = (), **static
+) -> Callable:
     """``fn`` (a function of arrays; ``static`` bound as keywords) jitted, with its traced and
     lowered form kept on disk next to the compiled programs (:func:`jax.export`), so that a new
     process with a warm cache skips tracing and lowering as well as compiling.
@@ -141,7 +143,7 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
         return _programs[key]
     path = Path(directory) / "softmax_jax_programs" / f"{name}-{key}.bin"
     try:
-        _register_trees()
+        _register_trees(namedtuples)
         if path.is_file():
             exported = export.deserialize(bytearray(path.read_bytes()))
         else:
@@ -156,19 +158,16 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
     return _programs[key]
 
 
-_registered = False
+_registered: set[type] = set()
 
 
-def _register_trees() -> None:
-    """The solvers' NamedTuples, serializable in exported programs' tree structures."""
-    global _registered
-    if _registered:
-        return
+def _register_trees(classes: tuple[type, ...]) -> None:
+    """NamedTuples of the arguments and results, serializable in exported tree structures."""
     from jax import export
 
-    from ._objective import TrainData
-    from ._solvers import FBState
-
-    for cls in (TrainData, FBState):
-        export.register_namedtuple_serialization(cls, serialized_name=f"softmax_jax.{cls.__name__}")
-    _registered = True
+    for cls in classes:
+        if cls not in _registered:
+            export.register_namedtuple_serialization(
+                cls, serialized_name=f"softmax_jax.{cls.__name__}"
+            )
+            _registered.add(cls)

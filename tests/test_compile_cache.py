@@ -118,35 +118,45 @@ def test_traced_solver_is_kept_and_reused(program_dir, monkeypatch):
     from jax import export
 
     from softmax_jax import _compile_cache, _solvers
+    from softmax_jax._objective import TrainData
 
+    TREES = (TrainData, _solvers.FBState)
     args = _solve_args()
     with jax.enable_x64(True):
         want = _solvers._solve_impl(*args, solver="newton-cg")[0].params["W"]
-        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
+        run = _compile_cache.cached_program(
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+        )
         (entry,) = program_dir.glob("solve-*.bin")
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
 
         monkeypatch.setattr(_compile_cache, "_programs", {})
         monkeypatch.setattr(export, "export", None)  # reading the entry must not trace
-        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
+        run = _compile_cache.cached_program(
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+        )
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
         assert run is _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, solver="newton-cg"
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
         )  # one jitted program per key in a process
         monkeypatch.undo()
         monkeypatch.setattr(_compile_cache, "_programs", {})
 
         monkeypatch.setattr(_compile_cache, "_source_digest", "another version")
-        _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
         _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", _solve_args(40), solver="newton-cg"
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+        )
+        _compile_cache.cached_program(
+            _solvers._solve_impl, "solve", _solve_args(40), TREES, solver="newton-cg"
         )
         assert len(list(program_dir.glob("solve-*.bin"))) == 3
 
         entry.write_bytes(b"damaged")
         monkeypatch.setattr(_compile_cache, "_programs", {})
         monkeypatch.setattr(_compile_cache, "_source_digest", None)
-        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
+        run = _compile_cache.cached_program(
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+        )
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
 
 
