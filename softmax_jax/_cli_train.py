@@ -14,7 +14,9 @@ import importlib
 import inspect
 import math
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -295,6 +297,37 @@ def _checkpoint_steps(directory: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+class _StopOnCtrlC:
+    """A first Ctrl-C (SIGINT) asks ``fit`` to stop after the current epoch (its checkpoint
+    saved, the checkpointer closed) and is raised as ``KeyboardInterrupt`` once ``fit`` has
+    returned; a second one interrupts at once. A ``KeyboardInterrupt`` raised anywhere inside
+    JAX or orbax could leave orbax's writer threads blocking the interpreter's exit."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self._previous = None
+
+    def requested(self, epoch, params, record) -> bool:  # fit's callback
+        del epoch, params, record
+        return bool(self.caught)
+
+    def _handler(self, signum, frame):
+        del frame
+        self.caught.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one: at once
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
+
+
 def interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C leaves behind, appended to the ``interrupted`` line."""
     if args.checkpoint_dir is None:
@@ -387,22 +420,25 @@ def run_cli(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         propagate, logger.propagate = logger.propagate, False  # printed once, not again by root
+    stop = _StopOnCtrlC()
     try:
-        params, history = fit(
-            ds.X_train.astype(np.float32),
-            ds.y_train,
-            optimizer=args.optimizer,
-            learning_rate=args.lr,
-            epochs=args.epochs,
-            batch_size=batch_size,
-            l2=args.l2,
-            seed=args.seed,
-            num_classes=k,
-            eval_data=(ds.X_test.astype(np.float32), ds.y_test),
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
-        )
+        with stop:
+            params, history = fit(
+                ds.X_train.astype(np.float32),
+                ds.y_train,
+                optimizer=args.optimizer,
+                learning_rate=args.lr,
+                epochs=args.epochs,
+                batch_size=batch_size,
+                l2=args.l2,
+                seed=args.seed,
+                num_classes=k,
+                eval_data=(ds.X_test.astype(np.float32), ds.y_test),
+                checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every,
+                progress=not args.no_progress,
+                callback=stop.requested,
+            )
     except (TrainingDiverged, CheckpointError, ValueError, TypeError) as e:
         raise CLIError(as_flags(str(e))) from None
     finally:
