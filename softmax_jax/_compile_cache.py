@@ -125,12 +125,8 @@ def cached_program(
     """
     plain = functools.partial(fn, **static)
     directory = jax.config.jax_compilation_cache_dir
-    try:
-        from jax import export
-        from jax._src.export import serialization  # noqa: F401  (needs flatbuffers)
-    except ImportError:
-        return plain
-    if not directory:
+    export = _export_module()
+    if export is None or not directory:
         return plain
     leaves, tree = jax.tree.flatten(args)
     spec = [
@@ -152,10 +148,23 @@ def cached_program(
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(exported.serialize())
             os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except Exception:  # a damaged entry, an unsupported program: trace it as usual
+    except Exception:  # a damaged entry, an unsupported program: trace it as usual (and do
+        _programs[key] = plain  # not try again in this process)
         return plain
     _programs[key] = jax.jit(exported.call)
     return _programs[key]
+
+
+@functools.cache
+def _export_module():
+    """:mod:`jax.export` where its serialization can be imported (it needs ``flatbuffers``), else
+    None; tried once per process."""
+    try:
+        from jax import export
+        from jax._src.export import serialization  # noqa: F401  (needs flatbuffers)
+    except ImportError:
+        return None
+    return export
 
 
 _registered: set[type] = set()

@@ -187,8 +187,7 @@ def placed_spec(p: _Prepared, **where) -> _kernel.Spec:
     """The kernel spec of a prepared call: where it runs (:func:`_shard.layout_of` reading the
     inputs' shardings, or ``where`` = the sharded head's ``mesh``/``classes``/``rows``) and the
     rows per chunk of one device."""
-    kaxis = 1 if p.spec.weight_layout == "dk" else 0
-    layout = _shard.layout_of(p.Z, p.W, p.bias, kaxis=kaxis, **where)
+    layout = _shard.layout_of(p.Z, p.W, p.bias, kaxis=_kernel.kaxis(p.spec.weight_layout), **where)
     n_local = _shard.local_rows(layout, p.lead)
     return p.spec._replace(
         chunk=rows_per_chunk(p.chunk_size, n_local, p.spec.num_classes, p.Z.shape[-1]),

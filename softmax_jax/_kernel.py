@@ -71,14 +71,14 @@ def _allsum(x, spec: Spec):
     return x if spec.class_axes is None else lax.psum(x, spec.class_axes)
 
 
-def _kaxis(spec: Spec) -> int:
-    """The class axis of ``W`` (and of ``dW``)."""
-    return 1 if spec.weight_layout == "dk" else 0
+def kaxis(layout: str) -> int:
+    """The class axis of ``W`` (and of ``dW``) in ``layout`` (``"dk"``: 1, ``"kd"``: 0)."""
+    return 1 if layout == "dk" else 0
 
 
 def _logits_chunk(Zc, W, spec, acc):
     """``Z_c W`` (or ``Z_c Wᵀ`` for ``"kd"``), ``(C, K_local)``, accumulated in ``acc``."""
-    return gemm(operand(Zc, W.dtype), W, (1, 1 - _kaxis(spec)), acc)
+    return gemm(operand(Zc, W.dtype), W, (1, 1 - kaxis(spec.weight_layout)), acc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _grad_blocks(A, b, stats, yl, cc, Zc, W, dW, db, spec, kblock, wants, vary):
     at the label column (an iota compare); GEMM operands in ``W``'s dtype."""
     want_dZ, want_dW, want_db = wants
     (c, kl), acc, ls, cap = A.shape, A.dtype, spec.label_smoothing, spec.softcap
-    ka = _kaxis(spec)
+    ka = kaxis(spec.weight_layout)
     d = W.shape[1 - ka]
     m, log_s = stats[:, 0:1], stats[:, 1:2]
     lse = (m + log_s)[:, 0]
@@ -217,7 +217,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
       the mean's ``1 / Σ s`` or ``None``) for the ``wants = (dZ, dW, db)`` asked for, ``inv``
       folded into ``G`` for operands in the accumulation dtype, else applied to the GEMM results.
     """
-    (n, d), kl = Z.shape, W.shape[_kaxis(spec)]
+    (n, d), kl = Z.shape, W.shape[kaxis(spec.weight_layout)]
     acc = acc_dtype(W.dtype)
     kblock = column_block(kl, bool(spec.class_axes), spec.kblock)
     want_dZ, want_dW, want_db = wants
@@ -269,7 +269,7 @@ def _pass(Z, W, b, labels, s, g, lse_in, inv, offset, spec, *, want_per, wants, 
         return per, lse_all, pred_all, dZ, dW, db
 
     w_shape = list(W.shape)
-    w_shape[_kaxis(spec)] = kl if want_dW else 0
+    w_shape[kaxis(spec.weight_layout)] = kl if want_dW else 0
     init = vary(
         (
             jnp.zeros((n if want_per else 0,), acc),
@@ -300,7 +300,7 @@ def fused_pass(Z, W, b, labels, s, spec, *, g=None, lse=None, inv=None, want_per
         flat = lambda x: _shard.flat_rows(x, lead)  # noqa: E731
         axis = local.classes or None
         sp = spec._replace(class_axes=axis)
-        offset = local.class_offset(W.shape[_kaxis(spec)])
+        offset = local.class_offset(W.shape[kaxis(spec.weight_layout)])
         per, lse_, pred, dZ, dW, db = _pass(
             flat(Z),
             W,

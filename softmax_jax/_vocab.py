@@ -24,7 +24,7 @@ from jax import lax
 
 from . import _shard
 from ._chunks import fold_chunks, put_block, slice_block
-from ._kernel import column_block
+from ._kernel import column_block, kaxis
 from ._precision import acc_dtype, gemm, operand
 
 
@@ -61,11 +61,6 @@ class Block(NamedTuple):
 
 
 ChunkFn = Callable[[Chunk, tuple], tuple[tuple, Callable[[Block], jax.Array] | None]]
-
-
-def kaxis(layout: str) -> int:
-    """The class axis of ``W`` (and of ``∂/∂W``)."""
-    return 1 if layout == "dk" else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,16 @@ from softmax_jax._check import _rng as host_rng  # noqa: F401  (NumPy draws from
 RTOL = {jnp.dtype(name): tol for name, tol in TOLERANCES.items()}
 
 
+def host_normal(rng, dtype):
+    """``normal(shape, scale=1.0)``: standard normal draws from the NumPy generator ``rng`` (see
+    :func:`host_rng`), scaled and rounded to ``dtype``, as a JAX array."""
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+
+    return normal
+
+
 def rel_err(x, ref) -> float:
     """``max |x − ref| / max |ref|`` in float64 (0 when both are zero)."""
     x = np.asarray(x).astype(np.float64)  # on the host: float64 whether or not x64 is on

@@ -158,6 +158,21 @@ def test_traced_solver_is_kept_and_reused(program_dir, monkeypatch):
             _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
         )
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
+        assert run.func is _solvers._solve_impl  # traced as usual ...
+        assert run is _compile_cache.cached_program(
+            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+        )  # ... and the damaged entry is not read again in this process
+
+
+def test_without_export_serialization_the_solver_is_traced_as_usual(program_dir, monkeypatch):
+    """Without ``flatbuffers`` (JAX's export serialization), nothing is written."""
+    from softmax_jax import _compile_cache, _solvers
+
+    monkeypatch.setattr(_compile_cache, "_export_module", lambda: None)
+    run = _compile_cache.cached_program(
+        _solvers._solve_impl, "solve", _solve_args(), solver="lbfgs"
+    )
+    assert run.func is _solvers._solve_impl and not program_dir.exists()
 
 
 def test_without_a_cache_directory_the_solver_is_traced_as_usual():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _vocab_refs import distillation_ref
-from helpers import assert_close, host_rng
+from helpers import assert_close, host_normal, host_rng
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +24,7 @@ DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.1), ("j
 
 def _problem(key, lead, d, dt, k, dtype=jnp.float64, ignored=0.2):
     rng = host_rng(key)  # NumPy: jax.random compiles a program per shape
-
-    def normal(shape, scale=1.0):
-        return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+    normal = host_normal(rng, dtype)
 
     Z, W, Zt, Wt = normal((*lead, d)), normal((d, k)), normal((*lead, dt)), normal((dt, k), 1.5)
     y = np.where(rng.uniform(size=lead) < ignored, -100, rng.integers(0, k, lead))

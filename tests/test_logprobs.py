@@ -10,16 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _vocab_refs import log_probs_ref
-from helpers import assert_close, host_rng
+from helpers import assert_close, host_normal, host_rng
 
 import softmax_jax as sj
 
 
 def _problem(key, lead, d, k, dtype=jnp.float64, scale=1.0, bias=False):
     rng = host_rng(key)  # NumPy: jax.random compiles a program per shape
-
-    def normal(shape, scale=1.0):
-        return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+    normal = host_normal(rng, dtype)
 
     Z, W = normal((*lead, d), scale), normal((d, k), scale)
     b = normal((k,)) if bias else None

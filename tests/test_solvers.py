@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from softmax_jax import _solvers
 from softmax_jax._objective import TrainData, tree_max_abs
@@ -202,3 +204,80 @@ def test_newton_line_search_backtracks_orders_of_magnitude(factor):
     scaled = st._replace(grad=jax.tree.map(lambda g: factor * g, st.grad))
     new = jax.jit(_solvers._newton_step)(scaled, data, l2)
     assert not new.stalled and new.value < st.value
+
+
+# The line search's next trial step and the float32 phase's stop rule, as pure functions -----------
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    t=st.floats(1e-6, 1.0),
+    slope=st.floats(-1e3, -1e-3),
+    minimiser=st.floats(1e-3, 2.0),  # where the quadratic's minimum lies, as a multiple of t
+)
+def test_backtrack_steps_to_the_minimiser_of_a_quadratic(t, slope, minimiser):
+    # f(s) = f0 + slope s + c s² has its minimum at s* = −slope / 2c; a refused trial at t is
+    # followed by s* itself when it lies in [0.1 t, 0.5 t], else by the nearest bound
+    f0, s_star = 3.0, minimiser * t
+    c = -slope / (2 * s_star)
+    v_t = f0 + slope * t + c * t * t
+    got = float(
+        _solvers.backtrack(np.float64(t), np.float64(v_t), np.float64(f0), np.float64(slope))
+    )
+    want = min(max(s_star, 0.1 * t), 0.5 * t)
+    assert got == pytest.approx(want, rel=1e-9, abs=0), (t, slope, minimiser)
+
+
+@pytest.mark.parametrize("minimiser", [0.50002, 0.6, 2.0])
+def test_backtrack_never_steps_past_half_the_refused_step(minimiser):
+    # the clip binds at 0.5 t exactly, however close above it the quadratic's minimum lies
+    t, f0, slope = 0.5, 1.0, -2.0
+    c = -slope / (2 * minimiser * t)
+    v_t = f0 + slope * t + c * t * t
+    assert float(_solvers.backtrack(t, v_t, f0, slope)) == 0.5 * t
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3, 1e-3])
+@pytest.mark.parametrize("v_t", [np.inf, np.nan])
+def test_backtrack_after_a_non_finite_value_steps_to_a_tenth(t, v_t):
+    assert float(_solvers.backtrack(np.float64(t), np.float64(v_t), 1.0, -1.0)) == pytest.approx(
+        0.1 * t, rel=1e-15
+    )
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3])
+def test_backtrack_halves_where_the_quadratic_has_no_minimum(t):
+    # f(t) on or below the tangent line f0 + slope t: no curvature to interpolate with
+    for v_t in (1.0 - 2.0 * t, 1.0 - 3.0 * t):
+        assert float(_solvers.backtrack(np.float64(t), np.float64(v_t), 1.0, -2.0)) == 0.5 * t
+
+
+@pytest.mark.parametrize(
+    "g, g_prev, done",
+    [
+        (0.25, 0.3, True),  # at the floor
+        (0.25, 100.0, True),  # at the floor, however fast it got there
+        (0.2501, 100.0, False),  # above it, still converging (halved)
+        (24.9, 30.0, True),  # within 100× and no longer halved
+        (25.0, 30.0, True),  # at 100× exactly
+        (25.1, 30.0, False),  # past 100×
+        (20.0, 40.0, False),  # halved exactly: still converging
+        (20.0, 39.9, True),  # not quite halved
+    ],
+)
+def test_float32_phase_stops_at_the_floor_or_near_it_once_progress_stalls(g, g_prev, done):
+    floor = 0.25  # exact in binary: 100 floor = 25
+    got = _solvers.float32_phase_done(jnp.float32(g), jnp.float32(g_prev), jnp.float32(floor))
+    assert bool(got) is done
+
+
+def test_an_lbfgs_step_that_ends_above_the_state_value_is_a_stall():
+    # at the rounding floor a step can end at or above f: the state is marked stalled (and the
+    # solve stops) rather than taking an increase as progress. Simulated by a state whose value is
+    # below the true f at its parameters: no step can get under it.
+    X, y = problem()
+    data, l2 = float64_data(X, y), np.float64(0.1)
+    st0 = _solvers._lbfgs_init(zeros(5, 4), data, l2)
+    st1 = _solvers._lbfgs_step(st0, data, l2)
+    assert not bool(st1.stalled) and float(st1.value) < float(st0.value)
+    low = st0._replace(value=st0.value - 1.0)
+    st2 = _solvers._lbfgs_step(low, data, l2)
+    assert float(st2.value) > float(low.value) and bool(st2.stalled)
