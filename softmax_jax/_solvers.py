@@ -103,7 +103,8 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step), when
     ``max|r| ≤`` :data:`TOL_MARGIN` ``· tol`` (the step then reaches ``tol``: no solve past what
     was asked), or on non-positive curvature (then the last CG iterate, or −∇f on the first
-    iteration); then a backtracking Armijo line search from the Newton step ``t = 1``. Near the
+    iteration); then a backtracking Armijo line search from the Newton step ``t = 1``, which goes
+    on along ``−∇f / max diag(∇²f)`` from ``t = 1`` if half its trials fail. Near the
     optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
     accepted, and a search that fails altogether marks the state ``stalled``.
     """
@@ -116,6 +117,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
     diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
+    h_max = jnp.max(jnp.asarray([jnp.max(h) for h in jax.tree.leaves(diag)]))
 
     def precond(r):
         return center_classes(jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag))
@@ -134,9 +136,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         # remove: projected, the residual stays in the subspace and CG does not stagnate
         Hp = center_classes(hessian_vp(params, p, data, l2, probs=P))
         curv = tree_vdot(p, Hp)
-        neg = curv <= jnp.finfo(dtype).eps * tree_vdot(p, p) * jnp.max(
-            jnp.asarray([jnp.max(h) for h in jax.tree.leaves(diag)])
-        )
+        neg = curv <= jnp.finfo(dtype).eps * tree_vdot(p, p) * h_max
         alpha = rz / jnp.where(neg, 1.0, curv)
         x_new = tree_axpy(alpha, p, x)
         r_new = tree_axpy(-alpha, Hp, r)
@@ -155,20 +155,28 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     slope = jnp.where(slope < 0, slope, -rz0)
     slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
 
+    # steepest descent scaled by the largest curvature: where the search along d fails half its
+    # trials (a preconditioner made extreme by saturated rows), it goes on along this direction
+    sd = jax.tree.map(lambda a: -a / h_max, g)
+    sd_slope = -tree_vdot(g, g) / h_max
+
     def ls_cond(c):
-        _, _, _, ok, j = c
-        return (~ok) & (j < _NEWTON_MAX_LS)
+        return (~c[3]) & (c[4] < _NEWTON_MAX_LS)
 
     def ls_body(c):
-        t, _, _, _, j = c
-        trial = tree_axpy(t, d, params)
-        v_t, g_t = objective_vg(trial, data, l2)
+        t, _, _, _, j, d, slope = c
+        switch = j == _NEWTON_MAX_LS // 2
+        t = jnp.where(switch, 1.0, t)
+        d = jax.tree.map(lambda a, b: jnp.where(switch, a, b), sd, d)
+        slope = jnp.where(switch, sd_slope, slope)
+        v_t, g_t = objective_vg(tree_axpy(t, d, params), data, l2)
         ok = jnp.isfinite(v_t) & (v_t <= value + 1e-4 * t * slope + slack)
-        return jnp.where(ok, t, backtrack(t, v_t, value, slope)), v_t, g_t, ok, j + 1
+        t = jnp.where(ok, t, backtrack(t, v_t, value, slope))
+        return t, v_t, g_t, ok, j + 1, d, slope
 
     t0 = jnp.ones((), dtype)
-    t, v_t, g_t, ok, _ = lax.while_loop(
-        ls_cond, ls_body, (t0, value, g, jnp.bool_(False), jnp.int32(0))
+    t, v_t, g_t, ok, _, d, _ = lax.while_loop(
+        ls_cond, ls_body, (t0, value, g, jnp.bool_(False), jnp.int32(0), d, slope)
     )
     new_params = jax.tree.map(lambda p, u: jnp.where(ok, p + t * u, p), params, d)
     return FBState(
