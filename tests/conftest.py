@@ -80,3 +80,7 @@ def pytest_collection_modifyitems(config, items):
         used = [name for name in names if name in getattr(item, "fixturenames", ())]
         if used:
             item.add_marker(pytest.mark.xdist_group(f"{module.__name__}:{used[0]}"))
+    # xdist hands out the groups first (largest first), then single tests in this order: the slow
+    # ones (notebooks, README, subprocess runs; up to 90 s each) go first, so that no worker is
+    # left running one of them alone at the end while the other has finished
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
