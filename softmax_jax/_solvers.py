@@ -72,6 +72,12 @@ def center_classes(t: Params) -> Params:
     return jax.tree.map(lambda a: a - jnp.mean(a, axis=-1, keepdims=True), t)
 
 
+def forcing(g_max):
+    """The relative CG residual ``η`` asked of a Newton step at ``max|∇f| = g_max``: ``√g_max``
+    clipped to ``[_NEWTON_FORCING_MIN, _NEWTON_FORCING]``."""
+    return jnp.clip(jnp.sqrt(g_max), _NEWTON_FORCING_MIN, _NEWTON_FORCING)
+
+
 def backtrack(t, v_t, value, slope):
     """The next trial step of a backtracking line search after ``f(t) = v_t`` was refused: the
     minimiser ``−f'(0) t² / 2 (f(t) − f(0) − f'(0) t)`` of the quadratic through ``f(0) = value``,
@@ -80,7 +86,7 @@ def backtrack(t, v_t, value, slope):
     finite. After a refused Armijo test the minimiser is below ``t / 2(1 − 10⁻⁴)``, so the upper
     clip binds only within ``10⁻⁴`` of it."""
     denom = 2 * (v_t - value - slope * t)
-    t_q = jnp.where(denom > 0, -slope * t * t / jnp.where(denom > 0, denom, 1.0), 0.5 * t)
+    t_q = -slope * t * t / jnp.maximum(denom, 0.0)  # no minimum (denom <= 0): +inf, clipped
     return jnp.where(jnp.isfinite(v_t), jnp.clip(t_q, 0.1 * t, 0.5 * t), 0.1 * t)
 
 
@@ -111,7 +117,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     params, value, g = st.params, st.value, st.grad
     dtype = value.dtype
     gnorm1 = tree_l1(g)
-    eta = jnp.clip(jnp.sqrt(tree_max_abs(g)), _NEWTON_FORCING_MIN, _NEWTON_FORCING)
+    eta = forcing(tree_max_abs(g))
     cg_tol = eta * gnorm1
     r_tol = TOL_MARGIN * tol
     P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
@@ -143,16 +149,15 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         z_new = precond(r_new)
         rz_new = tree_vdot(r_new, z_new)
         p_new = tree_axpy(rz_new / rz, p, z_new)
-        keep = jax.tree.map(lambda a, b: jnp.where(i == 0, a, b), z0, x)  # on iteration 0
-        x = jax.tree.map(lambda a, b: jnp.where(neg, a, b), keep, x_new)
+        x = jax.tree.map(lambda a, b: jnp.where(neg, a, b), x, x_new)  # (0 on iteration 0)
         return x, r_new, z_new, p_new, rz_new, i + 1, neg
 
     rz0 = tree_vdot(r0, z0)
     init = (zeros, r0, z0, z0, rz0, jnp.int32(0), jnp.bool_(False))
     d, *_, n_cg, _ = lax.while_loop(cg_cond, cg_body, init)
+    # not a descent direction (d = 0 after non-positive curvature on iteration 0): M⁻¹(−∇f)
+    d = jax.tree.map(lambda a, b: jnp.where(tree_vdot(g, d) < 0, a, b), d, z0)
     slope = tree_vdot(g, d)
-    d = jax.tree.map(lambda a, b: jnp.where(slope < 0, a, b), d, z0)
-    slope = jnp.where(slope < 0, slope, -rz0)
     slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
 
     # steepest descent scaled by the largest curvature: where the search along d fails half its
@@ -249,6 +254,16 @@ def _run(st: FBState, data: TrainData, l2, tol, max_iter, step) -> FBState:
 F32_TOL = 3e-5
 
 
+def float32_floor(Z: jax.Array, tol, *, intercept: bool) -> jax.Array:
+    """The float32 phase's target ``max(tol, F32_TOL · rms(z))``, in float32: ``rms(z)`` the largest
+    root mean square of a column of ``Z``, at least 1 with an intercept (its feature is a column
+    of ones)."""
+    rms = jnp.sqrt(jnp.max(jnp.mean(Z * Z, axis=0)))
+    if intercept:
+        rms = jnp.maximum(rms, 1.0)
+    return jnp.maximum(jnp.asarray(tol).astype(jnp.float32), F32_TOL * rms)
+
+
 def float32_phase_done(g, g_prev, floor):
     """Whether the float32 phase stops at ``max|∇f| = g`` after ``g_prev``: at ``g <= floor``, or
     within 100× of it (``g <= 100 floor``) once an iteration no longer halves it (``g > g_prev / 2``:
@@ -263,10 +278,7 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
     f32 = jnp.float32
     Z = hessian_operand(data)
     data32 = TrainData(Z, data.y, None if data.s is None else data.s.astype(f32))
-    rms = jnp.sqrt(jnp.max(jnp.mean(Z * Z, axis=0)))
-    if "b" in params:  # the intercept's feature is a column of ones
-        rms = jnp.maximum(rms, 1.0)
-    floor = jnp.maximum(tol.astype(f32), F32_TOL * rms)
+    floor = float32_floor(Z, tol, intercept="b" in params)
     l2_32 = l2.astype(f32)
     st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2_32)
 

@@ -287,3 +287,37 @@ def test_an_lbfgs_step_that_ends_above_the_state_value_is_a_stall():
     low = st0._replace(value=st0.value - 1.0)
     st2 = _solvers._lbfgs_step(low, data, l2)
     assert float(st2.value) > float(low.value) and bool(st2.stalled)
+
+
+@pytest.mark.parametrize(
+    "g_max, eta",
+    [(1.0, 0.1), (1e-2, 0.1), (1e-4, 1e-2), (1e-6, 1e-3), (1e-10, 1e-3), (0.0, 1e-3)],
+)
+def test_forcing_term_is_the_root_of_the_gradient_within_its_bounds(g_max, eta):
+    assert float(_solvers.forcing(np.float64(g_max))) == pytest.approx(eta, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 10.0])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_float32_floor_follows_the_largest_feature_scale(scale, intercept):
+    Z = np.zeros((8, 3), np.float32)
+    Z[:, 1] = scale  # the largest column rms is `scale`
+    Z[:4, 2] = scale / 2
+    rms = max(scale, 1.0) if intercept else scale  # the intercept's column of ones
+    got = _solvers.float32_floor(jnp.asarray(Z), 1e-12, intercept=intercept)
+    assert got.dtype == jnp.float32
+    assert float(got) == pytest.approx(_solvers.F32_TOL * rms, rel=1e-6)
+    assert float(_solvers.float32_floor(jnp.asarray(Z), 0.5, intercept=intercept)) == 0.5
+
+
+def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_float32_ones():
+    X, y = problem()
+    data64 = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
+    with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
+    assert with_op.Zh.dtype == jnp.float32
+    np.testing.assert_array_equal(with_op.Zh, np.asarray(data64.Z).astype(np.float32))
+    assert _solvers.with_hessian_operand(data64._replace(Zh=None), "lbfgs").Zh is None
+    data32 = place(X, y, None, fit_intercept=True, dtype=np.float32, device=None)
+    assert _solvers.with_hessian_operand(data32._replace(Zh=None), "newton-cg").Zh is None
+    kept = data64._replace(Zh=jnp.ones((3, 3)))
+    assert _solvers.with_hessian_operand(kept, "newton-cg") is kept
