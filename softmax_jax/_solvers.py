@@ -110,7 +110,8 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     ``max|r| ≤`` :data:`TOL_MARGIN` ``· tol`` (the step then reaches ``tol``: no solve past what
     was asked), or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then a backtracking Armijo line search from the Newton step ``t = 1``, which goes
-    on along ``−∇f / max diag(∇²f)`` from ``t = 1`` if half its trials fail. Near the
+    on along ``−∇f / max diag(∇²f)`` from ``t = 1`` if half its trials fail by more than the
+    rounding of ``f`` (a preconditioner made extreme by saturated rows). Near the
     optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
     accepted, and a search that fails altogether marks the state ``stalled``.
     """
@@ -169,8 +170,9 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         return (~c[3]) & (c[4] < _NEWTON_MAX_LS)
 
     def ls_body(c):
-        t, _, _, _, j, d, slope = c
-        switch = j == _NEWTON_MAX_LS // 2
+        t, v_prev, _, _, j, d, slope = c
+        # (not at the rounding floor, where a refused trial is within the slack of f)
+        switch = (j == _NEWTON_MAX_LS // 2) & ~(v_prev - value <= slack)
         t = jnp.where(switch, 1.0, t)
         d = jax.tree.map(lambda a, b: jnp.where(switch, a, b), sd, d)
         slope = jnp.where(switch, sd_slope, slope)

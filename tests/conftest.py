@@ -5,8 +5,10 @@ the ``x64`` marker (``@pytest.mark.x64`` or a module-level ``pytestmark``): x64 
 that test only and restored afterwards, even when the test fails.
 """
 
+import json
 import os
 import zlib
+from pathlib import Path
 
 # The suite never writes into the user's cache directory: the package's persistent compilation
 # cache (softmax_jax._compile_cache) stays off in this process and in the subprocesses it starts;
@@ -72,14 +74,29 @@ SHARED_FIXTURES = {
 }
 
 
+#: Tests measured over a limit (tools/durations.py writes the file from a ``--durations=0`` run):
+#: marked ``slow``, with every test of their xdist group, and so out of the fast subset.
+SLOW_TESTS = set(json.loads((Path(__file__).with_name("slow_tests.json")).read_text())["tests"])
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    groups: dict[str, list] = {}
     for item in items:
         module = getattr(item, "module", None)
         names = SHARED_FIXTURES.get(getattr(module, "__name__", "").rsplit(".", 1)[-1], ())
         used = [name for name in names if name in getattr(item, "fixturenames", ())]
         if used:
-            item.add_marker(pytest.mark.xdist_group(f"{module.__name__}:{used[0]}"))
+            group = f"{module.__name__}:{used[0]}"
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups.setdefault(group, []).append(item)
+    slow_groups = [g for g in groups.values() if any(i.nodeid in SLOW_TESTS for i in g)]
+    for item in [
+        *(i for i in items if i.nodeid in SLOW_TESTS),
+        *(i for g in slow_groups for i in g),
+    ]:
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
     # xdist hands out the groups first (largest first), then single tests in this order: the slow
     # ones (notebooks, README, subprocess runs; up to 90 s each) go first, so that no worker is
     # left running one of them alone at the end while the other has finished

@@ -321,3 +321,13 @@ def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_floa
     assert _solvers.with_hessian_operand(data32._replace(Zh=None), "newton-cg").Zh is None
     kept = data64._replace(Zh=jnp.ones((3, 3)))
     assert _solvers.with_hessian_operand(kept, "newton-cg") is kept
+
+
+def test_a_search_refused_only_by_rounding_stalls_rather_than_creeping_on():
+    # all the weight on one class: the optimum's probabilities round to 1 and max|∇f| stops near
+    # 1e-7. Its refused trials are within the rounding slack of f: the solve stops there, stalled
+    # (15 iterations), instead of taking steepest-descent steps that f cannot tell apart to max_iter
+    X, y = problem()
+    res = solve(float64_data(X, y, (y == 0).astype(float)), zeros(5, 4), solver="newton-cg",
+                l2=0.1, tol=1e-9, max_iter=100)  # fmt: skip
+    assert res.message.startswith("stopped") and res.n_iter <= 20, res

@@ -4,7 +4,7 @@
     python tools/mutation.py _precision              # every mutant of softmax_jax/_precision.py
     python tools/mutation.py _grad --sample 60       # 60 mutants drawn at random (seed 0)
 
-Each module is tested against its own fast tests (``MODULE_TESTS`` below). The working tree
+Each module is tested against its own tests (``MODULE_TESTS`` below; ``PYTEST`` for the options). The working tree
 (tracked and untracked, not ignored, files) is copied to ``$MUTATION_DIR/<module>`` (default
 ``/tmp/softmax_jax_mutation``, outside the repository): cosmic-ray writes each mutant into that
 copy's source file, runs the tests there in a fresh process (``PYTHONPATH`` set to the copy, at
@@ -56,7 +56,10 @@ EXCLUDED_OPERATORS = [
 
 NOT_COMPILING = "does not compile"
 
-PYTEST = "-q -x -p no:cacheprovider -m 'not slow and not multiprocess'"
+#: Every test of the module's files but those starting other processes; a mutant that makes them
+#: hang (say a loop that no longer ends) fails at pytest-timeout's limit and counts as killed.
+#: (``slow`` is not left out: tests/slow_tests.json marks tests slow by their measured time.)
+PYTEST = "-q -x -p no:cacheprovider --timeout=300 -m 'not multiprocess'"
 
 
 def _config(module: str, timeout: float) -> str:
