@@ -331,3 +331,31 @@ def test_a_search_refused_only_by_rounding_stalls_rather_than_creeping_on():
     res = solve(float64_data(X, y, (y == 0).astype(float)), zeros(5, 4), solver="newton-cg",
                 l2=0.1, tol=1e-9, max_iter=100)  # fmt: skip
     assert res.message.startswith("stopped") and res.n_iter <= 20, res
+
+
+def test_mixed_precision_runs_its_first_iterations_in_float32():
+    # one iteration of a mixed-precision float64 solve is a float32 Newton step: close to the
+    # float64 step (float32 rounding, ~1e-7 relative) but not equal to it
+    X, y = problem(n=400, d=6, k=5, seed=1)
+    data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
+                 hessian_dtype=np.float32)  # fmt: skip
+    kw = dict(solver="newton-cg", l2=1e-3, tol=1e-9, max_iter=1)
+    W32 = np.asarray(solve(data, zeros(6, 5), mixed_precision=True, **kw).params["W"])
+    W64 = np.asarray(solve(data, zeros(6, 5), mixed_precision=False, **kw).params["W"])
+    assert not np.array_equal(W32, W64)
+    np.testing.assert_allclose(W32, W64, rtol=1e-4, atol=1e-6)
+
+
+def test_newton_step_counts_its_hessian_products():
+    # one feature, two classes, no intercept: the centred subspace is 1-D, so CG solves the
+    # Newton system exactly with one Hessian product and stops on a zero residual
+    X, y = problem(n=50, d=1, k=2)
+    data = place(X, y, None, fit_intercept=False, dtype=np.float64, device=None,
+                 hessian_dtype=np.float64)  # fmt: skip
+    l2 = np.float64(0.1)
+    st = _solvers._newton_init({"W": jnp.zeros((1, 2))}, data, l2)
+    new = _solvers._newton_step(st, data, l2, np.float64(0.0))
+    assert int(new.n_inner) == 1 and float(new.value) < float(st.value)
+    # a residual already inside TOL_MARGIN · tol takes no product
+    done = _solvers._newton_step(st, data, l2, np.float64(1e3))
+    assert int(done.n_inner) == 0
