@@ -2,7 +2,7 @@
 ``pytest --durations=0`` report (setup, call and teardown summed per test).
 
     python -m pytest -n 2 --durations=0 > durations.txt
-    python tools/durations.py durations.txt            # tests over 1.5 s
+    python tools/durations.py durations.txt            # tests over 1 s
     python tools/durations.py durations.txt --limit 2
 
 ``tests/conftest.py`` marks the tests listed there ``slow`` (with every test of their xdist group,
@@ -35,7 +35,7 @@ def parse(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="the output of pytest --durations=0")
-    parser.add_argument("--limit", type=float, default=1.5, help="seconds (default 1.5)")
+    parser.add_argument("--limit", type=float, default=1.0, help="seconds (default 1.0)")
     args = parser.parse_args(argv)
     seconds = parse(args.report.read_text())
     if not seconds:
