@@ -52,13 +52,14 @@ def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
 
 
 def transpose_gemm(
-    Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None
+    Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None, *, rows_axis: int = 0
 ) -> jax.Array:
     """``scale · Zᵀ M`` (D, K): the second GEMM, under the precision policy of ``_precision``:
     operands in ``W``'s dtype (``out_dtype``), accumulated in float32 at least, the scalar
-    ``scale`` (the mean's ``1 / Σ s``) applied to the accumulated result."""
+    ``scale`` (the mean's ``1 / Σ s``) applied to the accumulated result. ``rows_axis=1``: ``Z``
+    is given transposed, ``(D, N)``."""
     acc = acc_dtype(out_dtype, M.dtype)
-    G = gemm(operand(Z, out_dtype), operand(M, out_dtype), (0, 0), acc)
+    G = gemm(operand(Z, out_dtype), operand(M, out_dtype), (rows_axis, 0), acc)
     if scale is not None:
         G = G * scale.astype(acc)
     return G.astype(out_dtype)

@@ -34,7 +34,7 @@ from jax import lax
 from ._chunks import fold_chunks
 from ._grad import hvp_residual, residual, transpose_gemm
 from ._loss import logits, logsumexp_rows, nll_rows, reduce_losses
-from ._precision import mean_normaliser
+from ._precision import compute_dtype, gemm, mean_normaliser, operand
 
 Params = dict[str, jax.Array]
 
@@ -53,7 +53,37 @@ class TrainData(NamedTuple):
     Z: jax.Array
     y: jax.Array
     s: jax.Array | None
-    Zh: jax.Array | None = None
+    Zh: jax.Array | Columns | None = None
+
+
+class Columns(NamedTuple):
+    """Features stored transposed, ``T`` (D, N): Newton-CG's float32 Hessian operand on one
+    device. Both GEMMs of a pass then contract over ``T``'s minor axis (``Vᵀ T`` and ``T R``),
+    the layout XLA's CPU GEMMs run fastest (bench/train.py); ``shape`` and ``dtype`` are those of
+    the ``(N, D)`` features it holds."""
+
+    T: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.T.shape[1], self.T.shape[0]
+
+    @property
+    def dtype(self):
+        return self.T.dtype
+
+    def rows(self, lo, size: int) -> Columns:
+        """Rows ``[lo, lo + size)``, still transposed."""
+        return Columns(lax.dynamic_slice_in_dim(self.T, lo, size, axis=1))
+
+    def column_mean_squares(self) -> jax.Array:
+        """``mean_i z_id²`` (D,)."""
+        return jnp.mean(self.T * self.T, axis=1)
+
+
+def transposed(Z: jax.Array, dtype) -> Columns:
+    """``Z`` (N, D) as :class:`Columns` in ``dtype``: one copy."""
+    return Columns(Z.astype(dtype).T)
 
 
 def hessian_operand(data: TrainData) -> jax.Array:
@@ -61,14 +91,19 @@ def hessian_operand(data: TrainData) -> jax.Array:
     return data.Z if data.Zh is None else data.Zh
 
 
-def features_times(Z: jax.Array, V: jax.Array) -> jax.Array:
-    """``Z V`` (N, K) in ``V``'s dtype, accumulated in float32 at least (the first GEMM)."""
+def features_times(Z: jax.Array | Columns, V: jax.Array) -> jax.Array:
+    """``Z V`` (N, K) in ``V``'s dtype, accumulated in float32 at least (the first GEMM); for
+    :class:`Columns`, ``(Vᵀ T)ᵀ``."""
+    if isinstance(Z, Columns):
+        return gemm(V, operand(Z.T, V.dtype), (0, 0), compute_dtype(V.dtype, Z.dtype)).T
     return logits(V, Z)
 
 
-def features_t_times(Z: jax.Array, M: jax.Array, out_dtype, *, squared: bool = False):
+def features_t_times(Z: jax.Array | Columns, M: jax.Array, out_dtype, *, squared: bool = False):
     """``Zᵀ M`` (D, K) (or ``(Z ⊙ Z)ᵀ M`` with ``squared``, for the Hessian's diagonal), with
-    operands in ``out_dtype`` (the second GEMM)."""
+    operands in ``out_dtype`` (the second GEMM); for :class:`Columns`, ``T M``."""
+    if isinstance(Z, Columns):
+        return transpose_gemm(Z.T * Z.T if squared else Z.T, M, out_dtype, rows_axis=1)
     return transpose_gemm(Z * Z if squared else Z, M, out_dtype)
 
 
@@ -82,18 +117,25 @@ def chunk_rows(n: int) -> int | None:
     return CHUNK_ROWS if n >= 4 * CHUNK_ROWS else None
 
 
-def row_sums(fn: Callable, rows: tuple, zero):
+def row_sums(fn: Callable, rows: tuple, zero, *, squares: bool = False):
     """``fn(*rows)`` summed over the row chunks of the arrays ``rows`` (``None`` entries passed
     through): ``fn`` returns a pytree shaped like ``zero`` that sums over rows. One call for small
-    N, else :func:`softmax_jax._chunks.fold_chunks` over :data:`CHUNK_ROWS`-row chunks."""
+    N, else :func:`softmax_jax._chunks.fold_chunks` over :data:`CHUNK_ROWS`-row chunks. Features
+    stored as :class:`Columns` are passed whole (slices of their minor axis cost more than the
+    cache saves), unless ``fn`` forms ``(N, D)`` temporaries (``squares``)."""
     n = rows[0].shape[0]
-    c = chunk_rows(n)
+    c = None if isinstance(rows[0], Columns) and not squares else chunk_rows(n)
     if c is None:
         return fn(*rows)
 
+    def cut(x, lo, size):
+        if x is None:
+            return None
+        return x.rows(lo, size) if isinstance(x, Columns) else lax.dynamic_slice_in_dim(x, lo, size)
+
     def body(lo, size, acc):
-        cut = [None if x is None else lax.dynamic_slice_in_dim(x, lo, size) for x in rows]
-        return jax.tree.map(jnp.add, acc, fn(*cut))
+        parts = [cut(x, lo, size) for x in rows]
+        return jax.tree.map(jnp.add, acc, fn(*parts))
 
     return fold_chunks(n, c, body, zero)
 
@@ -188,12 +230,12 @@ def hessian_probs(params: Params, data: TrainData) -> jax.Array:
     return E / S
 
 
-def _hessian_sums(fn, data: TrainData, P: jax.Array, like: Params) -> Params:
+def _hessian_sums(fn, data: TrainData, P: jax.Array, like: Params, squares=False) -> Params:
     """``fn(Zh, P, s)`` summed over the rows (:func:`row_sums`) times the mean's ``1/Σ s``, in
     the Hessian's dtype."""
     Zh = hessian_operand(data)
     zero = jax.tree.map(lambda x: jnp.zeros(x.shape, Zh.dtype), like)
-    total = row_sums(fn, (Zh, P, data.s), zero)
+    total = row_sums(fn, (Zh, P, data.s), zero, squares=squares)
     inv = mean_normaliser(data.s, Zh.shape[0], "mean", Zh.dtype)
     return jax.tree.map(lambda x, p: (x * inv).astype(p.dtype), total, like)
 
@@ -242,7 +284,7 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
         return out
 
     P = hessian_probs(params, data) if probs is None else probs
-    diag = _hessian_sums(part, data, P, params)
+    diag = _hessian_sums(part, data, P, params, squares=True)
     return {**diag, "W": diag["W"] + l2}
 
 

@@ -12,7 +12,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ._objective import TrainData
+from ._objective import TrainData, transposed
 from ._sparse import place_sparse
 from ._validate import is_sparse
 
@@ -225,7 +225,8 @@ def place(
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
     with ``hessian_dtype`` a copy of ``Z`` in that dtype for Newton-CG's Hessian products (none
-    when it is ``dtype``: the products then use ``Z``). ``device`` may be a
+    when it is ``dtype``: the products then use ``Z``), transposed
+    (:class:`softmax_jax._objective.Columns`) on one device, by rows on a mesh. ``device`` may be a
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
@@ -264,8 +265,12 @@ def place(
             sb[:n] = 1 if s is None else s
         put = functools.partial(jax.device_put, device=device)
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
-        Zh = put(Zp.astype(hessian_dtype)) if _needs_copy(hessian_dtype, dtype) else None
+        # the Hessian's operand transposed (Columns), cast and transposed on the device
+        Zh = _transposed(Zd, np.dtype(hessian_dtype)) if _needs_copy(hessian_dtype, dtype) else None
     return TrainData(Zd, yd, sd, Zh)
+
+
+_transposed = jax.jit(transposed, static_argnums=1)
 
 
 def _needs_copy(hessian_dtype, dtype) -> bool:

@@ -19,6 +19,7 @@ from jax import lax
 
 from . import _compile_cache
 from ._objective import (
+    Columns,
     Params,
     TrainData,
     hessian_diag,
@@ -28,6 +29,7 @@ from ._objective import (
     mean_stats,
     objective,
     objective_vg,
+    transposed,
     tree_axpy,
     tree_l1,
     tree_max_abs,
@@ -260,7 +262,8 @@ def float32_floor(Z: jax.Array, tol, *, intercept: bool) -> jax.Array:
     """The float32 phase's target ``max(tol, F32_TOL · rms(z))``, in float32: ``rms(z)`` the largest
     root mean square of a column of ``Z``, at least 1 with an intercept (its feature is a column
     of ones)."""
-    rms = jnp.sqrt(jnp.max(jnp.mean(Z * Z, axis=0)))
+    ms = Z.column_mean_squares() if isinstance(Z, Columns) else jnp.mean(Z * Z, axis=0)
+    rms = jnp.sqrt(jnp.max(ms))
     if intercept:
         rms = jnp.maximum(rms, 1.0)
     return jnp.maximum(jnp.asarray(tol).astype(jnp.float32), F32_TOL * rms)
@@ -298,11 +301,14 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
 
 
 def with_hessian_operand(data: TrainData, solver: str) -> TrainData:
-    """``data`` with Newton-CG's float32 Hessian operand (one cast of ``Z``, inside the solve),
-    unless it has one or ``Z`` is float32 already."""
+    """``data`` with Newton-CG's float32 Hessian operand: one cast of ``Z``, transposed
+    (:class:`~softmax_jax._objective.Columns`), inside the solve; unless it has one or ``Z`` is
+    float32 already (no copy: the products then use ``Z``)."""
     if solver != "newton-cg" or data.Zh is not None or data.Z.dtype == jnp.float32:
         return data
-    return data._replace(Zh=data.Z.astype(jnp.float32))
+    if hasattr(data.Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse): a cast of the values
+        return data._replace(Zh=data.Z.astype(jnp.float32))
+    return data._replace(Zh=transposed(data.Z, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "mixed"))

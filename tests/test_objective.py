@@ -17,6 +17,7 @@ import softmax_jax as sj
 from softmax_jax import _objective
 from softmax_jax._objective import (
     CHUNK_ROWS,
+    Columns,
     TrainData,
     chunk_rows,
     data_vg,
@@ -25,6 +26,7 @@ from softmax_jax._objective import (
     hessian_probs,
     hessian_vp,
     objective_vg,
+    transposed,
 )
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
@@ -57,15 +59,19 @@ def augmented(params, Z):
     return Z1, jnp.concatenate([params["W"], params["b"][None]], 0)
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("n", [45, CHUNKED_N])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_value_gradient_and_hessian_products_match_the_core_on_augmented_features(
-    getkey, n, weighted
+    getkey, n, weighted, layout
 ):
+    # "columns": the features stored transposed (Newton-CG's Hessian operand), whose passes run
+    # whole except the diagonal's (its squares are formed chunk by chunk)
     d, k, l2 = 3, 4, 0.2
     params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
     assert (chunk_rows(n) is not None) == (n == CHUNKED_N)
-    data = TrainData(Z, y, s)  # float64 Hessian operands: exact comparisons
+    Zs = Z if layout == "rows" else transposed(Z, Z.dtype)
+    data = TrainData(Zs, y, s)  # float64 Hessian operands: exact comparisons
     v, g = jax.jit(data_vg)(params, data)
     P = hessian_probs(params, data)
     hv = jax.jit(functools.partial(hessian_vp, probs=P))(params, V, data, l2)
@@ -125,12 +131,15 @@ def test_float32_hessian_operand_gives_float32_products(getkey, dtype):
     params, V, Z, y, s = random_problem(getkey, 40, 5, 3, False)
     data = TrainData(Z, y, s, Z.astype(dtype))
     assert hessian_probs(params, data).dtype == dtype
+    columns = TrainData(Z, y, s, transposed(Z, dtype))
+    assert isinstance(columns.Zh, Columns) and hessian_probs(params, columns).dtype == dtype
     exact = TrainData(Z, y, s)
     for fn in (lambda dt: hessian_vp(params, V, dt, 0.1), lambda dt: hessian_diag(params, dt, 0.1)):
-        got, ref = fn(data), fn(exact)
-        assert got["W"].dtype == jnp.float64
+        got, ref, got_t = fn(data), fn(exact), fn(columns)
+        assert got["W"].dtype == got_t["W"].dtype == jnp.float64
         tol = 1e-5 if dtype == np.float32 else 1e-13
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), got, ref)
+        for g in (got, got_t):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), g, ref)
 
 
 def test_all_zero_weights_evaluate_to_zero_not_nan(getkey):

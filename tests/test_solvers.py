@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softmax_jax import _solvers
-from softmax_jax._objective import TrainData, tree_max_abs
+from softmax_jax._objective import Columns, TrainData, transposed, tree_max_abs
 from softmax_jax._placement import place
 from softmax_jax._solvers import center_classes, solve
 
@@ -122,7 +122,7 @@ def test_float32_phase_runs_down_to_its_noise_floor():
     init, step = _solvers.SOLVERS["newton-cg"]
     run = jax.jit(_solvers._run_float32, static_argnums=(5, 6))
     st = run(zeros(6, 5), data, np.float64(1e-3), np.float64(1e-12), np.int32(100), step, init)
-    Z = np.asarray(data.Zh, np.float64)
+    Z = np.asarray(data.Zh.T, np.float64).T  # the float32 copy, stored transposed
     floor = _solvers.F32_TOL * max(np.sqrt(np.max(np.mean(Z * Z, axis=0))), 1.0)
     assert st.params["W"].dtype == jnp.float32
     assert float(tree_max_abs(st.grad)) <= floor
@@ -297,25 +297,28 @@ def test_forcing_term_is_the_root_of_the_gradient_within_its_bounds(g_max, eta):
     assert float(_solvers.forcing(np.float64(g_max))) == pytest.approx(eta, rel=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 10.0])
 @pytest.mark.parametrize("intercept", [False, True])
-def test_float32_floor_follows_the_largest_feature_scale(scale, intercept):
+def test_float32_floor_follows_the_largest_feature_scale(scale, intercept, layout):
     Z = np.zeros((8, 3), np.float32)
-    Z[:, 1] = scale  # the largest column rms is `scale`
+    Z[:, 1] = scale  # the largest column rms is `scale` (the largest row rms 0.65 scale)
     Z[:4, 2] = scale / 2
     rms = max(scale, 1.0) if intercept else scale  # the intercept's column of ones
-    got = _solvers.float32_floor(jnp.asarray(Z), 1e-12, intercept=intercept)
+    Zs = jnp.asarray(Z) if layout == "rows" else transposed(jnp.asarray(Z), jnp.float32)
+    got = _solvers.float32_floor(Zs, 1e-12, intercept=intercept)
     assert got.dtype == jnp.float32
     assert float(got) == pytest.approx(_solvers.F32_TOL * rms, rel=1e-6)
-    assert float(_solvers.float32_floor(jnp.asarray(Z), 0.5, intercept=intercept)) == 0.5
+    assert float(_solvers.float32_floor(Zs, 0.5, intercept=intercept)) == 0.5
 
 
 def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_float32_ones():
     X, y = problem()
     data64 = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
     with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
-    assert with_op.Zh.dtype == jnp.float32
-    np.testing.assert_array_equal(with_op.Zh, np.asarray(data64.Z).astype(np.float32))
+    assert isinstance(with_op.Zh, Columns)  # transposed: (D, N)
+    assert with_op.Zh.dtype == jnp.float32 and with_op.Zh.shape == X.shape
+    np.testing.assert_array_equal(with_op.Zh.T, np.asarray(data64.Z).astype(np.float32).T)
     assert _solvers.with_hessian_operand(data64._replace(Zh=None), "lbfgs").Zh is None
     data32 = place(X, y, None, fit_intercept=True, dtype=np.float32, device=None)
     assert _solvers.with_hessian_operand(data32._replace(Zh=None), "newton-cg").Zh is None
