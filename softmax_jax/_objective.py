@@ -288,6 +288,36 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
     return {**diag, "W": diag["W"] + l2}
 
 
+def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
+    r"""``∇²f`` as a ``(p, p)`` matrix over ``[W; b]`` flattened row by row (:func:`stack`;
+    ``p = (D + 1) K`` with a bias, ``D K`` without), in the parameters' dtype:
+
+    .. math:: \sum_i c_i\, (x_i x_i^\top) \otimes (\operatorname{diag} \hat y_i - \hat y_i \hat y_i^\top)
+              + \lambda I_W, \qquad x_i = [z_i, 1],\ c_i = s_i / \textstyle\sum s,
+
+    ``I_W`` the identity on ``W``'s entries. ``N p²`` multiply-adds: for small problems (the exact
+    Newton steps of ``_solvers``)."""
+    Z = data.Z.T.T if isinstance(data.Z, Columns) else data.Z
+    dt = params["W"].dtype
+    X = Z.astype(dt)
+    n, d = X.shape
+    _, E, S = logsumexp_rows(_biased_logits(params, X))
+    P = E / S
+    if "b" in params:
+        X = jnp.concatenate([X, jnp.ones((n, 1), dt)], axis=1)
+    inv = mean_normaliser(data.s, n, "mean", dt)
+    c = jnp.broadcast_to(inv, (n,)) if data.s is None else data.s.astype(dt) * inv
+    rows, k = X.shape[1], P.shape[1]
+    p = rows * k
+    U = (X[:, :, None] * P[:, None, :]).reshape(n, p)  # x_i ⊗ ŷ_i
+    cX = X * c[:, None]
+    # Σ_i c_i ŷ_ik x_i x_iᵀ on the class diagonal (k = l), minus Σ_i c_i (x_i ⊗ ŷ_i)(x_i ⊗ ŷ_i)ᵀ
+    B = (cX.T @ U).reshape(rows, rows, k).transpose(0, 2, 1)  # [d, k, e]
+    H = (B[:, :, :, None] * jnp.eye(k, dtype=dt)[None, :, None, :]).reshape(p, p)
+    H = H - (U * c[:, None]).T @ U
+    return H + jnp.diag(jnp.where(jnp.arange(p) < d * k, l2, 0).astype(dt))
+
+
 def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:
     """``(Σ s_i ℓ_i, Σ s_i [argmax a_i = y_i])`` without the penalty."""
     if hasattr(data.Z, "predict_stats"):  # rows left on the host

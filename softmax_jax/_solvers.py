@@ -23,17 +23,20 @@ from ._objective import (
     Params,
     TrainData,
     hessian_diag,
+    hessian_matrix,
     hessian_operand,
     hessian_probs,
     hessian_vp,
     mean_stats,
     objective,
     objective_vg,
+    stack,
     transposed,
     tree_axpy,
     tree_l1,
     tree_max_abs,
     tree_vdot,
+    unstack,
 )
 
 
@@ -44,7 +47,7 @@ class FBState(NamedTuple):
     aux: Any  # the optax state (L-BFGS) or ()
     it: jax.Array
     stalled: jax.Array  # no decrease possible at working precision: stop
-    n_inner: jax.Array  # Hessian-vector products (Newton-CG)
+    n_inner: jax.Array  # Hessian-vector products (Newton-CG's CG; none in its dense steps)
 
 
 def init_state(params, data, l2, aux) -> FBState:
@@ -66,6 +69,34 @@ _NEWTON_FORCING_MIN = 1e-3
 #: CG also stops once ``max|r| <= TOL_MARGIN · tol``: the gradient after the step is about the
 #: CG residual ``r``, so the last Newton step lands just inside ``tol`` instead of far past it.
 TOL_MARGIN = 0.25
+#: Newton steps on problems where forming ``∇²f`` as a matrix (:func:`hessian_matrix`, ``N p²``
+#: multiply-adds for ``p = (D + 1) K`` parameters) costs at most this much solve ``∇²f d = −∇f``
+#: exactly: a few small GEMMs and one factorisation in place of tens to hundreds of CG
+#: iterations, each a handful of tiny kernels in a compiled loop (the folds of a GridSearchCV).
+DENSE_MAX_WORK = 1 << 26
+DENSE_MAX_PARAMS = 1024
+
+
+def dense_newton(params: Params, data: TrainData) -> bool:
+    """Whether Newton's steps on ``data`` solve with the Hessian matrix (static: by shape)."""
+    Z = data.Z
+    if not isinstance(Z, (jax.Array, Columns)):  # scipy.sparse or streamed rows
+        return False
+    n, k = Z.shape[0], params["W"].shape[1]
+    p = (params["W"].shape[0] + ("b" in params)) * k
+    return p <= DENSE_MAX_PARAMS and n * p * p <= DENSE_MAX_WORK
+
+
+def _dense_direction(H: jax.Array, g: Params) -> Params:
+    """``d = −H⁻¹ ∇f`` on the centred subspace, ``H`` = :func:`hessian_matrix`. ``H`` is singular
+    along the class shifts (``b + c 1``, and ``W + v 1ᵀ`` without a penalty), which it maps to
+    themselves: adding ``h (I ⊗ 11ᵀ/K)`` makes it invertible and leaves the solution for a
+    centred ``∇f`` as is."""
+    G = stack(g)
+    rows, k = G.shape
+    shift = jnp.kron(jnp.eye(rows, dtype=H.dtype), jnp.full((k, k), 1.0 / k, H.dtype))
+    d = jnp.linalg.solve(H + jnp.max(jnp.diag(H)) * shift, -G.reshape(-1).astype(H.dtype))
+    return center_classes(unstack(d.reshape(rows, k).astype(G.dtype), g))
 
 
 def center_classes(t: Params) -> Params:
@@ -101,8 +132,9 @@ def _newton_init(params, data, l2) -> FBState:
 def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     r"""One truncated-Newton iteration.
 
-    Preconditioned conjugate gradients (Jacobi: the diagonal of the Hessian, followed by
-    :func:`center_classes`) on ``(∇²f) d = −∇f`` with products from the analytic HVP. ``∇f`` and
+    On problems small enough (:func:`dense_newton`) the Newton system is solved exactly with the
+    Hessian as a matrix (:func:`_dense_direction`); otherwise by preconditioned conjugate
+    gradients (Jacobi: the diagonal of the Hessian, followed by :func:`center_classes`) on ``(∇²f) d = −∇f`` with products from the analytic HVP. ``∇f`` and
     ``∇²f V`` have class sums of zero (rows of ``Ŷ − Y`` sum to zero, and so do those of the HVP's
     residual), so with the centred preconditioner every CG iterate, and so ``d``, stays in that
     subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
@@ -123,8 +155,13 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     eta = forcing(tree_max_abs(g))
     cg_tol = eta * gnorm1
     r_tol = TOL_MARGIN * tol
-    P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
-    diag = hessian_diag(params, data, l2, probs=P)
+    dense = dense_newton(params, data)
+    if dense:  # the Hessian as a matrix (small problems): its diagonal is the preconditioner's
+        H = hessian_matrix(params, data, l2)
+        diag = unstack(jnp.diag(H).reshape(stack(g).shape).astype(dtype), g)
+    else:
+        P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
+        diag = hessian_diag(params, data, l2, probs=P)
     tiny = jnp.finfo(dtype).tiny
     h_max = jnp.max(jnp.asarray([jnp.max(h) for h in jax.tree.leaves(diag)]))
 
@@ -155,9 +192,12 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         x = jax.tree.map(lambda a, b: jnp.where(neg, a, b), x, x_new)  # (0 on iteration 0)
         return x, r_new, z_new, p_new, rz_new, i + 1, neg
 
-    rz0 = tree_vdot(r0, z0)
-    init = (zeros, r0, z0, z0, rz0, jnp.int32(0), jnp.bool_(False))
-    d, *_, n_cg, _ = lax.while_loop(cg_cond, cg_body, init)
+    if dense:
+        d, n_cg = _dense_direction(H, g), jnp.int32(0)
+    else:
+        rz0 = tree_vdot(r0, z0)
+        init = (zeros, r0, z0, z0, rz0, jnp.int32(0), jnp.bool_(False))
+        d, *_, n_cg, _ = lax.while_loop(cg_cond, cg_body, init)
     # not a descent direction (d = 0 after non-positive curvature on iteration 0): M⁻¹(−∇f)
     d = jax.tree.map(lambda a, b: jnp.where(tree_vdot(g, d) < 0, a, b), d, z0)
     slope = tree_vdot(g, d)

@@ -4,6 +4,8 @@ mixed-precision solve ends at the float64 optimum."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,16 @@ def numpy_objective(X, y, s, params, l2):
     per = m + np.log(np.exp(A - m[:, None]).sum(axis=1)) - A[np.arange(len(y)), y]
     s = np.ones(len(y)) if s is None else np.asarray(s, np.float64)
     return float(np.sum(s * per) / np.sum(s) + 0.5 * l2 * np.sum(W * W))
+
+
+@pytest.fixture
+def cg_steps(monkeypatch):
+    """Newton's steps by conjugate gradients at every size (the dense steps off), for the tests of
+    CG's own logic; the traced solvers are dropped before and after (the switch is static)."""
+    jax.clear_caches()
+    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
+    yield
+    jax.clear_caches()
 
 
 def zeros(d, k):
@@ -144,7 +156,7 @@ def test_trainData_without_hessian_operands_still_solves_with_lbfgs():
     assert res.converged and isinstance(data, TrainData)
 
 
-def test_newton_cg_converges_in_a_few_iterations():
+def test_newton_cg_converges_in_a_few_iterations(cg_steps):
     # Newton's method with the exact Hessian (eq. (2)'s plus l2·I) converges quadratically: 6
     # iterations (24 CG products) here. A Hessian product or preconditioner that drops or
     # mis-scales a term still converges, but linearly (the L2 term left out of the Hessian
@@ -158,7 +170,7 @@ def test_newton_cg_converges_in_a_few_iterations():
     assert res.value == pytest.approx(numpy_objective(X, y, None, res.params, 0.1), rel=1e-13)
 
 
-def test_newton_stops_where_tol_asks_not_far_past_it():
+def test_newton_stops_where_tol_asks_not_far_past_it(cg_steps):
     # the last Newton step's CG stops once its residual (about the next gradient) is inside tol:
     # max|∇f| ends below tol but within a small factor of it, with fewer Hessian products
     X, y = problem(n=400, d=6, k=5, seed=1, noise=0.3)
@@ -326,7 +338,7 @@ def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_floa
     assert _solvers.with_hessian_operand(kept, "newton-cg") is kept
 
 
-def test_a_search_refused_only_by_rounding_stalls_rather_than_creeping_on():
+def test_a_search_refused_only_by_rounding_stalls_rather_than_creeping_on(cg_steps):
     # all the weight on one class: the optimum's probabilities round to 1 and max|∇f| stops near
     # 1e-7. Its refused trials are within the rounding slack of f: the solve stops there, stalled
     # (15 iterations), instead of taking steepest-descent steps that f cannot tell apart to max_iter
@@ -349,7 +361,7 @@ def test_mixed_precision_runs_its_first_iterations_in_float32():
     np.testing.assert_allclose(W32, W64, rtol=1e-4, atol=1e-6)
 
 
-def test_newton_step_counts_its_hessian_products():
+def test_newton_step_counts_its_hessian_products(cg_steps):
     # one feature, two classes, no intercept: the centred subspace is 1-D, so CG solves the
     # Newton system exactly with one Hessian product and stops on a zero residual
     X, y = problem(n=50, d=1, k=2)
@@ -362,3 +374,60 @@ def test_newton_step_counts_its_hessian_products():
     # a residual already inside TOL_MARGIN · tol takes no product
     done = _solvers._newton_step(st, data, l2, np.float64(1e3))
     assert int(done.n_inner) == 0
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("l2", [0.1, 1e-4, 0.0])
+def test_dense_and_cg_newton_steps_reach_the_same_optimum(monkeypatch, intercept, l2):
+    # the dense steps (the Hessian as a matrix, exact solves) on the problems small enough, CG on
+    # the others: the same optimum, also without a penalty (W + v 1ᵀ is then a null direction of
+    # the Hessian too) and without an intercept; the dense steps take no Hessian-vector product
+    X, y = problem(n=90, d=4, k=3, seed=2, noise=1.0)
+    data = place(X, y, None, fit_intercept=intercept, dtype=np.float64, device=None)
+    p0 = zeros(4, 3) if intercept else {"W": jnp.zeros((4, 3))}
+    assert _solvers.dense_newton(p0, data)
+    run = functools.partial(solve, data, p0, solver="newton-cg", l2=l2, tol=1e-9, max_iter=200)
+    dense = run()
+    jax.clear_caches()
+    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
+    cg = run()
+    jax.clear_caches()
+    assert dense.converged and cg.converged, (dense.message, cg.message)
+    assert dense.n_inner == 0 and cg.n_inner > 0
+    assert dense.n_iter <= cg.n_iter
+    assert dense.value == pytest.approx(cg.value, rel=1e-12)
+    if l2 > 0:  # (without a penalty the optimum lies at infinity: only its value is compared)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), dense.params,
+                     cg.params)  # fmt: skip
+        assert dense.value == pytest.approx(
+            numpy_objective(X, y, None, {"b": np.zeros(3), **dense.params}, l2), rel=1e-13
+        )
+
+
+def test_dense_newton_steps_only_where_the_hessian_matrix_is_cheap():
+    # N p² multiply-adds at most DENSE_MAX_WORK and p at most DENSE_MAX_PARAMS, p = (D + 1) K
+    def data(n, d):
+        return TrainData(jnp.zeros((n, d)), jnp.zeros(n, jnp.int32), None)
+
+    p = (7 + 1) * 4
+    n_max = _solvers.DENSE_MAX_WORK // (p * p)
+    assert _solvers.dense_newton(zeros(7, 4), data(n_max, 7))
+    assert not _solvers.dense_newton(zeros(7, 4), data(n_max + 1, 7))
+    assert _solvers.dense_newton({"W": jnp.zeros((8, 4))}, data(n_max, 8))  # no bias: 8 · 4
+    k = _solvers.DENSE_MAX_PARAMS // 2
+    assert _solvers.dense_newton(zeros(1, k), data(4, 1))
+    assert not _solvers.dense_newton(zeros(1, k + 1), data(4, 1))
+    assert _solvers.dense_newton(
+        zeros(7, 4), TrainData(transposed(jnp.zeros((40, 7)), jnp.float32), None, None)
+    )
+
+
+def test_dense_direction_solves_on_the_centred_subspace_of_a_singular_hessian():
+    # H = I ⊗ (I − 11ᵀ/K): the identity on centred vectors, exactly singular along the class
+    # shifts (an exact zero pivot for an unshifted factorisation): the direction for a centred
+    # gradient is −∇f, finite
+    rows, k = 3, 2
+    H = jnp.kron(jnp.eye(rows), jnp.eye(k) - 1.0 / k)
+    g = center_classes({"W": jnp.arange(4.0).reshape(2, 2), "b": jnp.asarray([1.0, -1.0])})
+    d = _solvers._dense_direction(H, g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -b, rtol=1e-12), d, g)
