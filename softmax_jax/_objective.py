@@ -81,9 +81,21 @@ class Columns(NamedTuple):
         return jnp.mean(self.T * self.T, axis=1)
 
 
+#: Newton-CG's Hessian operand is stored transposed from this many rows on: measured on 2 cores
+#: (200000 × 256 × 20 fits, A/B in one process), 15% faster at 100000 and 200000 rows, but 18%
+#: and 50% slower at 25000 and 50000 (tools/profile_solve.py).
+COLUMNS_MIN_ROWS = 100_000
+
+
 def transposed(Z: jax.Array, dtype) -> Columns:
     """``Z`` (N, D) as :class:`Columns` in ``dtype``: one copy."""
     return Columns(Z.astype(dtype).T)
+
+
+def hessian_copy(Z: jax.Array, dtype) -> jax.Array | Columns:
+    """Newton-CG's copy of ``Z`` in ``dtype``: :class:`Columns` from :data:`COLUMNS_MIN_ROWS`
+    rows on, else row-major."""
+    return transposed(Z, dtype) if Z.shape[0] >= COLUMNS_MIN_ROWS else Z.astype(dtype)
 
 
 def hessian_operand(data: TrainData) -> jax.Array:

@@ -12,7 +12,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ._objective import TrainData, transposed
+from ._objective import TrainData, hessian_copy
 from ._sparse import place_sparse
 from ._validate import is_sparse
 
@@ -225,8 +225,8 @@ def place(
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
     with ``hessian_dtype`` a copy of ``Z`` in that dtype for Newton-CG's Hessian products (none
-    when it is ``dtype``: the products then use ``Z``), transposed
-    (:class:`softmax_jax._objective.Columns`) on one device, by rows on a mesh. ``device`` may be a
+    when it is ``dtype``: the products then use ``Z``), on one device transposed from
+    :data:`softmax_jax._objective.COLUMNS_MIN_ROWS` rows on, by rows on a mesh. ``device`` may be a
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
@@ -265,12 +265,16 @@ def place(
             sb[:n] = 1 if s is None else s
         put = functools.partial(jax.device_put, device=device)
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
-        # the Hessian's operand transposed (Columns), cast and transposed on the device
-        Zh = _transposed(Zd, np.dtype(hessian_dtype)) if _needs_copy(hessian_dtype, dtype) else None
+        # the Hessian's operand (transposed on large problems), cast on the device
+        Zh = (
+            _hessian_copy(Zd, np.dtype(hessian_dtype))
+            if _needs_copy(hessian_dtype, dtype)
+            else None
+        )
     return TrainData(Zd, yd, sd, Zh)
 
 
-_transposed = jax.jit(transposed, static_argnums=1)
+_hessian_copy = jax.jit(hessian_copy, static_argnums=1)
 
 
 def _needs_copy(hessian_dtype, dtype) -> bool:

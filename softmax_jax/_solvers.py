@@ -22,6 +22,7 @@ from ._objective import (
     Columns,
     Params,
     TrainData,
+    hessian_copy,
     hessian_diag,
     hessian_matrix,
     hessian_operand,
@@ -31,7 +32,6 @@ from ._objective import (
     objective,
     objective_vg,
     stack,
-    transposed,
     tree_axpy,
     tree_l1,
     tree_max_abs,
@@ -341,14 +341,14 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
 
 
 def with_hessian_operand(data: TrainData, solver: str) -> TrainData:
-    """``data`` with Newton-CG's float32 Hessian operand: one cast of ``Z``, transposed
-    (:class:`~softmax_jax._objective.Columns`), inside the solve; unless it has one or ``Z`` is
+    """``data`` with Newton-CG's float32 Hessian operand: one cast of ``Z``, transposed on large
+    problems (:func:`~softmax_jax._objective.hessian_copy`), inside the solve; unless it has one or ``Z`` is
     float32 already (no copy: the products then use ``Z``)."""
     if solver != "newton-cg" or data.Zh is not None or data.Z.dtype == jnp.float32:
         return data
     if hasattr(data.Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse): a cast of the values
         return data._replace(Zh=data.Z.astype(jnp.float32))
-    return data._replace(Zh=transposed(data.Z, jnp.float32))
+    return data._replace(Zh=hessian_copy(data.Z, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "mixed"))

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softmax_jax import _solvers
+from softmax_jax import _objective, _solvers
 from softmax_jax._objective import Columns, TrainData, transposed, tree_max_abs
 from softmax_jax._placement import place
 from softmax_jax._solvers import center_classes, solve
@@ -324,9 +324,15 @@ def test_float32_floor_follows_the_largest_feature_scale(scale, intercept, layou
     assert float(_solvers.float32_floor(Zs, 0.5, intercept=intercept)) == 0.5
 
 
-def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_float32_ones():
+def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_float32_ones(
+    monkeypatch,
+):
     X, y = problem()
     data64 = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
+    with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
+    assert not isinstance(with_op.Zh, Columns)  # fewer rows than COLUMNS_MIN_ROWS: row-major
+    np.testing.assert_array_equal(with_op.Zh, np.asarray(data64.Z).astype(np.float32))
+    monkeypatch.setattr(_objective, "COLUMNS_MIN_ROWS", X.shape[0])
     with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
     assert isinstance(with_op.Zh, Columns)  # transposed: (D, N)
     assert with_op.Zh.dtype == jnp.float32 and with_op.Zh.shape == X.shape
