@@ -81,9 +81,8 @@ class Columns(NamedTuple):
         return jnp.mean(self.T * self.T, axis=1)
 
 
-#: Newton-CG's Hessian operand is stored transposed from this many rows on: measured on 2 cores
-#: (200000 × 256 × 20 fits, A/B in one process), 15% faster at 100000 and 200000 rows, but 18%
-#: and 50% slower at 25000 and 50000 (tools/profile_solve.py).
+#: Newton-CG's Hessian operand is stored transposed from this many rows on: the layout whose
+#: fits measured faster above it and slower below it (tools/profile_solve.py, the session notes).
 COLUMNS_MIN_ROWS = 100_000
 
 
