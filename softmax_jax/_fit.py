@@ -21,9 +21,9 @@ from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatc
 from ._objective import Params
 from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
-from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
+from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, dense_newton_size, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
-from ._validate import check_fit_options, check_training_data, compute_dtype
+from ._validate import check_fit_options, check_training_data, compute_dtype, is_sparse
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -261,7 +261,9 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
             dtype=dtype,
             device=dev,
             shape=None if rows == n else (rows, d),
-            hessian_dtype=np.float32 if plan.solver == "newton-cg" else None,
+            hessian_dtype=np.float32
+            if _hessian_copy(plan.solver, Zh, rows, k, fit_intercept, dp)
+            else None,
             check="Z" if local_rows else None,
         )
     if stream and plan.full_batch:
@@ -370,6 +372,15 @@ def _plan(optimizer, learning_rate, batch_size, tol, n: int) -> _Plan:
     if not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     return _Plan(None, opt, int(min(batch_size, n)))
+
+
+def _hessian_copy(solver: str, Z, rows: int, k: int, fit_intercept: bool, dp) -> bool:
+    """Whether Newton-CG's Hessian products get their own float32 copy of ``Z`` (``place``'s
+    ``hessian_dtype``): not where its steps are dense (the Hessian matrix is formed from ``Z``)."""
+    if solver != "newton-cg":
+        return False
+    rows = rows if dp is None else dp.padded(rows)
+    return is_sparse(Z) or not dense_newton_size(rows, Z.shape[1], k, fit_intercept)
 
 
 def _place_eval(eval_data, d: int, k: int, *, fit_intercept: bool, dtype, device):

@@ -26,14 +26,16 @@ from ._loss import (
     logsumexp_rows,
     mean_scale,
     nll_rows,
+    reduce_classes,
     reduce_losses,
 )
 from ._precision import acc_dtype, gemm, mean_normaliser, operand
 from ._validate import as_array, check_problem, check_result
 
 
-def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
-    """``M = diag(c) (Ŷ − Y)``, (N, K), from the softmax pieces ``E / S``.
+def residual(A, E, S, Y, c, int_labels: bool, axis: int = 1) -> jax.Array:
+    """``M = diag(c) (Ŷ − Y)``, laid out like ``A`` (the classes on axis ``axis``: ``(N, K)``, or
+    class-major ``(K, N)``), from the softmax pieces ``E / S``.
 
     Integer labels subtract ``c_i`` at ``(i, y_i)``: the label position is an index compare
     (``iota == y_i``) evaluated inside the same fused loop that forms ``M``, so no (N, K) one-hot
@@ -41,25 +43,33 @@ def residual(A, E, S, Y, c, int_labels: bool) -> jax.Array:
     scatter-add at the label positions would cost a second pass over (N, K). A row with an
     out-of-range label (possible only under tracing) becomes NaN.
     """
-    n, k = A.shape
+    n, k = A.shape[1 - axis], A.shape[axis]
     if int_labels:
         c = jnp.ones((n,), A.dtype) if c is None else c
-        c = jnp.where(label_validity(Y, k), c, jnp.nan)[:, None]
-        hit = lax.broadcasted_iota(jnp.int32, (n, k), 1) == Y.astype(jnp.int32)[:, None]
+        c = jnp.expand_dims(jnp.where(label_validity(Y, k), c, jnp.nan), axis)
+        hit = lax.broadcasted_iota(jnp.int32, A.shape, axis) == jnp.expand_dims(
+            Y.astype(jnp.int32), axis
+        )
         return E * (c / S) - jnp.where(hit, c, 0)
     M = E / S - Y.astype(A.dtype)
-    return M if c is None else M * c[:, None]
+    return M if c is None else M * jnp.expand_dims(c, axis)
 
 
 def transpose_gemm(
-    Z: jax.Array, M: jax.Array, out_dtype, scale: jax.Array | None = None, *, rows_axis: int = 0
+    Z: jax.Array,
+    M: jax.Array,
+    out_dtype,
+    scale: jax.Array | None = None,
+    *,
+    rows_axis: int = 0,
+    class_axis: int = 1,
 ) -> jax.Array:
     """``scale · Zᵀ M`` (D, K): the second GEMM, under the precision policy of ``_precision``:
     operands in ``W``'s dtype (``out_dtype``), accumulated in float32 at least, the scalar
     ``scale`` (the mean's ``1 / Σ s``) applied to the accumulated result. ``rows_axis=1``: ``Z``
-    is given transposed, ``(D, N)``."""
+    is given transposed, ``(D, N)``; ``class_axis=0``: ``M`` is class-major, ``(K, N)``."""
     acc = acc_dtype(out_dtype, M.dtype)
-    G = gemm(operand(Z, out_dtype), operand(M, out_dtype), (rows_axis, 0), acc)
+    G = gemm(operand(Z, out_dtype), operand(M, out_dtype), (rows_axis, 1 - class_axis), acc)
     if scale is not None:
         G = G * scale.astype(acc)
     return G.astype(out_dtype)
@@ -227,12 +237,15 @@ def derivation_terms(
     return _terms_impl(W, Z, Y, weights, int_labels=int_labels)
 
 
-def hvp_residual(P: jax.Array, ZV: jax.Array, c: jax.Array | None = None) -> jax.Array:
+def hvp_residual(
+    P: jax.Array, ZV: jax.Array, c: jax.Array | None = None, axis: int = 1
+) -> jax.Array:
     """``diag(c) [Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V) 1ᵀ]`` (N, K) for the probabilities ``P = Ŷ``
-    and the product ``ZV = Z V``: the HVP is ``Zᵀ`` times this (:func:`transpose_gemm`)."""
+    and the product ``ZV = Z V``: the HVP is ``Zᵀ`` times this (:func:`transpose_gemm`). With
+    ``axis=0`` all three are class-major ``(K, N)``."""
     PZV = P * ZV
-    R = PZV - P * jnp.sum(PZV, axis=1, keepdims=True)
-    return R if c is None else R * c[:, None].astype(R.dtype)
+    R = PZV - P * reduce_classes("sum", PZV, axis)
+    return R if c is None else R * jnp.expand_dims(c, axis).astype(R.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))

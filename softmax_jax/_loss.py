@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,45 +21,77 @@ def logits(W: jax.Array, Z: jax.Array) -> jax.Array:
     return gemm(operand(Z, W.dtype), W, (1, 0), cdt)
 
 
-def logsumexp_rows(A: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Max-shifted row-wise log-sum-exp.
+#: Class-major arrays with at most this many classes are reduced over their classes by a halving
+#: tree of elementwise operations (:func:`reduce_classes`).
+HALVING_MAX_CLASSES = 256
+
+
+def reduce_classes(kind: Literal["max", "sum"], A: jax.Array, axis: int = 1) -> jax.Array:
+    """The max or sum of ``A`` over its class axis ``axis``, kept as an axis of size 1.
+
+    ``axis=1``: ``A`` is ``(N, K)``, XLA's reduction. ``axis=0``: ``A`` is class-major ``(K, N)``
+    (Newton-CG's transposed operand, ``_objective.Columns``), reduced over its major axis, which
+    XLA:CPU does many times slower than it applies an elementwise operation to the same array:
+    up to :data:`HALVING_MAX_CLASSES` classes, rows are combined pairwise (``K → ⌈K/2⌉ → … → 1``,
+    an odd row folded into the first) instead (tools/profile_solve.py)."""
+    if axis == 1 or A.shape[0] > HALVING_MAX_CLASSES:
+        return (jnp.max if kind == "max" else jnp.sum)(A, axis=axis, keepdims=True)
+    op = jnp.maximum if kind == "max" else jnp.add
+    while A.shape[0] > 1:
+        h = A.shape[0] // 2
+        top = op(A[:h], A[h : 2 * h])
+        if A.shape[0] % 2:
+            top = jnp.concatenate([op(top[:1], A[2 * h :]), top[1:]])
+        A = top
+    return A
+
+
+def logsumexp_rows(A: jax.Array, axis: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Max-shifted log-sum-exp over the classes (axis ``axis``: 1 for ``(N, K)``, 0 for
+    class-major ``(K, N)``; :func:`reduce_classes`).
 
     Returns ``(lse, E, S)`` with ``E = exp(A - m)`` and ``S = Σ_k E`` (both kept for the softmax
-    ``Ŷ = E / S``) and ``lse = m + log S``; finite for logits of any magnitude. The max carries a
-    ``stop_gradient``: ``lse`` does not depend on it, so autodiff through it stays exact.
+    ``Ŷ = E / S``, ``S`` with a class axis of size 1) and ``lse = m + log S`` (N,); finite for
+    logits of any magnitude. The max carries a ``stop_gradient``: ``lse`` does not depend on it,
+    so autodiff through it stays exact.
     """
-    m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
+    m = lax.stop_gradient(reduce_classes("max", A, axis))
     E = jnp.exp(A - m)
-    S = jnp.sum(E, axis=1, keepdims=True)
-    return (m + jnp.log(S))[:, 0], E, S
+    S = reduce_classes("sum", E, axis)
+    return jnp.squeeze(m + jnp.log(S), axis), E, S
 
 
 def label_validity(Y: jax.Array, k: int) -> jax.Array:
     return (Y >= 0) & (Y < k)
 
 
-def target_term(A: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
-    """``Σ_k y_ik a_ik`` per sample, (N,). Integer labels gather ``a_{i, y_i}`` (no one-hot);
-    an out-of-range label gives NaN."""
+def target_term(A: jax.Array, Y: jax.Array, int_labels: bool, axis: int = 1) -> jax.Array:
+    """``Σ_k y_ik a_ik`` per sample, (N,), the classes on ``A``'s axis ``axis`` (``Y`` laid out
+    like ``A``). Integer labels gather ``a_{i, y_i}`` (no one-hot); an out-of-range label gives
+    NaN."""
     if int_labels:
-        k = A.shape[1]
+        k = A.shape[axis]
         idx = jnp.clip(Y, 0, k - 1).astype(jnp.int32)
-        picked = jnp.take_along_axis(A, idx[:, None], axis=1)[:, 0]
-        return jnp.where(label_validity(Y, k), picked, jnp.nan)
-    return jnp.sum(Y.astype(A.dtype) * A, axis=1)
+        picked = jnp.take_along_axis(A, jnp.expand_dims(idx, axis), axis=axis)
+        return jnp.where(label_validity(Y, k), jnp.squeeze(picked, axis), jnp.nan)
+    return jnp.squeeze(reduce_classes("sum", Y.astype(A.dtype) * A, axis), axis)
 
 
-def nll_rows(A: jax.Array, S: jax.Array, Y: jax.Array, int_labels: bool) -> jax.Array:
+def nll_rows(
+    A: jax.Array, S: jax.Array, Y: jax.Array, int_labels: bool, axis: int = 1
+) -> jax.Array:
     """Per-sample eq. (2), ``ℓ_i = lse_i − Σ_k y_ik a_ik``, as ``Σ_k y_ik (m_i − a_ik) + log S_i
-    + m_i (1 − Σ_k y_ik)`` with ``m_i = max_k a_ik`` and ``S`` from :func:`logsumexp_rows`.
+    + m_i (1 − Σ_k y_ik)`` with ``m_i = max_k a_ik`` and ``S`` from :func:`logsumexp_rows` (the
+    classes on axis ``axis``).
 
     Exact where ``lse − a_y`` cancels: huge tied logits (``a ≈ 1e30``) give ``log K``, not 0.
     The last term is 0 for rows of ``Y`` that sum to one (and absent for integer labels).
     """
-    m = lax.stop_gradient(jnp.max(A, axis=1, keepdims=True))
-    per = target_term(m - A, Y, int_labels) + jnp.log(S[:, 0])
+    m = lax.stop_gradient(reduce_classes("max", A, axis))
+    per = target_term(m - A, Y, int_labels, axis) + jnp.log(jnp.squeeze(S, axis))
     if not int_labels:
-        per = per + m[:, 0] * (1 - jnp.sum(Y.astype(A.dtype), axis=1))
+        y_sum = jnp.squeeze(reduce_classes("sum", Y.astype(A.dtype), axis), axis)
+        per = per + jnp.squeeze(m, axis) * (1 - y_sum)
     return per
 
 

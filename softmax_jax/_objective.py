@@ -57,10 +57,12 @@ class TrainData(NamedTuple):
 
 
 class Columns(NamedTuple):
-    """Features stored transposed, ``T`` (D, N): Newton-CG's float32 Hessian operand on one
-    device. Both GEMMs of a pass then contract over ``T``'s minor axis (``Vᵀ T`` and ``T R``),
-    the layout XLA's CPU GEMMs run fastest (bench/train.py); ``shape`` and ``dtype`` are those of
-    the ``(N, D)`` features it holds."""
+    """An ``(N, X)`` array stored transposed, ``T`` (X, N): Newton-CG's float32 Hessian operand
+    on one device (``X = D``), and the softmax of its logits (``X = K``, :func:`hessian_probs`).
+    Both GEMMs of a pass then contract over ``T``'s minor axis (``Vᵀ T`` and ``T Rᵀ``), the
+    layout XLA's CPU GEMMs run fastest (bench/train.py), and the ``(K, N)`` arrays of a pass over
+    such features stay class-major (:func:`class_axis`); ``shape`` and ``dtype`` are those of the
+    ``(N, X)`` array it holds."""
 
     T: jax.Array
 
@@ -75,6 +77,10 @@ class Columns(NamedTuple):
     def rows(self, lo, size: int) -> Columns:
         """Rows ``[lo, lo + size)``, still transposed."""
         return Columns(lax.dynamic_slice_in_dim(self.T, lo, size, axis=1))
+
+    def by_rows(self) -> jax.Array:
+        """The features ``(N, D)``: ``T``'s transpose (a view inside ``jit``)."""
+        return self.T.T
 
     def column_mean_squares(self) -> jax.Array:
         """``mean_i z_id²`` (D,)."""
@@ -102,19 +108,27 @@ def hessian_operand(data: TrainData) -> jax.Array:
     return data.Z if data.Zh is None else data.Zh
 
 
+def class_axis(Z) -> int:
+    """The class axis of the ``(N, K)`` arrays of a pass over features ``Z``: 1, or 0 for
+    :class:`Columns`, whose passes keep them class-major, ``(K, N)``."""
+    return 0 if isinstance(Z, Columns) else 1
+
+
 def features_times(Z: jax.Array | Columns, V: jax.Array) -> jax.Array:
     """``Z V`` (N, K) in ``V``'s dtype, accumulated in float32 at least (the first GEMM); for
-    :class:`Columns`, ``(Vᵀ T)ᵀ``."""
+    :class:`Columns`, ``Vᵀ T`` (K, N), class-major."""
     if isinstance(Z, Columns):
-        return gemm(V, operand(Z.T, V.dtype), (0, 0), compute_dtype(V.dtype, Z.dtype)).T
+        return gemm(V, operand(Z.T, V.dtype), (0, 0), compute_dtype(V.dtype, Z.dtype))
     return logits(V, Z)
 
 
 def features_t_times(Z: jax.Array | Columns, M: jax.Array, out_dtype, *, squared: bool = False):
     """``Zᵀ M`` (D, K) (or ``(Z ⊙ Z)ᵀ M`` with ``squared``, for the Hessian's diagonal), with
-    operands in ``out_dtype`` (the second GEMM); for :class:`Columns`, ``T M``."""
+    operands in ``out_dtype`` (the second GEMM); for :class:`Columns`, ``T Mᵀ`` with ``M``
+    class-major (K, N)."""
     if isinstance(Z, Columns):
-        return transpose_gemm(Z.T * Z.T if squared else Z.T, M, out_dtype, rows_axis=1)
+        T = Z.T * Z.T if squared else Z.T
+        return transpose_gemm(T, M, out_dtype, rows_axis=1, class_axis=0)
     return transpose_gemm(Z * Z if squared else Z, M, out_dtype)
 
 
@@ -165,26 +179,31 @@ def unstack(G: jax.Array, like: Params) -> Params:
 
 
 def _biased_logits(params: Params, Z: jax.Array) -> jax.Array:
+    """``Z W + b``, class-major for :class:`Columns` (:func:`class_axis`)."""
     A = features_times(Z, params["W"])
-    return A + params["b"].astype(A.dtype) if "b" in params else A
+    if "b" not in params:
+        return A
+    return A + jnp.expand_dims(params["b"].astype(A.dtype), 1 - class_axis(Z))
 
 
 def vg_sum(params: Params, Z: jax.Array, y: jax.Array, s: jax.Array | None):
     r"""Eq. (2) summed over the rows of ``Z`` (weights ``s``) and its hand-written gradient.
 
     Logits ``A = Z W + b``, ``M = diag(s)(Ŷ − Y)``, ``∂/∂W = Zᵀ M`` and ``∂/∂b = Σ_i M_i`` (the
-    column sums of ``M``): no ones column is appended to ``Z``. Also returns the logits ``A``.
+    column sums of ``M``): no ones column is appended to ``Z``. Also returns the logits ``A``
+    (class-major for :class:`Columns`).
     """
     if hasattr(Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse)
         return Z.vg_sum(params, y, s)
     W = params["W"]
+    ax = class_axis(Z)
     A = _biased_logits(params, Z)
-    _, E, S = logsumexp_rows(A)
-    value = reduce_losses(nll_rows(A, S, y, True), s, "sum")
-    M = residual(A, E, S, y, None if s is None else s.astype(A.dtype), True)
+    _, E, S = logsumexp_rows(A, ax)
+    value = reduce_losses(nll_rows(A, S, y, True, ax), s, "sum")
+    M = residual(A, E, S, y, None if s is None else s.astype(A.dtype), True, ax)
     g = {"W": features_t_times(Z, M, W.dtype)}
     if "b" in params:
-        g["b"] = jnp.sum(M, axis=0).astype(params["b"].dtype)
+        g["b"] = jnp.sum(M, axis=1 - ax).astype(params["b"].dtype)
     return value, g, A
 
 
@@ -231,14 +250,21 @@ def _hessian_params(params: Params, dtype) -> Params:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def hessian_probs(params: Params, data: TrainData) -> jax.Array:
+def hessian_probs(params: Params, data: TrainData) -> jax.Array | Columns:
     """``Ŷ = softmax(Z W + b)`` (N, K) in the Hessian's precision: the only part of ``∇²f`` that
-    depends on the parameters, computed once per Newton step and shared by the products."""
+    depends on the parameters, computed once per Newton step and shared by the products; stored
+    transposed (:class:`Columns`) when the operand is."""
     Zh = hessian_operand(data)
     if hasattr(Zh, "probs"):  # scipy.sparse rows (softmax_jax._sparse)
         return Zh.probs(params)
-    _, E, S = logsumexp_rows(_biased_logits(_hessian_params(params, Zh.dtype), Zh))
-    return E / S
+    ax = class_axis(Zh)
+    _, E, S = logsumexp_rows(_biased_logits(_hessian_params(params, Zh.dtype), Zh), ax)
+    return Columns(E / S) if ax == 0 else E / S
+
+
+def _class_layout(P: jax.Array | Columns) -> jax.Array:
+    """:func:`hessian_probs` as its pass uses it: ``(N, K)``, or ``(K, N)`` from :class:`Columns`."""
+    return P.T if isinstance(P, Columns) else P
 
 
 def _hessian_sums(fn, data: TrainData, P: jax.Array, like: Params, squares=False) -> Params:
@@ -267,10 +293,11 @@ def hessian_vp(
     Vh = _hessian_params(V, dt)
 
     def part(Z, P, s):
-        R = hvp_residual(P, _biased_logits(Vh, Z), s)
+        ax = class_axis(Z)
+        R = hvp_residual(_class_layout(P), _biased_logits(Vh, Z), s, ax)
         out = {"W": features_t_times(Z, R, dt)}
         if "b" in Vh:
-            out["b"] = jnp.sum(R, axis=0)
+            out["b"] = jnp.sum(R, axis=1 - ax)
         return out
 
     P = hessian_probs(params, data) if probs is None else probs
@@ -287,11 +314,13 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
     dt = hessian_operand(data).dtype
 
     def part(Z, P, s):
+        ax = class_axis(Z)
+        P = _class_layout(P)
         M = P * (1 - P)
-        M = M if s is None else M * s[:, None].astype(M.dtype)
+        M = M if s is None else M * jnp.expand_dims(s, ax).astype(M.dtype)
         out = {"W": features_t_times(Z, M, dt, squared=True)}
         if "b" in params:
-            out["b"] = jnp.sum(M, axis=0)
+            out["b"] = jnp.sum(M, axis=1 - ax)
         return out
 
     P = hessian_probs(params, data) if probs is None else probs
@@ -308,7 +337,7 @@ def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
 
     ``I_W`` the identity on ``W``'s entries. ``N p²`` multiply-adds: for small problems (the exact
     Newton steps of ``_solvers``)."""
-    Z = data.Z.T.T if isinstance(data.Z, Columns) else data.Z
+    Z = data.Z.by_rows() if isinstance(data.Z, Columns) else data.Z
     dt = params["W"].dtype
     X = Z.astype(dt)
     n, d = X.shape

@@ -77,14 +77,21 @@ DENSE_MAX_WORK = 1 << 26
 DENSE_MAX_PARAMS = 1024
 
 
+def dense_newton_size(n: int, d: int, k: int, intercept: bool) -> bool:
+    """Whether Newton's steps on ``n`` rows of ``d`` dense features and ``k`` classes solve with
+    the Hessian matrix: ``p = (d + intercept) k <=`` :data:`DENSE_MAX_PARAMS` and
+    ``n p² <=`` :data:`DENSE_MAX_WORK`."""
+    p = (d + bool(intercept)) * k
+    return p <= DENSE_MAX_PARAMS and n * p * p <= DENSE_MAX_WORK
+
+
 def dense_newton(params: Params, data: TrainData) -> bool:
-    """Whether Newton's steps on ``data`` solve with the Hessian matrix (static: by shape)."""
+    """Whether Newton's steps on ``data`` solve with the Hessian matrix (static: by shape;
+    :func:`dense_newton_size`)."""
     Z = data.Z
     if not isinstance(Z, (jax.Array, Columns)):  # scipy.sparse or streamed rows
         return False
-    n, k = Z.shape[0], params["W"].shape[1]
-    p = (params["W"].shape[0] + ("b" in params)) * k
-    return p <= DENSE_MAX_PARAMS and n * p * p <= DENSE_MAX_WORK
+    return dense_newton_size(Z.shape[0], *params["W"].shape, "b" in params)
 
 
 def _dense_direction(H: jax.Array, g: Params) -> Params:
@@ -340,11 +347,14 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
     return st
 
 
-def with_hessian_operand(data: TrainData, solver: str) -> TrainData:
+def with_hessian_operand(data: TrainData, solver: str, params: Params, mixed: bool) -> TrainData:
     """``data`` with Newton-CG's float32 Hessian operand: one cast of ``Z``, transposed on large
-    problems (:func:`~softmax_jax._objective.hessian_copy`), inside the solve; unless it has one or ``Z`` is
-    float32 already (no copy: the products then use ``Z``)."""
+    problems (:func:`~softmax_jax._objective.hessian_copy`), inside the solve; unless it has one,
+    ``Z`` is float32 already (no copy: the products then use ``Z``), or the Newton steps are dense
+    (:func:`dense_newton`: the Hessian matrix is formed from ``Z``) without a float32 phase."""
     if solver != "newton-cg" or data.Zh is not None or data.Z.dtype == jnp.float32:
+        return data
+    if dense_newton(params, data) and not mixed:
         return data
     if hasattr(data.Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse): a cast of the values
         return data._replace(Zh=data.Z.astype(jnp.float32))
@@ -354,7 +364,7 @@ def with_hessian_operand(data: TrainData, solver: str) -> TrainData:
 @functools.partial(jax.jit, static_argnames=("solver", "mixed"))
 def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False):
     init, step = SOLVERS[solver]
-    data = with_hessian_operand(data, solver)
+    data = with_hessian_operand(data, solver, params, mixed)
     if not mixed:
         st = _run(init(params, data, l2), data, l2, tol, max_iter, step)
     else:

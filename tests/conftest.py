@@ -59,6 +59,19 @@ def getkey(request):
     return _getkey
 
 
+@pytest.fixture
+def cg_steps(monkeypatch):
+    """Newton's steps by conjugate gradients at every size (the dense steps of
+    ``softmax_jax._solvers`` off), for the tests of CG's own logic; the traced solvers are dropped
+    before and after (the switch is static: by shape, at trace time)."""
+    from softmax_jax import _solvers
+
+    jax.clear_caches()
+    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
+    yield
+    jax.clear_caches()
+
+
 #: Module-scoped fixtures that start subprocesses or train models, by test module. Every test that
 #: uses one joins one xdist group (``--dist loadgroup``, in pyproject.toml's addopts), so under
 #: ``-n 2`` the fixture runs once on one worker instead of once on each.

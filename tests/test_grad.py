@@ -14,6 +14,7 @@ import pytest
 from helpers import RTOL, assert_close, numpy_hvp, numpy_reference, problem
 
 import softmax_jax as sj
+from softmax_jax import _grad, _loss
 
 X64 = pytest.param(jnp.float64, marks=pytest.mark.x64, id="float64")
 
@@ -313,3 +314,30 @@ def test_gemm_operands_in_W_dtype_accumulated_in_float32(
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.dtype(w_dtype)] * 2, eqn
         assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+@pytest.mark.parametrize("k", [1, 3, 20, 257])  # 257: past HALVING_MAX_CLASSES
+@pytest.mark.parametrize("weighted", [False, True])
+def test_class_major_residuals_are_the_transposed_row_major_ones(k, weighted):
+    # Newton-CG's passes over transposed features form M and the HVP's R class-major (K, N):
+    # the same numbers as the (N, K) ones, transposed; an out-of-range label still gives NaN
+    n = 6
+    rng = np.random.default_rng(k)
+    A = jnp.asarray(rng.normal(size=(n, k)) * 3, jnp.float32)
+    ZV = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, k, n), jnp.int32).at[2].set(k)  # row 2 out of range
+    c = jnp.asarray(rng.random(n), jnp.float32) if weighted else None
+    _, E, S = _loss.logsumexp_rows(A)
+    _, E_t, S_t = _loss.logsumexp_rows(A.T, 0)
+    M = _grad.residual(A, E, S, y, c, True)
+    np.testing.assert_allclose(_grad.residual(A.T, E_t, S_t, y, c, True, 0), M.T, rtol=1e-6)
+    assert np.isnan(M[2]).all() and not np.isnan(np.delete(np.asarray(M), 2, 0)).any()
+    Y = jax.nn.one_hot(y, k)
+    np.testing.assert_allclose(
+        _grad.residual(A.T, E_t, S_t, Y.T, c, False, 0),
+        _grad.residual(A, E, S, Y, c, False).T,
+        rtol=1e-6,
+    )
+    P = E / S
+    R = _grad.hvp_residual(P, ZV, c)
+    np.testing.assert_allclose(_grad.hvp_residual(P.T, ZV.T, c, 0), R.T, rtol=1e-5, atol=1e-7)

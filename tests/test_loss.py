@@ -8,8 +8,11 @@ import numpy as np
 import optax
 import pytest
 from helpers import numpy_reference, problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import softmax_jax as sj
+from softmax_jax import _loss
 
 X64 = pytest.param(jnp.float64, marks=pytest.mark.x64, id="float64")
 # Relative tolerance of a loss value: its sum/mean accumulates in float32 for every input dtype
@@ -247,3 +250,41 @@ def test_logsumexp_rows_is_the_log_partition_and_its_softmax():
     np.testing.assert_allclose(lse, ref, rtol=1e-6)
     assert E.shape == A.shape and S.shape == (5, 1)
     np.testing.assert_allclose(E / S, np.exp(a - ref[:, None]), rtol=1e-5, atol=1e-30)
+
+
+@settings(max_examples=15)
+@given(
+    k=st.sampled_from([1, 2, 3, 7, 20, 255, 256, 257]),  # across HALVING_MAX_CLASSES = 256
+    n=st.sampled_from([1, 5]),
+    scale=st.sampled_from([1.0, 1e3, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_class_major_pieces_equal_the_row_major_ones(k, n, scale, seed):
+    # the objective's passes over transposed features keep their (K, N) arrays class-major: the
+    # halving reductions and the pieces of eq. (2) on A (K, N) are those of Aᵀ (N, K), any K
+    # (odd ones fold a row into the first), logits of any magnitude
+    assert _loss.HALVING_MAX_CLASSES == 256
+    rng = np.random.default_rng(seed)
+    A = (rng.normal(size=(n, k)) * scale).astype(np.float32)
+    y = jnp.asarray(rng.integers(0, k, n), jnp.int32)
+    At = jnp.asarray(A.T)
+    np.testing.assert_array_equal(_loss.reduce_classes("max", At, 0)[0], A.max(axis=1))
+    np.testing.assert_allclose(
+        _loss.reduce_classes("sum", jnp.abs(At), 0)[0],
+        np.abs(A.astype(np.float64)).sum(axis=1),
+        rtol=1e-5,  # float32 sums of K positive terms in another order
+    )
+    lse, E, S = _loss.logsumexp_rows(jnp.asarray(A))
+    lse_t, E_t, S_t = _loss.logsumexp_rows(At, 0)
+    assert E_t.shape == (k, n) and S_t.shape == (1, n)
+    np.testing.assert_allclose(lse_t, lse, rtol=1e-6)
+    np.testing.assert_array_equal(E_t, E.T)
+    nll = _loss.nll_rows(jnp.asarray(A), S, y, True)
+    np.testing.assert_allclose(_loss.nll_rows(At, S_t, y, True, 0), nll, rtol=1e-5, atol=1e-6)
+    Y = jax.nn.one_hot(y, k) * 0.7  # soft rows not summing to one: the m (1 − Σ y) term
+    np.testing.assert_allclose(
+        _loss.nll_rows(At, S_t, Y.T, False, 0),
+        _loss.nll_rows(jnp.asarray(A), S, Y, False),
+        rtol=1e-5,
+        atol=1e-6 * scale,
+    )

@@ -90,7 +90,7 @@ def test_value_gradient_and_hessian_products_match_the_core_on_augmented_feature
     d1, d0 = hessian_diag(params, data, l2, probs=P), hessian_diag(params, data, l2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), d1, d0)
     c = np.ones(n) if s is None else np.asarray(s)
-    Pn = np.asarray(P)
+    Pn = np.asarray(P if layout == "rows" else P.by_rows())  # the softmax stored like Z
     ref_diag = (np.asarray(Z1) ** 2).T @ (Pn * (1 - Pn) * (c / c.sum())[:, None])
     np.testing.assert_allclose(d1["W"], ref_diag[:-1] + l2, rtol=1e-11)
     np.testing.assert_allclose(d1["b"], ref_diag[-1], rtol=1e-11)

@@ -48,16 +48,6 @@ def numpy_objective(X, y, s, params, l2):
     return float(np.sum(s * per) / np.sum(s) + 0.5 * l2 * np.sum(W * W))
 
 
-@pytest.fixture
-def cg_steps(monkeypatch):
-    """Newton's steps by conjugate gradients at every size (the dense steps off), for the tests of
-    CG's own logic; the traced solvers are dropped before and after (the switch is static)."""
-    jax.clear_caches()
-    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
-    yield
-    jax.clear_caches()
-
-
 def zeros(d, k):
     return {"W": jnp.zeros((d, k)), "b": jnp.zeros(k)}
 
@@ -328,20 +318,31 @@ def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_floa
     monkeypatch,
 ):
     X, y = problem()
+    p0 = zeros(5, 4)
     data64 = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None)
-    with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
+
+    def copy(data, solver="newton-cg", mixed=True):
+        return _solvers.with_hessian_operand(data, solver, p0, mixed)
+
+    with_op = copy(data64._replace(Zh=None))
     assert not isinstance(with_op.Zh, Columns)  # fewer rows than COLUMNS_MIN_ROWS: row-major
     np.testing.assert_array_equal(with_op.Zh, np.asarray(data64.Z).astype(np.float32))
+    # dense Newton steps (this problem is small) form the Hessian from Z: no copy, unless a
+    # float32 phase runs on it
+    assert _solvers.dense_newton(p0, data64)
+    assert copy(data64._replace(Zh=None), mixed=False).Zh is None
+    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
+    assert copy(data64._replace(Zh=None), mixed=False).Zh is not None
     monkeypatch.setattr(_objective, "COLUMNS_MIN_ROWS", X.shape[0])
-    with_op = _solvers.with_hessian_operand(data64._replace(Zh=None), "newton-cg")
+    with_op = copy(data64._replace(Zh=None))
     assert isinstance(with_op.Zh, Columns)  # transposed: (D, N)
     assert with_op.Zh.dtype == jnp.float32 and with_op.Zh.shape == X.shape
     np.testing.assert_array_equal(with_op.Zh.T, np.asarray(data64.Z).astype(np.float32).T)
-    assert _solvers.with_hessian_operand(data64._replace(Zh=None), "lbfgs").Zh is None
+    assert copy(data64._replace(Zh=None), "lbfgs").Zh is None
     data32 = place(X, y, None, fit_intercept=True, dtype=np.float32, device=None)
-    assert _solvers.with_hessian_operand(data32._replace(Zh=None), "newton-cg").Zh is None
+    assert copy(data32._replace(Zh=None)).Zh is None
     kept = data64._replace(Zh=jnp.ones((3, 3)))
-    assert _solvers.with_hessian_operand(kept, "newton-cg") is kept
+    assert copy(kept) is kept
 
 
 def test_a_search_refused_only_by_rounding_stalls_rather_than_creeping_on(cg_steps):

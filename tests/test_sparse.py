@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import softmax_jax as sj
-from softmax_jax import _solvers, _sparse
+from softmax_jax import _sparse
 
 
 def random_csr(rng, n, d, density, *, long_rows=0, dtype=np.float64):
@@ -145,12 +145,10 @@ def test_estimator_reaches_sklearn_optimum(solver):
 
 
 @pytest.mark.slow
-def test_fit_equals_dense(monkeypatch):
+def test_fit_equals_dense(cg_steps):
     """``sj.fit`` on sparse Z: minibatch (adam) and full batch (lbfgs, newton-cg) give the dense
     run's parameters to rounding; ``predict``/``predict_proba`` agree with the dense ones. (Newton
     steps by CG on both: dense features this small would take exact Newton steps.)"""
-    jax.clear_caches()
-    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
     X, y = tfidf(200, 48, 3, seed=2)
     X = X.astype(np.float32)
     eval_data = (X[:50], y[:50])
@@ -170,7 +168,6 @@ def test_fit_equals_dense(monkeypatch):
             sj.predict_proba(ps, Xf), sj.predict_proba(ps, X.toarray()), atol=1e-6
         )
         np.testing.assert_array_equal(sj.predict(ps, Xf), sj.predict(ps, X.toarray()))
-    jax.clear_caches()
 
 
 def test_empty_rows_and_columns_and_no_rows():

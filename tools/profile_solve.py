@@ -76,7 +76,8 @@ def operations(X, y) -> None:
     V64 = {"W": jnp.asarray(rng.normal(size=(d, k))), "b": jnp.asarray(rng.normal(size=k))}
     p32, V32 = (jax.tree.map(lambda a: a.astype(jnp.float32), t) for t in (p64, V64))
     l2_32, l2 = np.float32(1.0 / n), 1.0 / n
-    P = jax.jit(O.hessian_probs)(p32, rows32)
+    P = jax.jit(O.hessian_probs)(p32, rows32)  # (N, K), and stored transposed for Columns
+    Pc = jax.jit(O.hessian_probs)(p32, cols32)
     hvp = jax.jit(lambda p, v, d, P: O.hessian_vp(p, v, d, l2_32, probs=P))
     diag = jax.jit(lambda p, d, P: O.hessian_diag(p, d, l2_32, probs=P))
     vg = jax.jit(O.objective_vg)
@@ -84,9 +85,9 @@ def operations(X, y) -> None:
         "objective + gradient, float32 (transposed)": (vg, (p32, cols32, l2_32)),
         "objective + gradient, float64": (vg, (p64, data, l2)),
         "softmax for the Hessian, float32 (transposed)": (jax.jit(O.hessian_probs), (p32, cols32)),
-        "Hessian diagonal, float32 (transposed)": (diag, (p32, cols32, P)),
+        "Hessian diagonal, float32 (transposed)": (diag, (p32, cols32, Pc)),
         "Hessian diagonal, float32 (row-major)": (diag, (p32, rows32, P)),
-        "HVP, float32 (transposed)": (hvp, (p32, V32, cols32, P)),
+        "HVP, float32 (transposed)": (hvp, (p32, V32, cols32, Pc)),
         "HVP, float32 (row-major)": (hvp, (p32, V32, rows32, P)),
         "two-GEMM floor Z @ V, Z^T @ R, float32": (
             jax.jit(lambda Z, V, R: (Z @ V, Z.T @ R)), (Z32, V32["W"], P)),
