@@ -264,6 +264,7 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
             hessian_dtype=np.float32
             if _hessian_copy(plan.solver, Zh, rows, k, fit_intercept, dp)
             else None,
+            num_classes=k,
             check="Z" if local_rows else None,
         )
     if stream and plan.full_batch:

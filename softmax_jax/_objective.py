@@ -87,9 +87,11 @@ class Columns(NamedTuple):
         return jnp.mean(self.T * self.T, axis=1)
 
 
-#: Newton-CG's Hessian operand is stored transposed from this many rows on: the layout whose
-#: fits measured faster above it and slower below it (tools/profile_solve.py, the session notes).
-COLUMNS_MIN_ROWS = 100_000
+#: Newton-CG's Hessian operand is stored transposed from this many rows on, for at most this
+#: many classes: the shapes whose fits measured faster on it (tools/profile_solve.py and the
+#: session notes; with many classes the row-major passes measured faster).
+COLUMNS_MIN_ROWS = 4096
+COLUMNS_MAX_CLASSES = 64
 
 
 def transposed(Z: jax.Array, dtype) -> Columns:
@@ -97,10 +99,12 @@ def transposed(Z: jax.Array, dtype) -> Columns:
     return Columns(Z.astype(dtype).T)
 
 
-def hessian_copy(Z: jax.Array, dtype) -> jax.Array | Columns:
-    """Newton-CG's copy of ``Z`` in ``dtype``: :class:`Columns` from :data:`COLUMNS_MIN_ROWS`
-    rows on, else row-major."""
-    return transposed(Z, dtype) if Z.shape[0] >= COLUMNS_MIN_ROWS else Z.astype(dtype)
+def hessian_copy(Z: jax.Array, dtype, num_classes: int) -> jax.Array | Columns:
+    """Newton-CG's copy of ``Z`` in ``dtype`` for ``num_classes`` classes: :class:`Columns` from
+    :data:`COLUMNS_MIN_ROWS` rows on, up to :data:`COLUMNS_MAX_CLASSES` classes; else row-major."""
+    if Z.shape[0] >= COLUMNS_MIN_ROWS and num_classes <= COLUMNS_MAX_CLASSES:
+        return transposed(Z, dtype)
+    return Z.astype(dtype)
 
 
 def hessian_operand(data: TrainData) -> jax.Array:

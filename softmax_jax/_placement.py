@@ -220,13 +220,15 @@ def place(
     device,
     shape: tuple[int, int] | None = None,
     hessian_dtype=None,
+    num_classes: int = 0,
     check: str | None = None,
 ) -> TrainData:
     """Puts the data on ``device`` once: ``Z`` in ``dtype`` (copied only when the dtype changes or
     when it is padded with zeros to ``shape = (rows, features)``; padded rows get weight 0), and
     with ``hessian_dtype`` a copy of ``Z`` in that dtype for Newton-CG's Hessian products (none
     when it is ``dtype``: the products then use ``Z``), on one device transposed from
-    :data:`softmax_jax._objective.COLUMNS_MIN_ROWS` rows on, by rows on a mesh. ``device`` may be a
+    :data:`softmax_jax._objective.COLUMNS_MIN_ROWS` rows on (for ``num_classes`` classes:
+    :func:`~softmax_jax._objective.hessian_copy`), by rows on a mesh. ``device`` may be a
     :class:`DataParallel` layout: the rows are then split over its ``"data"`` axis, padded with
     zero rows of weight 0 to a multiple of its size (:meth:`DataParallel.put_rows`: each process
     reads only its rows of ``Z``, and with ``check``, the argument's name, rejects NaN/inf there)."""
@@ -267,14 +269,14 @@ def place(
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
         # the Hessian's operand (transposed on large problems), cast on the device
         Zh = (
-            _hessian_copy(Zd, np.dtype(hessian_dtype))
+            _hessian_copy(Zd, np.dtype(hessian_dtype), num_classes)
             if _needs_copy(hessian_dtype, dtype)
             else None
         )
     return TrainData(Zd, yd, sd, Zh)
 
 
-_hessian_copy = jax.jit(hessian_copy, static_argnums=1)
+_hessian_copy = jax.jit(hessian_copy, static_argnums=(1, 2))
 
 
 def _needs_copy(hessian_dtype, dtype) -> bool:

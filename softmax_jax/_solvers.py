@@ -358,7 +358,7 @@ def with_hessian_operand(data: TrainData, solver: str, params: Params, mixed: bo
         return data
     if hasattr(data.Z, "vg_sum"):  # scipy.sparse rows (softmax_jax._sparse): a cast of the values
         return data._replace(Zh=data.Z.astype(jnp.float32))
-    return data._replace(Zh=hessian_copy(data.Z, jnp.float32))
+    return data._replace(Zh=hessian_copy(data.Z, jnp.float32, params["W"].shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "mixed"))

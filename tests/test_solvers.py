@@ -338,6 +338,8 @@ def test_newton_cg_gets_one_float32_copy_of_float64_features_and_no_copy_of_floa
     assert isinstance(with_op.Zh, Columns)  # transposed: (D, N)
     assert with_op.Zh.dtype == jnp.float32 and with_op.Zh.shape == X.shape
     np.testing.assert_array_equal(with_op.Zh.T, np.asarray(data64.Z).astype(np.float32).T)
+    monkeypatch.setattr(_objective, "COLUMNS_MAX_CLASSES", 3)  # more classes: row-major again
+    assert not isinstance(copy(data64._replace(Zh=None)).Zh, Columns)
     assert copy(data64._replace(Zh=None), "lbfgs").Zh is None
     data32 = place(X, y, None, fit_intercept=True, dtype=np.float32, device=None)
     assert copy(data32._replace(Zh=None)).Zh is None
