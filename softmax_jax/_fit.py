@@ -262,7 +262,7 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
             device=dev,
             shape=None if rows == n else (rows, d),
             hessian_dtype=np.float32
-            if _hessian_copy(plan.solver, Zh, rows, k, fit_intercept, dp)
+            if _wants_hessian_copy(plan.solver, Zh, rows, k, fit_intercept, dp)
             else None,
             num_classes=k,
             check="Z" if local_rows else None,
@@ -375,7 +375,7 @@ def _plan(optimizer, learning_rate, batch_size, tol, n: int) -> _Plan:
     return _Plan(None, opt, int(min(batch_size, n)))
 
 
-def _hessian_copy(solver: str, Z, rows: int, k: int, fit_intercept: bool, dp) -> bool:
+def _wants_hessian_copy(solver: str, Z, rows: int, k: int, fit_intercept: bool, dp) -> bool:
     """Whether Newton-CG's Hessian products get their own float32 copy of ``Z`` (``place``'s
     ``hessian_dtype``): not where its steps are dense (the Hessian matrix is formed from ``Z``)."""
     if solver != "newton-cg":

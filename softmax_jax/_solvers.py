@@ -175,7 +175,6 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     def precond(r):
         return center_classes(jax.tree.map(lambda a, h: a / jnp.maximum(h, tiny), r, diag))
 
-    zeros = jax.tree.map(jnp.zeros_like, g)
     r0 = center_classes(jax.tree.map(jnp.negative, g))  # centred already, up to rounding
     z0 = precond(r0)
 
@@ -203,6 +202,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         d, n_cg = _dense_direction(H, g), jnp.int32(0)
     else:
         rz0 = tree_vdot(r0, z0)
+        zeros = jax.tree.map(jnp.zeros_like, g)
         init = (zeros, r0, z0, z0, rz0, jnp.int32(0), jnp.bool_(False))
         d, *_, n_cg, _ = lax.while_loop(cg_cond, cg_body, init)
     # not a descent direction (d = 0 after non-positive curvature on iteration 0): M⁻¹(−∇f)
