@@ -15,8 +15,8 @@ The directory is ``$XDG_CACHE_HOME/softmax_jax/jax`` (``~/.cache/softmax_jax/jax
 threshold for writing an entry (``jax_persistent_cache_min_compile_time_secs``) is lowered to
 :data:`MIN_COMPILE_SECONDS` only when it is at JAX's default, so the small solvers are kept too.
 
-:func:`cached_program` also keeps the full-batch solver's traced and lowered form there
-(``softmax_jax_programs/``, :mod:`jax.export`), so a warm process skips tracing too.
+:func:`cached_program` also keeps the full-batch solver's compiled executable there
+(``softmax_jax_programs/``), so a warm process skips tracing and lowering too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
+import platform
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -92,91 +94,104 @@ def enable() -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Traced programs on disk: a warm process skips tracing and lowering too.
+# Compiled programs on disk: a warm process skips tracing and lowering too.
 
-#: Exported programs already loaded in this process, by key.
+#: Programs already loaded (or compiled) in this process, by key.
 _programs: dict[str, Any] = {}
 _source_digest: str | None = None
 
 
 def _digest_of_sources() -> str:
-    """A digest of this package's source files and JAX's version: an exported program is reused
-    only by the code that traced it."""
+    """A digest of this package's source files, JAX's version, ``XLA_FLAGS`` and the host's CPU
+    (an executable compiled for one instruction set must not run on another): a stored program is
+    reused only where it was compiled."""
     global _source_digest
     if _source_digest is None:
         h = hashlib.sha256(f"{jax.__version__} {jax.lib.__version__}".encode())
+        h.update(os.environ.get("XLA_FLAGS", "").encode() + platform.machine().encode())
+        try:  # the CPU's model and instruction-set flags (Linux; not its clock, which varies)
+            lines = Path("/proc/cpuinfo").read_bytes().split(b"\n\n", 1)[0].splitlines()
+            h.update(b"".join(x for x in lines if x.startswith((b"model name", b"flags"))))
+        except OSError:
+            h.update(platform.processor().encode())
         for path in sorted(Path(__file__).parent.glob("*.py")):
             h.update(path.name.encode() + path.read_bytes())
         _source_digest = h.hexdigest()
     return _source_digest
 
 
-def cached_program(
-    fn: Callable, name: str, args: tuple, namedtuples: tuple[type, ...] = (), **static
-) -> Callable:
-    """``fn`` (a function of arrays; ``static`` bound as keywords) jitted, with its traced and
-    lowered form kept on disk next to the compiled programs (:func:`jax.export`), so that a new
-    process with a warm cache skips tracing and lowering as well as compiling.
+def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
+    """``fn`` (a function of arrays; ``static`` bound as keywords) compiled for ``args``, with the
+    executable kept on disk next to JAX's own entries
+    (:mod:`jax.experimental.serialize_executable`), so that a new process with a warm cache loads
+    it without tracing, lowering or compiling.
 
-    The key holds the package's sources, JAX's version, x64, the backend and the shapes, dtypes
-    and tree structure of ``args``. Without the persistent cache, without JAX's export
-    serialization (``flatbuffers``), or on any failure to export or read an entry, ``fn`` is
-    returned jitted as it is.
+    The key holds the package's sources, JAX's version, the host (:func:`_digest_of_sources`), x64,
+    the backend and the shapes, dtypes, devices and tree structure of ``args``; the entries are
+    trusted like JAX's own (loading one runs its code). In a single process on the CPU backend
+    only (elsewhere JAX's own cache of compiled programs serves); without the persistent cache, or
+    on any failure to compile or read an entry, ``fn`` is returned jitted as it is.
     """
     plain = functools.partial(fn, **static)
     directory = jax.config.jax_compilation_cache_dir
-    export = _export_module()
-    if export is None or not directory:
+    if not directory or jax.default_backend() != "cpu" or jax.process_count() > 1:
         return plain
     leaves, tree = jax.tree.flatten(args)
     spec = [
-        (np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x))) for x in leaves
-    ]
+        (np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x)),
+         str(getattr(x, "sharding", "")))
+        for x in leaves
+    ]  # fmt: skip
     text = repr((name, sorted(static.items()), spec, str(tree), jax.config.jax_enable_x64,
                  jax.default_backend(), _digest_of_sources()))  # fmt: skip
     key = hashlib.sha256(text.encode()).hexdigest()[:32]
     if key in _programs:
         return _programs[key]
-    path = Path(directory) / "softmax_jax_programs" / f"{name}-{key}.bin"
+    path = Path(directory) / "softmax_jax_programs" / f"{name}-{key}.xla"
+    from jax.experimental import serialize_executable
+
+    stored = path.is_file()
     try:
-        _register_trees(namedtuples)
-        if path.is_file():
-            exported = export.deserialize(bytearray(path.read_bytes()))
+        if stored:
+            # the LAPACK kernels (jnp.linalg) are bound when a program that calls them is lowered;
+            # a loaded executable is not lowered: bind them first (else it calls a null pointer)
+            from jax._src.lax import linalg
+
+            linalg.initialize_lapack()
+            program = serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
         else:
-            exported = export.export(jax.jit(plain))(*args)
+            program, compiled_here = _compile(plain, args)
+    except Exception:  # a damaged entry, a program that does not compile here: trace it as
+        _programs[key] = plain  # usual (and do not try again in this process)
+        return plain
+    if not stored and compiled_here:
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(program))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(exported.serialize())
+            tmp.write_bytes(blob)
             os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except Exception:  # a damaged entry, an unsupported program: trace it as usual (and do
-        _programs[key] = plain  # not try again in this process)
-        return plain
-    _programs[key] = jax.jit(exported.call)
-    return _programs[key]
+        except Exception:  # a backend that cannot serialize, a read-only directory: not kept
+            pass
+    _programs[key] = program
+    return program
 
 
-@functools.cache
-def _export_module():
-    """:mod:`jax.export` where its serialization can be imported (it needs ``flatbuffers``), else
-    None; tried once per process."""
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+def _compile(plain: Callable, args: tuple) -> tuple[Any, bool]:
+    """``plain`` compiled for ``args``, and whether XLA compiled it here: an executable that JAX
+    read from its own cache does not serialize whole (loaded again, it misses functions)."""
+    hits = []
+
+    def listener(event: str, **kwargs) -> None:
+        if event == _CACHE_HIT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
     try:
-        from jax import export
-        from jax._src.export import serialization  # noqa: F401  (needs flatbuffers)
-    except ImportError:
-        return None
-    return export
-
-
-_registered: set[type] = set()
-
-
-def _register_trees(classes: tuple[type, ...]) -> None:
-    """NamedTuples of the arguments and results, serializable in exported tree structures."""
-    from jax import export
-
-    for cls in classes:
-        if cls not in _registered:
-            export.register_namedtuple_serialization(
-                cls, serialized_name=f"softmax_jax.{cls.__name__}"
-            )
-            _registered.add(cls)
+        program = jax.jit(plain).lower(*args).compile()
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    return program, not hits

@@ -405,9 +405,7 @@ def solve(
         np.asarray(tol, dt),
         np.int32(max_iter),
     )
-    program = _compile_cache.cached_program(
-        _solve_impl, "solve", args, (TrainData, FBState), solver=solver, mixed=mixed
-    )
+    program = _compile_cache.cached_program(_solve_impl, "solve", args, solver=solver, mixed=mixed)
     st, gmax = program(*args)
     gmax, value, it, stalled, n_inner = jax.device_get(
         (gmax, st.value, st.it, st.stalled, st.n_inner)

@@ -19,12 +19,13 @@ import jax.numpy as jnp, numpy as np, softmax_jax as sj
 jnp.ones(3).sum().block_until_ready()  # JAX has compiled (and decided on its cache) before fit
 rng = np.random.default_rng(0)
 X = rng.normal(size=(40, 3)); y = np.arange(40) % 3
-sj.SoftmaxRegression().fit(X, y)
+print(sj.SoftmaxRegression().fit(X, y).coef_.tobytes().hex())
 import jax; print(jax.config.jax_compilation_cache_dir)
 """
 
 
-def run_fit(env_changes: dict) -> str:
+def run_fit(env_changes: dict, coef: bool = False) -> str | tuple[str, str]:
+    """The cache directory a fit in a fresh process used (and, with ``coef``, its ``coef_``)."""
     env = {k: v for k, v in os.environ.items() if k not in (ENV, "JAX_COMPILATION_CACHE_DIR")}
     env.update(env_changes)
     root = Path(__file__).resolve().parents[1]
@@ -33,7 +34,8 @@ def run_fit(env_changes: dict) -> str:
         [sys.executable, "-c", FIT], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
+    lines = out.stdout.strip().splitlines()
+    return (lines[-1], lines[-2]) if coef else lines[-1]
 
 
 @pytest.mark.parametrize(
@@ -59,11 +61,13 @@ def test_default_dir_follows_xdg_and_the_opt_out(environ, expected):
 
 @pytest.mark.slow
 def test_fit_writes_its_programs_to_the_user_cache_dir(tmp_path):
-    used = run_fit({"XDG_CACHE_HOME": str(tmp_path)})
+    used, coef = run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True)
     cache = tmp_path / "softmax_jax" / "jax"
     assert used == str(cache)
     assert any(p.name.startswith("jit_") for p in cache.iterdir())  # compiled programs
-    assert any((cache / "softmax_jax_programs").glob("solve-*.bin"))  # the traced solver
+    assert any((cache / "softmax_jax_programs").glob("solve-*.xla"))  # the compiled solver
+    # the next process loads that executable (LAPACK's kernels bound first) and runs it
+    assert run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True) == (used, coef)
 
 
 @pytest.mark.slow
@@ -83,16 +87,22 @@ def test_the_opt_out_leaves_jax_without_a_cache(tmp_path):
 
 @pytest.fixture
 def program_dir(tmp_path, monkeypatch):
-    """JAX's cache directory set to a temporary one for this test, no program loaded yet."""
+    """JAX's cache directory set to a temporary one for this test, no program loaded yet; JAX's
+    own cache of compiled programs off (a test turns it on: compilation_cache.reset_cache())."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     from softmax_jax import _compile_cache
 
-    before = jax.config.jax_compilation_cache_dir
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     monkeypatch.setattr(_compile_cache, "_programs", {})
     yield tmp_path / "softmax_jax_programs"
-    jax.config.update("jax_compilation_cache_dir", before)
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_enable_compilation_cache", before[1])
+    compilation_cache.reset_cache()
 
 
 def _solve_args(n=24):
@@ -109,70 +119,111 @@ def _solve_args(n=24):
     return params, data, np.float64(0.05), np.float64(1e-10), np.int32(50)
 
 
-def test_traced_solver_is_kept_and_reused(program_dir, monkeypatch):
-    """A solver traced in one process is written as an exported program; the next process (here:
-    an emptied in-memory table) reads it instead of tracing, with the same result; another
-    package source or another shape is another entry; a damaged entry is traced again."""
+def test_compiled_solver_is_kept_and_reused(program_dir, monkeypatch):
+    """A solver compiled in one process is written as a serialized executable; the next process
+    (here: an emptied in-memory table) loads it without tracing or compiling, with the same result;
+    another package source or another shape is another entry; a damaged entry is traced again."""
     import jax
     import numpy as np
-    from jax import export
 
     from softmax_jax import _compile_cache, _solvers
-    from softmax_jax._objective import TrainData
 
-    TREES = (TrainData, _solvers.FBState)
     args = _solve_args()
     with jax.enable_x64(True):
         want = _solvers._solve_impl(*args, solver="newton-cg")[0].params["W"]
-        run = _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
-        )
-        (entry,) = program_dir.glob("solve-*.bin")
+        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
+        (entry,) = program_dir.glob("solve-*.xla")
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
 
         monkeypatch.setattr(_compile_cache, "_programs", {})
-        monkeypatch.setattr(export, "export", None)  # reading the entry must not trace
-        run = _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
-        )
+        monkeypatch.setattr(jax, "jit", None)  # loading the entry must not trace nor compile
+        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
+        assert isinstance(run, jax.stages.Compiled)
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
         assert run is _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
-        )  # one jitted program per key in a process
+            _solvers._solve_impl, "solve", args, solver="newton-cg"
+        )  # one program per key in a process
         monkeypatch.undo()
         monkeypatch.setattr(_compile_cache, "_programs", {})
 
         monkeypatch.setattr(_compile_cache, "_source_digest", "another version")
+        _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
         _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+            _solvers._solve_impl, "solve", _solve_args(40), solver="newton-cg"
         )
-        _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", _solve_args(40), TREES, solver="newton-cg"
-        )
-        assert len(list(program_dir.glob("solve-*.bin"))) == 3
+        assert len(list(program_dir.glob("solve-*.xla"))) == 3
 
         entry.write_bytes(b"damaged")
         monkeypatch.setattr(_compile_cache, "_programs", {})
         monkeypatch.setattr(_compile_cache, "_source_digest", None)
-        run = _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
-        )
+        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="newton-cg")
         np.testing.assert_array_equal(run(*args)[0].params["W"], want)
         assert run.func is _solvers._solve_impl  # traced as usual ...
         assert run is _compile_cache.cached_program(
-            _solvers._solve_impl, "solve", args, TREES, solver="newton-cg"
+            _solvers._solve_impl, "solve", args, solver="newton-cg"
         )  # ... and the damaged entry is not read again in this process
 
 
-def test_without_export_serialization_the_solver_is_traced_as_usual(program_dir, monkeypatch):
-    """Without ``flatbuffers`` (JAX's export serialization), nothing is written."""
+def test_an_executable_read_from_jaxs_cache_is_not_kept(program_dir, monkeypatch):
+    """An executable that JAX read from its own cache does not serialize whole (loaded again, it
+    misses functions): only a program compiled in this process is written."""
+    import jax
+    import numpy as np
+    from jax.experimental.compilation_cache import compilation_cache
+
     from softmax_jax import _compile_cache, _solvers
 
-    monkeypatch.setattr(_compile_cache, "_export_module", lambda: None)
-    run = _compile_cache.cached_program(
-        _solvers._solve_impl, "solve", _solve_args(), solver="lbfgs"
-    )
-    assert run.func is _solvers._solve_impl and not program_dir.exists()
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()  # JAX's cache on, in program_dir's parent
+    try:
+        args = _solve_args(30)
+        with jax.enable_x64(True):
+            want = _solvers._solve_impl(*args, solver="lbfgs")[0].params["W"]
+            jax.clear_caches()
+            _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
+            (entry,) = program_dir.glob("solve-*.xla")  # compiled here: kept
+            entry.unlink()
+            jax.clear_caches()
+            monkeypatch.setattr(_compile_cache, "_programs", {})
+            run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
+            np.testing.assert_array_equal(run(*args)[0].params["W"], want)
+            assert not any(program_dir.glob("solve-*"))  # read from JAX's cache: not kept
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+        compilation_cache.reset_cache()
+
+
+def test_the_host_and_xla_flags_are_in_the_key(monkeypatch):
+    """An executable is compiled for one CPU and one set of XLA flags: either changes the key."""
+    from softmax_jax import _compile_cache
+
+    monkeypatch.setattr(_compile_cache, "_source_digest", None)
+    here = _compile_cache._digest_of_sources()
+    monkeypatch.setattr(_compile_cache, "_source_digest", None)
+    assert _compile_cache._digest_of_sources() == here  # stable (not the CPU's clock)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    monkeypatch.setattr(_compile_cache, "_source_digest", None)
+    assert _compile_cache._digest_of_sources() != here
+
+
+def test_a_backend_that_cannot_serialize_still_runs_the_compiled_solver(program_dir, monkeypatch):
+    """Where the executable cannot be serialized, the compiled program runs and nothing is kept."""
+    import jax
+    from jax.experimental import serialize_executable
+
+    from softmax_jax import _compile_cache, _solvers
+
+    def refuse(compiled):
+        raise ValueError("Compilation does not support serialization")
+
+    monkeypatch.setattr(serialize_executable, "serialize", refuse)
+    args = _solve_args()
+    with jax.enable_x64(True):
+        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
+        assert isinstance(run, jax.stages.Compiled) and bool(run(*args)[0].it > 0)
+    assert not program_dir.exists()
 
 
 def test_without_a_cache_directory_the_solver_is_traced_as_usual():
