@@ -91,7 +91,7 @@ def _bucket_rows(n: int, dk: int) -> int:
 
 def _bucket_features(d: int) -> int:
     """Rounds small ``d`` up to a power of two (at least 8) with zero columns; their weights stay 0
-    (zero gradient, and the penalty's curvature keeps the Newton system regular)."""
+    (zero gradient; without a penalty, no curvature either: the exact Newton steps leave them)."""
     return max(8, 1 << (d - 1).bit_length()) if d <= 64 else d
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ._chunks import fold_chunks
@@ -332,15 +333,29 @@ def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None
     return {**diag, "W": diag["W"] + l2}
 
 
+def centred_basis(k: int, dtype) -> jax.Array:
+    """An orthonormal basis ``B`` ``(K, K − 1)`` of the vectors that sum to zero (Helmert's):
+    column ``j`` is ``(1, …, 1, −j, 0, …) / √(j (j + 1))`` with ``j`` ones."""
+    j = np.arange(1, k)
+    rows = np.arange(k)[:, None]
+    B = np.where(rows < j, 1.0, np.where(rows == j, -j, 0.0)) / np.sqrt(j * (j + 1.0))
+    return jnp.asarray(B, dtype)
+
+
 def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
-    r"""``∇²f`` as a ``(p, p)`` matrix over ``[W; b]`` flattened row by row (:func:`stack`;
-    ``p = (D + 1) K`` with a bias, ``D K`` without), in the parameters' dtype:
+    r"""``∇²f`` on the centred subspace, as a ``(q, q)`` matrix over ``V`` with
+    ``[W; b] = V Bᵀ`` (``B`` = :func:`centred_basis`; ``V`` flattened row by row, ``q = (D + 1)
+    (K − 1)`` with a bias, ``D (K − 1)`` without), in the parameters' dtype:
 
-    .. math:: \sum_i c_i\, (x_i x_i^\top) \otimes (\operatorname{diag} \hat y_i - \hat y_i \hat y_i^\top)
-              + \lambda I_W, \qquad x_i = [z_i, 1],\ c_i = s_i / \textstyle\sum s,
+    .. math:: \sum_i c_i\, (x_i x_i^\top) \otimes B^\top (\operatorname{diag} \hat y_i
+              - \hat y_i \hat y_i^\top) B + \lambda I_W, \qquad x_i = [z_i, 1],\
+              c_i = s_i / \textstyle\sum s,
 
-    ``I_W`` the identity on ``W``'s entries. ``N p²`` multiply-adds: for small problems (the exact
-    Newton steps of ``_solvers``)."""
+    ``I_W`` the identity on ``W``'s entries. The full Hessian is singular along the class shifts;
+    this one is not (with ``λ > 0`` or full-rank features). ``Bᵀ diag(ŷ) B = Σ_k ŷ_k b_k b_kᵀ``
+    (``b_k`` row ``k`` of ``B``), which is ``½`` for two classes. ``N (D + 1)² (K + (K − 1)²)``
+    multiply-adds (``N (D + 1)²`` for two classes): for small problems (the exact Newton steps of
+    ``_solvers``)."""
     Z = data.Z.by_rows() if isinstance(data.Z, Columns) else data.Z
     dt = params["W"].dtype
     X = Z.astype(dt)
@@ -352,14 +367,19 @@ def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
     inv = mean_normaliser(data.s, n, "mean", dt)
     c = jnp.broadcast_to(inv, (n,)) if data.s is None else data.s.astype(dt) * inv
     rows, k = X.shape[1], P.shape[1]
-    p = rows * k
-    U = (X[:, :, None] * P[:, None, :]).reshape(n, p)  # x_i ⊗ ŷ_i
+    B = centred_basis(k, dt)
+    q = rows * (k - 1)
     cX = X * c[:, None]
-    # Σ_i c_i ŷ_ik x_i x_iᵀ on the class diagonal (k = l), minus Σ_i c_i (x_i ⊗ ŷ_i)(x_i ⊗ ŷ_i)ᵀ
-    B = (cX.T @ U).reshape(rows, rows, k).transpose(0, 2, 1)  # [d, k, e]
-    H = (B[:, :, :, None] * jnp.eye(k, dtype=dt)[None, :, None, :]).reshape(p, p)
-    H = H - (U * c[:, None]).T @ U
-    return H + jnp.diag(jnp.where(jnp.arange(p) < d * k, l2, 0).astype(dt))
+    if k == 2:  # Σ_k ŷ_k b_k b_kᵀ = ½ (ŷ_0 + ŷ_1) = ½
+        H = 0.5 * (cX.T @ X)
+    else:  # Σ_k (Σ_i c_i ŷ_ik x_i x_iᵀ) ⊗ b_k b_kᵀ
+        U = (X[:, :, None] * P[:, None, :]).reshape(n, rows * k)  # x_i ⊗ ŷ_i
+        C = (cX.T @ U).reshape(rows * rows, k)  # [(d, e), k]
+        outer = (B[:, :, None] * B[:, None, :]).reshape(k, -1)  # [k, (j, l)]
+        H = (C @ outer).reshape(rows, rows, k - 1, k - 1).transpose(0, 2, 1, 3).reshape(q, q)
+    Ut = (X[:, :, None] * (P @ B)[:, None, :]).reshape(n, q)  # x_i ⊗ Bᵀŷ_i
+    H = H - (Ut * c[:, None]).T @ Ut
+    return H + jnp.diag(jnp.where(jnp.arange(q) < d * (k - 1), l2, 0).astype(dt))
 
 
 def predict_stats(params: Params, data: TrainData) -> tuple[jax.Array, jax.Array]:

@@ -22,6 +22,7 @@ from ._objective import (
     Columns,
     Params,
     TrainData,
+    centred_basis,
     hessian_copy,
     hessian_diag,
     hessian_matrix,
@@ -95,15 +96,25 @@ def dense_newton(params: Params, data: TrainData) -> bool:
 
 
 def _dense_direction(H: jax.Array, g: Params) -> Params:
-    """``d = −H⁻¹ ∇f`` on the centred subspace, ``H`` = :func:`hessian_matrix`. ``H`` is singular
-    along the class shifts (``b + c 1``, and ``W + v 1ᵀ`` without a penalty), which it maps to
-    themselves: adding ``h (I ⊗ 11ᵀ/K)`` makes it invertible and leaves the solution for a
-    centred ``∇f`` as is."""
+    """``d = −(∇²f)⁻¹ ∇f`` on the centred subspace, ``H`` = :func:`hessian_matrix` (over ``V``,
+    ``[W; b] = V Bᵀ``): ``d = D Bᵀ`` with ``H vec(D) = −vec(∇f B)``, centred by construction. A
+    coordinate without curvature (a zero feature column without a penalty, whose gradient is 0
+    too) gets a unit diagonal: its step is 0."""
     G = stack(g)
     rows, k = G.shape
-    shift = jnp.kron(jnp.eye(rows, dtype=H.dtype), jnp.full((k, k), 1.0 / k, H.dtype))
-    d = jnp.linalg.solve(H + jnp.max(jnp.diag(H)) * shift, -G.reshape(-1).astype(H.dtype))
-    return center_classes(unstack(d.reshape(rows, k).astype(G.dtype), g))
+    B = centred_basis(k, H.dtype)
+    regular = H + jnp.diag(jnp.where(jnp.diag(H) > 0, 0.0, 1.0).astype(H.dtype))
+    dv = jnp.linalg.solve(regular, -(G.astype(H.dtype) @ B).reshape(-1))
+    return unstack((dv.reshape(rows, k - 1) @ B.T).astype(G.dtype), g)
+
+
+def _dense_diagonal(H: jax.Array, g: Params) -> Params:
+    """The diagonal of ``∇²f`` over ``[W; b]`` on the centred subspace, ``(I ⊗ B) H (I ⊗ B)ᵀ``, from
+    :func:`hessian_matrix`'s ``H``, shaped like ``g``."""
+    rows, k = stack(g).shape
+    B = centred_basis(k, H.dtype)
+    blocks = jnp.einsum("ajal->ajl", H.reshape(rows, k - 1, rows, k - 1))
+    return unstack(jnp.einsum("kj,ajl,kl->ak", B, blocks, B).astype(g["W"].dtype), g)
 
 
 def center_classes(t: Params) -> Params:
@@ -165,7 +176,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     dense = dense_newton(params, data)
     if dense:  # the Hessian as a matrix (small problems): its diagonal is the preconditioner's
         H = hessian_matrix(params, data, l2)
-        diag = unstack(jnp.diag(H).reshape(stack(g).shape).astype(dtype), g)
+        diag = _dense_diagonal(H, g)
     else:
         P = hessian_probs(params, data)  # shared by the preconditioner and every CG product
         diag = hessian_diag(params, data, l2, probs=P)

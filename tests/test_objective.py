@@ -170,24 +170,30 @@ def test_huge_tied_logits_keep_log_k():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_hessian_matrix_is_autodiffs_hessian(getkey, layout, bias, weighted):
-    # the exact Newton steps' matrix over [W; b] flattened row by row, against jax.hessian of
-    # the plainly written objective; its products are the HVP's
-    n, d, k, l2 = 23, 3, 4, 0.3
-    params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
-    if not bias:
-        params, V = {"W": params["W"]}, {"W": V["W"]}
-    Zs = Z if layout == "rows" else transposed(Z, Z.dtype)
-    data = TrainData(Zs, y, s)
-    H = jax.jit(hessian_matrix)(params, data, l2)
+    # the exact Newton steps' matrix over V ([W; b] = V Bᵀ, flattened row by row) against
+    # jax.hessian of the plainly written objective over [W; b] restricted to that subspace; its
+    # products are the HVP's; K = 2 has its own formula
+    n, d, l2 = 23, 3, 0.3
+    for k in (4, 2):
+        params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
+        if not bias:
+            params, V = {"W": params["W"]}, {"W": V["W"]}
+        Zs = Z if layout == "rows" else transposed(Z, Z.dtype)
+        data = TrainData(Zs, y, s)
+        H = jax.jit(hessian_matrix)(params, data, l2)
 
-    def f(flat):
-        W = flat.reshape(d + bias, k)
-        p = {"W": W[:d], "b": W[d] if bias else jnp.zeros(k)}
-        return reference_objective(p, Z, y, l2, s)
+        def f(flat):
+            W = flat.reshape(d + bias, k)
+            p = {"W": W[:d], "b": W[d] if bias else jnp.zeros(k)}
+            return reference_objective(p, Z, y, l2, s)
 
-    flat = _objective.stack(params).reshape(-1)
-    assert H.shape == (flat.size, flat.size) and H.dtype == jnp.float64
-    np.testing.assert_allclose(H, jax.hessian(f)(flat), rtol=1e-12, atol=1e-14)
-    hv = hessian_vp(params, V, TrainData(Z, y, s), l2)
-    np.testing.assert_allclose(H @ _objective.stack(V).reshape(-1),
-                               _objective.stack(hv).reshape(-1), rtol=1e-11, atol=1e-14)  # fmt: skip
+        B = np.asarray(_objective.centred_basis(k, jnp.float64))
+        lift = np.kron(np.eye(d + bias), B)  # vec(V) -> vec(V Bᵀ)
+        flat = _objective.stack(params).reshape(-1)
+        q = (d + bias) * (k - 1)
+        assert H.shape == (q, q) and H.dtype == jnp.float64
+        np.testing.assert_allclose(H, lift.T @ jax.hessian(f)(flat) @ lift, rtol=1e-12, atol=1e-14)
+        Vc = _objective.stack(V) @ B  # a direction in V's coordinates
+        hv = hessian_vp(params, _objective.unstack(Vc @ B.T, V), TrainData(Z, y, s), l2)
+        np.testing.assert_allclose(H @ Vc.reshape(-1), (_objective.stack(hv) @ B).reshape(-1),
+                                   rtol=1e-11, atol=1e-14)  # fmt: skip

@@ -431,12 +431,26 @@ def test_dense_newton_steps_only_where_the_hessian_matrix_is_cheap():
     )
 
 
-def test_dense_direction_solves_on_the_centred_subspace_of_a_singular_hessian():
-    # H = I ⊗ (I − 11ᵀ/K): the identity on centred vectors, exactly singular along the class
-    # shifts (an exact zero pivot for an unshifted factorisation): the direction for a centred
-    # gradient is −∇f, finite
-    rows, k = 3, 2
-    H = jnp.kron(jnp.eye(rows), jnp.eye(k) - 1.0 / k)
-    g = center_classes({"W": jnp.arange(4.0).reshape(2, 2), "b": jnp.asarray([1.0, -1.0])})
+def test_dense_direction_is_centred_and_steps_zero_without_curvature():
+    # H over V ([W; b] = V Bᵀ) the identity but for a coordinate without curvature (a zero
+    # feature without a penalty; its gradient is 0): the direction is −∇f, centred, 0 there
+    H = jnp.diag(jnp.asarray([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]))  # row 1 of V has no curvature
+    g = center_classes({"W": jnp.asarray([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]]),
+                        "b": jnp.asarray([1.0, -1.0, 3.0])})  # fmt: skip
     d = _solvers._dense_direction(H, g)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -b, rtol=1e-12), d, g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -b, atol=1e-12), d, g)
+    assert np.all(np.isfinite(d["W"])) and not np.any(d["W"][1])
+    np.testing.assert_allclose(d["W"].sum(axis=1), 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_dense_diagonal_is_the_lifted_matrix_diagonal(getkey, k):
+    # (I ⊗ B) H (I ⊗ B)ᵀ's diagonal, shaped like the parameters, for any symmetric H over V
+    rows = 3
+    A = jax.random.normal(getkey(), (rows * (k - 1),) * 2)
+    H = A @ A.T
+    g = {"W": jnp.zeros((rows - 1, k)), "b": jnp.zeros(k)}
+    B = np.asarray(_objective.centred_basis(k, jnp.float32))
+    lift = np.kron(np.eye(rows), B)
+    got = _objective.stack(_solvers._dense_diagonal(H, g)).reshape(-1)
+    np.testing.assert_allclose(got, np.diag(lift @ np.asarray(H) @ lift.T), rtol=1e-5, atol=1e-5)
