@@ -129,12 +129,18 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
     The key holds the package's sources, JAX's version, the host (:func:`_digest_of_sources`), x64,
     the backend and the shapes, dtypes, devices and tree structure of ``args``; the entries are
     trusted like JAX's own (loading one runs its code). In a single process on the CPU backend
-    only (elsewhere JAX's own cache of compiled programs serves); without the persistent cache, or
-    on any failure to compile or read an entry, ``fn`` is returned jitted as it is.
+    only (elsewhere JAX's own cache of compiled programs serves); without the persistent cache (no
+    directory, or ``jax_enable_compilation_cache=False``), or on any failure to compile or read an
+    entry, ``fn`` is returned jitted as it is.
     """
     plain = functools.partial(fn, **static)
     directory = jax.config.jax_compilation_cache_dir
-    if not directory or jax.default_backend() != "cpu" or jax.process_count() > 1:
+    if (
+        not directory
+        or not jax.config.jax_enable_compilation_cache
+        or jax.default_backend() != "cpu"
+        or jax.process_count() > 1
+    ):
         return plain
     leaves, tree = jax.tree.flatten(args)
     spec = [

@@ -87,21 +87,22 @@ def test_the_opt_out_leaves_jax_without_a_cache(tmp_path):
 
 @pytest.fixture
 def program_dir(tmp_path, monkeypatch):
-    """JAX's cache directory set to a temporary one for this test, no program loaded yet; JAX's
-    own cache of compiled programs off (a test turns it on: compilation_cache.reset_cache())."""
+    """JAX's cache directory set to a temporary one for this test, no program loaded yet; JAX
+    itself writes no entry there (a test lowers its threshold to write some)."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
     from softmax_jax import _compile_cache
 
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)  # fmt: skip
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
-    jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     compilation_cache.reset_cache()
     monkeypatch.setattr(_compile_cache, "_programs", {})
     yield tmp_path / "softmax_jax_programs"
     jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_enable_compilation_cache", before[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     compilation_cache.reset_cache()
 
 
@@ -173,10 +174,8 @@ def test_an_executable_read_from_jaxs_cache_is_not_kept(program_dir, monkeypatch
 
     from softmax_jax import _compile_cache, _solvers
 
-    before = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()  # JAX's cache on, in program_dir's parent
+    compilation_cache.reset_cache()  # JAX's cache on, writing every entry, in program_dir's parent
     try:
         args = _solve_args(30)
         with jax.enable_x64(True):
@@ -191,8 +190,7 @@ def test_an_executable_read_from_jaxs_cache_is_not_kept(program_dir, monkeypatch
             np.testing.assert_array_equal(run(*args)[0].params["W"], want)
             assert not any(program_dir.glob("solve-*"))  # read from JAX's cache: not kept
     finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
-        compilation_cache.reset_cache()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
 
 
 def test_the_host_and_xla_flags_are_in_the_key(monkeypatch):
@@ -224,6 +222,20 @@ def test_a_backend_that_cannot_serialize_still_runs_the_compiled_solver(program_
         run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
         assert isinstance(run, jax.stages.Compiled) and bool(run(*args)[0].it > 0)
     assert not program_dir.exists()
+
+
+def test_a_cache_the_user_switched_off_gets_no_program(program_dir):
+    import jax
+
+    from softmax_jax import _compile_cache, _solvers
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        run = _compile_cache.cached_program(_solvers._solve_impl, "solve", (), solver="lbfgs")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+    assert run.func is _solvers._solve_impl and not program_dir.exists()
 
 
 def test_without_a_cache_directory_the_solver_is_traced_as_usual():

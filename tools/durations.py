@@ -4,6 +4,7 @@
     python -m pytest -n 2 --durations=0 > durations.txt
     python tools/durations.py durations.txt            # tests over 1 s
     python tools/durations.py durations.txt --limit 2
+    python tools/durations.py fast.txt --merge         # a run of the fast subset: adds to the list
 
 ``tests/conftest.py`` marks the tests listed there ``slow`` (with every test of their xdist group,
 so that a module fixture that takes long does not run in the fast subset either). The fast subset,
@@ -36,14 +37,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="the output of pytest --durations=0")
     parser.add_argument("--limit", type=float, default=1.0, help="seconds (default 1.0)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the listed tests the report does not time (a report of part of the suite)",
+    )
     args = parser.parse_args(argv)
     seconds = parse(args.report.read_text())
     if not seconds:
         parser.error(f"no durations in {args.report}: run pytest with --durations=0")
-    slow = {k: round(v, 2) for k, v in sorted(seconds.items()) if v > args.limit}
+    slow = {k: round(v, 2) for k, v in seconds.items() if v > args.limit}
+    if args.merge and OUT.is_file():
+        listed = json.loads(OUT.read_text())["tests"]
+        slow = {**{k: v for k, v in listed.items() if k not in seconds}, **slow}
+    slow = dict(sorted(slow.items()))
     OUT.write_text(json.dumps({"limit_s": args.limit, "tests": slow}, indent=1) + "\n")
     fast = sum(v for v in seconds.values() if v <= args.limit)
-    print(f"{len(slow)} of {len(seconds)} tests over {args.limit} s -> {OUT}")
+    over = sum(v > args.limit for v in seconds.values())
+    print(
+        f"{over} of the {len(seconds)} tests timed over {args.limit} s; {len(slow)} listed -> {OUT}"
+    )
     print(f"the rest: {fast:.0f} s of test time in all ({sum(seconds.values()):.0f} s measured)")
     return 0
 
