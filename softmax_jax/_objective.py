@@ -354,7 +354,7 @@ def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
     ``I_W`` the identity on ``W``'s entries. The full Hessian is singular along the class shifts;
     this one is not (with ``λ > 0`` or full-rank features). ``Bᵀ diag(ŷ) B = Σ_k ŷ_k b_k b_kᵀ``
     (``b_k`` row ``k`` of ``B``), which is ``½`` for two classes. ``N (D + 1)² (K + (K − 1)²)``
-    multiply-adds (``N (D + 1)²`` for two classes): for small problems (the exact Newton steps of
+    multiply-adds (``2 N (D + 1)²`` for two classes): for small problems (the exact Newton steps of
     ``_solvers``)."""
     Z = data.Z.by_rows() if isinstance(data.Z, Columns) else data.Z
     dt = params["W"].dtype
