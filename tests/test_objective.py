@@ -166,6 +166,15 @@ def test_huge_tied_logits_keep_log_k():
     np.testing.assert_allclose(float(total), n * np.log(k), rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 3, 7, 20])
+def test_centred_basis_is_orthonormal_and_sums_to_zero(k):
+    # the exact Newton steps map d = D Bᵀ back: B must span the zero-sum vectors orthonormally
+    B = np.asarray(_objective.centred_basis(k, jnp.float64))
+    assert B.shape == (k, k - 1)
+    np.testing.assert_allclose(B.T @ B, np.eye(k - 1), atol=1e-15)
+    np.testing.assert_allclose(B.sum(axis=0), 0, atol=1e-15)
+
+
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
