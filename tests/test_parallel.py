@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _dist_worker import KILL_AT, KILL_CODE, MP_FIT, mp_problem, single_process_reference
-from helpers import assert_close
+from helpers import assert_close, device_flags
 from jax.sharding import Mesh
 
 # Private paths until __init__ re-exports these names.
@@ -43,7 +43,7 @@ EXACT = 1e-10
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = device_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import device_flags
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 ROOT = README.parent
@@ -71,7 +72,7 @@ def _python_env() -> dict:
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": device_flags(4),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
 
@@ -102,7 +103,7 @@ def test_readme_blocks_run_as_shown(tmp_path):
         env=env,
     )
     cli = [sys.executable, "-m", "softmax_jax"]
-    cli_env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+    cli_env = {**env, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}  # one device
     failures = []
     ran = set()  # a command shown twice (the quick start and the CLI section) runs once
     try:
