@@ -74,7 +74,7 @@ def test_value_gradient_and_hessian_products_match_the_core_on_augmented_feature
     Zs = Z if layout == "rows" else transposed(Z, Z.dtype)
     data = TrainData(Zs, y, s)  # float64 Hessian operands: exact comparisons
     v, g = jax.jit(data_vg)(params, data)
-    P = hessian_probs(params, data)
+    P = jax.jit(hessian_probs)(params, data)
     hv = jax.jit(functools.partial(hessian_vp, probs=P))(params, V, data, l2)
     Z1, Wb = augmented(params, Z)
     ref_v, ref_G = sj.value_and_grad(Wb, Z1, y, weights=s, reduction="mean")
@@ -87,7 +87,8 @@ def test_value_gradient_and_hessian_products_match_the_core_on_augmented_feature
     np.testing.assert_allclose(hv["b"], ref_hv[-1], rtol=1e-11, atol=1e-14)
     # the diagonal from the cached softmax is the one computed from scratch, and the Hessian's
     # diagonal of the augmented problem
-    d1, d0 = hessian_diag(params, data, l2, probs=P), hessian_diag(params, data, l2)
+    diag = jax.jit(hessian_diag)
+    d1, d0 = diag(params, data, l2, probs=P), diag(params, data, l2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), d1, d0)
     c = np.ones(n) if s is None else np.asarray(s)
     Pn = np.asarray(P if layout == "rows" else P.by_rows())  # the softmax stored like Z
@@ -191,7 +192,9 @@ def test_hessian_matrix_is_autodiffs_hessian(getkey, layout, bias, weighted):
         data = TrainData(Zs, y, s)
         H = jax.jit(hessian_matrix)(params, data, l2)
 
-        def f(flat):
+        @jax.jit
+        @jax.hessian
+        def hessian(flat, Z, y, s):  # jitted: one program, not autodiff's operations one by one
             W = flat.reshape(d + bias, k)
             p = {"W": W[:d], "b": W[d] if bias else jnp.zeros(k)}
             return reference_objective(p, Z, y, l2, s)
@@ -201,8 +204,10 @@ def test_hessian_matrix_is_autodiffs_hessian(getkey, layout, bias, weighted):
         flat = _objective.stack(params).reshape(-1)
         q = (d + bias) * (k - 1)
         assert H.shape == (q, q) and H.dtype == jnp.float64
-        np.testing.assert_allclose(H, lift.T @ jax.hessian(f)(flat) @ lift, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            H, lift.T @ hessian(flat, Z, y, s) @ lift, rtol=1e-12, atol=1e-14
+        )
         Vc = _objective.stack(V) @ B  # a direction in V's coordinates
-        hv = hessian_vp(params, _objective.unstack(Vc @ B.T, V), TrainData(Z, y, s), l2)
+        hv = jax.jit(hessian_vp)(params, _objective.unstack(Vc @ B.T, V), TrainData(Z, y, s), l2)
         np.testing.assert_allclose(H @ Vc.reshape(-1), (_objective.stack(hv) @ B).reshape(-1),
                                    rtol=1e-11, atol=1e-14)  # fmt: skip
