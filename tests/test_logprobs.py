@@ -44,24 +44,41 @@ def _ref_fn(Z, W, tok, *, bias=None, temperature=1.0, weight_layout="dk", chunk_
     return log_probs_ref(Z, W, tok, bias, temperature, weight_layout)
 
 
+def _reference_fn(Z, W, b, tok, g_l, g_h, *, temperature, layout, use):
+    """The unfused reference's values and gradients (Z, W, bias) in float64."""
+    f64 = lambda x: None if x is None else x.astype(jnp.float64)  # noqa: E731
+    Z, W, b, g_l, g_h = map(f64, (Z, W, b, g_l, g_h))
+    ref = log_probs_ref(Z, W, tok, b, temperature, layout)
+    argn = (0, 1, 2) if b is not None else (0, 1)
+    obj = _objective(_ref_fn, tok, g_l, g_h, use, temperature=temperature, weight_layout=layout)
+    return ref, jax.grad(obj, argn)(Z, W, b)
+
+
+# One compiled program per layout, outputs used and shapes (its primitives run eagerly would
+# compile one by one, anew at every new shape); the temperature traced, so that the matrix's cases
+# that differ in it share one; the conversions to float64 inside, on the traced inputs.
+_reference = jax.jit(_reference_fn, static_argnames=("layout", "use"))
+
+
 def _check(Z, W, b, tok, g_l, g_h, dtype, rtol=None, use=("logp", "entropy"), **kw):
     """Values and gradients (Z, W, bias) of the fused call against the unfused reference on
     the same inputs, in float64."""
     out = sj.linear_log_probs(Z, W, tok, bias=b, **kw)
-    f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)  # noqa: E731
-    ref = log_probs_ref(f64(Z), f64(W), tok, f64(b), kw.get("temperature", 1.0),
-                        kw.get("weight_layout", "dk"))  # fmt: skip
+    ref, want = _reference(Z, W, b, tok, g_l, g_h, temperature=kw.get("temperature", 1.0),
+                           layout=kw.get("weight_layout", "dk"), use=use)  # fmt: skip
     assert out.logp.shape == tok.shape and out.entropy.shape == tok.shape
     assert_close(out.logp, ref[0], dtype, rtol)
     assert_close(out.entropy, ref[1], dtype, rtol)
     argn = (0, 1, 2) if b is not None else (0, 1)
     got = jax.grad(_objective(sj.linear_log_probs, tok, g_l, g_h, use, **kw), argn)(Z, W, b)
-    want = jax.grad(_objective(_ref_fn, tok, f64(g_l), f64(g_h), use, **kw), argn)(
-        f64(Z), f64(W), f64(b)
-    )
     for x, r, name in zip(got, want, ("Z", "W", "bias")):
         assert x.dtype == (Z if name == "Z" else W).dtype, name
         assert_close(x, r, dtype, rtol)
+
+
+def _host_transpose(W):
+    """``W.T`` on the host (an eager transpose compiles a program per shape)."""
+    return jnp.asarray(np.asarray(W).T)
 
 
 # Every option crossed: layout × bias × temperature × chunking (a remainder chunk, one chunk,
@@ -78,7 +95,7 @@ MATRIX = list(
 @pytest.mark.parametrize("layout, bias, temperature, chunk, lead, use", MATRIX[::18])
 def test_float64_matrix(getkey, layout, bias, temperature, chunk, lead, use):
     Z, W, b, tok, g_l, g_h = _problem(getkey(), lead, 6, 13, bias=bias)
-    W = W if layout == "dk" else W.T
+    W = W if layout == "dk" else _host_transpose(W)
     _check(Z, W, b, tok, g_l, g_h, jnp.float64, use=use, temperature=temperature,
            weight_layout=layout, chunk_size=chunk)  # fmt: skip
 
@@ -95,10 +112,23 @@ def test_float64_matrix_rest(getkey, layout, bias, temperature, chunk, lead, use
 def test_float32_against_float64(getkey, layout):
     """float32 inputs: values and gradients within float32's rtol 1e-5 of float64."""
     Z, W, b, tok, g_l, g_h = _problem(getkey(), (64,), 16, 50, jnp.float32, bias=True)
-    W = W if layout == "dk" else W.T
+    W = W if layout == "dk" else _host_transpose(W)
     with jax.enable_x64(True):
         _check(Z, W, b, tok, g_l, g_h, jnp.float32, temperature=1.5, weight_layout=layout,
                chunk_size=24)  # fmt: skip
+
+
+@jax.jit
+def _verl_inputs(key):
+    """verl's inputs, drawn in one compiled program."""
+    ks = jax.random.split(key, 5)
+    n, h, v = 193, 96, 1531
+    Z = jax.random.uniform(ks[0], (n, h), jnp.float32, -0.5, 0.5)
+    W = jax.random.uniform(ks[1], (v, h), jnp.float32, -0.5, 0.5)
+    tok = jax.random.randint(ks[2], (n,), 0, v)
+    g_l = jax.random.uniform(ks[3], (n,), jnp.float32, -1.0, 1.0)
+    g_h = jax.random.uniform(ks[4], (n,), jnp.float32, -0.5, 0.5)
+    return Z, W, tok, g_l, g_h
 
 
 def test_verl_ppo_case(getkey):
@@ -107,13 +137,7 @@ def test_verl_ppo_case(getkey):
     ``g_logprobs ~ U(-1, 1)``, ``g_entropy ~ U(-0.5, 0.5)``; verl's float32 tolerances are
     atol 1e-4 / rtol 1e-4 on values, atol 1e-2 / rtol 1e-4 on gradients — here a shape small
     enough for CPU and the stricter normwise float32 tolerance."""
-    ks = jax.random.split(getkey(), 5)
-    n, h, v = 193, 96, 1531
-    Z = jax.random.uniform(ks[0], (n, h), jnp.float32, -0.5, 0.5)
-    W = jax.random.uniform(ks[1], (v, h), jnp.float32, -0.5, 0.5)
-    tok = jax.random.randint(ks[2], (n,), 0, v)
-    g_l = jax.random.uniform(ks[3], (n,), jnp.float32, -1.0, 1.0)
-    g_h = jax.random.uniform(ks[4], (n,), jnp.float32, -0.5, 0.5)
+    Z, W, tok, g_l, g_h = _verl_inputs(getkey())
     with jax.enable_x64(True):
         _check(Z, W, None, tok, g_l, g_h, jnp.float32, temperature=1.5, weight_layout="kd")
 
@@ -139,13 +163,14 @@ def test_extreme_logits_finite(getkey):
 def test_jit_and_vmap(getkey):
     Z, W, b, tok, g_l, g_h = _problem(getkey(), (3, 10), 5, 7, bias=True)
     fn = jax.jit(lambda Z, W, b: sj.linear_log_probs(Z, W, tok, bias=b, chunk_size=4))
-    ref = log_probs_ref(Z, W, tok, b)
+    # The references (values, the gradient of Σ g_l logp) in one compiled program.
+    ref, grad_r = jax.jit(lambda Z: (log_probs_ref(Z, W, tok, b), jax.grad(
+        lambda Z: jnp.sum(log_probs_ref(Z, W, tok)[0] * g_l))(Z)))(Z)  # fmt: skip
     assert_close(fn(Z, W, b).logp, ref[0])
     per_row = jax.vmap(lambda z, t: sj.linear_log_probs(z, W, t, bias=b, chunk_size=4))(Z, tok)
     assert_close(per_row.entropy, ref[1])
     grad_v = jax.grad(lambda Z: jnp.sum(jax.vmap(
         lambda z, t: sj.linear_log_probs(z, W, t, chunk_size=4).logp)(Z, tok) * g_l))(Z)  # fmt: skip
-    grad_r = jax.grad(lambda Z: jnp.sum(log_probs_ref(Z, W, tok)[0] * g_l))(Z)
     assert_close(grad_v, grad_r)
 
 
