@@ -20,7 +20,10 @@ import softmax_jax as sj
 LABELS = ("integer", "one-hot", "soft", "unnormalised")
 
 
+@functools.partial(jax.jit, static_argnames="reduction")
 def autodiff_grad(W, Z, Y, weights=None, reduction="sum"):
+    """jax.grad of sj.loss: one compiled program per case (op by op, the forward and the
+    transposed pass compile their own)."""
     return jax.grad(lambda w: sj.loss(w, Z, Y, weights=weights, reduction=reduction))(W)
 
 
@@ -68,9 +71,15 @@ def test_integer_and_one_hot_labels_agree(getkey):
 def test_single_sample_is_eq6(getkey):
     """Eq. (5)-(6) for one sample: ∂L/∂w_k = (ŷ_k − y_k) z, i.e. the outer product z (ŷ − y)ᵀ."""
     W, Z, Y, _ = problem(getkey(), 1, 7, 4, "soft")
+    assert_close(sj.grad(W, Z, Y), _eq6_one_sample(W, Z, Y))
+
+
+@jax.jit
+def _eq6_one_sample(W, Z, Y):
+    """z (ŷ − y)ᵀ for the first sample: one compiled program (op by op, one per primitive)."""
     z, y = Z[0], Y[0]
     y_hat = jax.nn.softmax(z @ W)
-    assert_close(sj.grad(W, Z, Y), jnp.outer(z, y_hat - y))
+    return jnp.outer(z, y_hat - y)
 
 
 # ------------------------------------------------------- each line of the derivation on its own
@@ -82,12 +91,19 @@ def test_single_sample_is_eq6(getkey):
 def test_eq4_first_term(getkey, labels, weighted):
     """d/dw_k Σ_k y_k w_kᵀ z = y_k z: summed over samples, Zᵀ diag(s) Y."""
     W, Z, Y, s = problem(getkey(), 30, 5, 6, labels, weighted)
-    Yd = jax.nn.one_hot(Y, 6, dtype=jnp.float64) if labels == "integer" else Y
-    sw = jnp.ones(30) if s is None else s
-    first_autodiff = jax.grad(lambda w: jnp.sum(sw[:, None] * Yd * (Z @ w)))(W)
+    first_autodiff, first_closed_form = _eq4_first_references(W, Z, Y, s)
     terms = sj.derivation_terms(W, Z, Y, weights=s)
     assert_close(terms.first, first_autodiff)
-    assert_close(terms.first, Z.T @ (sw[:, None] * Yd))
+    assert_close(terms.first, first_closed_form)
+
+
+@jax.jit
+def _eq4_first_references(W, Z, Y, s):
+    """The first term by autodiff and in closed form (one compiled program per case)."""
+    Yd = jax.nn.one_hot(Y, 6, dtype=jnp.float64) if Y.ndim == 1 else Y  # integer labels: (N,)
+    sw = jnp.ones(30) if s is None else s
+    first_autodiff = jax.grad(lambda w: jnp.sum(sw[:, None] * Yd * (Z @ w)))(W)
+    return first_autodiff, Z.T @ (sw[:, None] * Yd)
 
 
 @pytest.mark.x64
@@ -95,13 +111,20 @@ def test_eq4_first_term(getkey, labels, weighted):
 def test_eq4_second_term(getkey, weighted):
     """d/dw_k log Σ_k' exp(w_k'ᵀ z) = ŷ_k z: summed over samples, Zᵀ diag(s) Ŷ."""
     W, Z, Y, s = problem(getkey(), 30, 5, 6, "integer", weighted)
-    sw = jnp.ones(30) if s is None else s
-    second_autodiff = jax.grad(lambda w: jnp.sum(sw * jax.nn.logsumexp(Z @ w, axis=1)))(W)
+    second_autodiff, second_closed_form = _eq4_second_references(W, Z, s)
     terms = sj.derivation_terms(W, Z, Y, weights=s)
     assert_close(terms.second, second_autodiff)
-    assert_close(terms.second, Z.T @ (sw[:, None] * jax.nn.softmax(Z @ W, axis=1)))
+    assert_close(terms.second, second_closed_form)
     # Eq. (5)/(6): the gradient is the second term minus the first.
     assert_close(terms.grad, sj.grad(W, Z, Y, weights=s))
+
+
+@jax.jit
+def _eq4_second_references(W, Z, s):
+    """The second term by autodiff and in closed form (one compiled program per case)."""
+    sw = jnp.ones(30) if s is None else s
+    second_autodiff = jax.grad(lambda w: jnp.sum(sw * jax.nn.logsumexp(Z @ w, axis=1)))(W)
+    return second_autodiff, Z.T @ (sw[:, None] * jax.nn.softmax(Z @ W, axis=1))
 
 
 @pytest.mark.x64
@@ -175,8 +198,16 @@ def test_columns_sum_to_zero_when_rows_sum_to_one(n, k, labels, weighted, seed):
     W, Z, Y, s = problem(jax.random.PRNGKey(seed), n, 6, k, labels, weighted)
     g = sj.grad(W, Z, Y, weights=s)
     # Σ_k ∂L/∂w_k = Σ_i s_i z_i (Σ_k ŷ_ik − Σ_k y_ik) = 0: compare with the size of the terms.
-    scale = float(jnp.max(jnp.abs(g))) + float(jnp.max(jnp.abs(Z)))
-    assert float(jnp.max(jnp.abs(g.sum(axis=1)))) <= 1e-13 * scale * n
+    g_max, z_max, column_sum_max = (float(x) for x in _column_sum_sizes(g, Z))
+    scale = g_max + z_max
+    assert column_sum_max <= 1e-13 * scale * n
+
+
+@jax.jit
+def _column_sum_sizes(g, Z):
+    """``max |g|``, ``max |Z|`` and ``max |Σ_k g_k|``: one compiled program per shape (op by op,
+    one per primitive and shape)."""
+    return jnp.max(jnp.abs(g)), jnp.max(jnp.abs(Z)), jnp.max(jnp.abs(g.sum(axis=1)))
 
 
 @pytest.mark.x64
@@ -184,7 +215,7 @@ def test_column_sum_for_unnormalised_rows(getkey):
     """With rows of Y not summing to one, Σ_k ∂L/∂w_k = Σ_i s_i z_i (1 − Σ_k y_ik) exactly."""
     W, Z, Y, s = problem(getkey(), 25, 6, 7, "unnormalised", weighted=True)
     g = sj.grad(W, Z, Y, weights=s)
-    expected = Z.T @ (s * (1.0 - Y.sum(axis=1)))
+    expected = jax.jit(lambda Z, Y, s: Z.T @ (s * (1.0 - Y.sum(axis=1))))(Z, Y, s)
     assert_close(g.sum(axis=1), expected)
     assert rel_err(expected, jnp.zeros_like(expected)) > 1e-3  # the check is not vacuous
 
@@ -204,11 +235,17 @@ def test_shift_invariance(labels, shift_scale, seed):
     L0, L1 = sj.loss(W, Z, Y), sj.loss(W + v, Z, Y)
     if labels == "unnormalised":
         # Eq. (2) as written: the loss moves by −Σ_i (Σ_k y_ik − 1) vᵀ z_i.
-        expected = L0 - jnp.sum((Y.sum(axis=1) - 1.0) * (Z @ v)[:, 0])
+        expected = _shifted_loss(L0, Z, Y, v)
         np.testing.assert_allclose(L1, expected, rtol=1e-10, atol=1e-9 * shift_scale)
     else:
         np.testing.assert_allclose(L1, L0, rtol=1e-10, atol=1e-10 * shift_scale)
         assert_close(sj.grad(W + v, Z, Y), sj.grad(W, Z, Y), rtol=1e-8)
+
+
+@jax.jit
+def _shifted_loss(L0, Z, Y, v):
+    """``L0 − Σ_i (Σ_k y_ik − 1) vᵀ z_i``: one compiled program (op by op, one per primitive)."""
+    return L0 - jnp.sum((Y.sum(axis=1) - 1.0) * (Z @ v)[:, 0])
 
 
 # ------------------------------------------------------------------------------ extreme logits
@@ -219,15 +256,23 @@ def test_shift_invariance(labels, shift_scale, seed):
 def test_extreme_logits_exact(getkey, labels):
     """|wᵀz| ~ 1e4: a naive exp overflows; the loss is finite and the gradient exact."""
     W, Z, Y, s = problem(getkey(), 20, 4, 6, labels, weighted=True, scale=5e3)
-    logits = Z @ W
-    assert float(jnp.max(jnp.abs(logits))) > 5e3
+    max_abs_logit, by_hand = _argmax_eq6(W, Z, Y, s)
+    assert float(max_abs_logit) > 5e3
     value, g = sj.value_and_grad(W, Z, Y, weights=s)
     assert np.isfinite(float(value))
     assert_close(g, autodiff_grad(W, Z, Y, s))
     # In this regime softmax is (numerically) one-hot at the argmax: eq. (6) by hand.
-    Yd = jax.nn.one_hot(Y, 6, dtype=jnp.float64) if labels == "integer" else Y
+    assert_close(g, by_hand, rtol=1e-10)
+
+
+@jax.jit
+def _argmax_eq6(W, Z, Y, s):
+    """``max |wᵀz|`` and eq. (6) with ŷ one-hot at the argmax of the logits, one compiled
+    program per case (op by op, one per primitive)."""
+    logits = Z @ W
+    Yd = jax.nn.one_hot(Y, 6, dtype=jnp.float64) if Y.ndim == 1 else Y  # integer labels: (N,)
     y_hat = jax.nn.one_hot(jnp.argmax(logits, axis=1), 6, dtype=jnp.float64)
-    assert_close(g, Z.T @ (s[:, None] * (y_hat - Yd)), rtol=1e-10)
+    return jnp.max(jnp.abs(logits)), Z.T @ (s[:, None] * (y_hat - Yd))
 
 
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16, jnp.float16))
@@ -255,12 +300,19 @@ BIG_N, BIG_D, BIG_K = 65536, 32, 256
 
 
 @functools.cache
-def _big_problem(dtype_name, weighted):
+def _big_draw():
     key = jax.random.PRNGKey(BIG_N)
     W, Z, y, s = problem(key, BIG_N, BIG_D, BIG_K, "integer", True, 0.01, "float32")
     V = jax.random.normal(jax.random.PRNGKey(1), W.shape, jnp.float32)
+    return W, Z, y, s, V
+
+
+@functools.cache
+def _big_problem(dtype_name, weighted):
+    W, Z, y, s, V = _big_draw()  # drawn once in float32, rounded to each dtype
     dt = jnp.dtype(dtype_name)
-    W, Z, V, s = W.astype(dt), Z.astype(dt), V.astype(dt), s.astype(dt) if weighted else None
+    cast = lambda x: jnp.asarray(np.asarray(x).astype(dt))  # noqa: E731  (on the host, no convert program)
+    W, Z, V, s = cast(W), cast(Z), cast(V), cast(s) if weighted else None
     value, g, _ = numpy_reference(W, Z, y, s, "mean")  # float64, on the same rounded inputs
     return W, Z, y, s, V, value, g
 

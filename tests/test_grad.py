@@ -5,6 +5,7 @@ the host from the same rounded inputs; those that need float64 inputs are marked
 exactness of eq. (6) itself (to 1e-12) is in test_cross_check.py.
 """
 
+import functools
 import re
 
 import jax
@@ -32,10 +33,12 @@ def test_values_against_float64(getkey, dtype, labels, reduction):
     np.testing.assert_allclose(float(value), ref_value, rtol=VALUE_RTOL[jnp.dtype(dtype)])
     # sj.grad on its own, against autodiff of eq. (2) written out plainly (not the package's
     # eq. (6), nor the NumPy eq. (6) above), on the same rounded inputs in float32 or float64.
-    up = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    Wu, Zu = W.astype(up), Z.astype(up)
-    Yu, su = (Y if Y.ndim == 1 else Y.astype(up)), s.astype(up)
-    auto = jax.grad(_plain_loss)(Wu, Zu, Yu, su, reduction)
+    # (The exact upcasts on the host; the reference one compiled program per reduction, dtype and
+    # label kind, not one per primitive.)
+    up = np.float64 if dtype == jnp.float64 else np.float32
+    Wu, Zu = jnp.asarray(np.asarray(W, up)), jnp.asarray(np.asarray(Z, up))
+    Yu, su = (Y if Y.ndim == 1 else jnp.asarray(np.asarray(Y, up))), jnp.asarray(np.asarray(s, up))
+    auto = _plain_grad(Wu, Zu, Yu, su, reduction)
     assert_close(sj.grad(W, Z, Y, weights=s, reduction=reduction), auto, dtype=dtype)
 
 
@@ -59,6 +62,9 @@ def _plain_loss(W, Z, Y, s, reduction):
     per = jax.scipy.special.logsumexp(A, axis=1) - jnp.sum(T * A, axis=1)
     c = s / jnp.sum(s) if reduction == "mean" else s
     return jnp.sum(c * per)
+
+
+_plain_grad = jax.jit(jax.grad(_plain_loss), static_argnums=4)
 
 
 @pytest.mark.x64
@@ -191,9 +197,15 @@ def test_derivation_terms_out_of_range_label_under_jit_is_nan(getkey):
 def test_hvp_matches_autodiff(getkey, labels, reduction, weighted):
     W, Z, Y, s = problem(getkey(), 15, 4, 6, labels, weighted)
     V = jax.random.normal(getkey(), W.shape, jnp.float64)
-    f = lambda w: sj.loss(w, Z, Y, weights=s, reduction=reduction)  # noqa: E731
-    ref = jax.jvp(jax.grad(f), (W,), (V,))[1]
+    ref = _autodiff_hvp(W, Z, Y, s, V, reduction)
     assert_close(sj.hvp(W, Z, Y, V, weights=s, reduction=reduction), ref)
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _autodiff_hvp(W, Z, Y, s, V, reduction):
+    """Forward-over-reverse autodiff of sj.loss along ``V``: one compiled program per case."""
+    f = lambda w: sj.loss(w, Z, Y, weights=s, reduction=reduction)  # noqa: E731
+    return jax.jvp(jax.grad(f), (W,), (V,))[1]
 
 
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16, jnp.float16))
@@ -254,8 +266,9 @@ def test_strict_dtype_promotion(getkey, fn, case, w_dtype, z_dtype, s_dtype):
     """Mixed input dtypes under jax_numpy_dtype_promotion="strict" give what they give under
     the standard promotion (the library casts explicitly, never promotes implicitly)."""
     W, Z, y, s = problem(getkey(), 24, 4, 5, "integer", weighted=True, dtype=jnp.float32)
-    W, Z = W.astype(w_dtype), Z.astype(z_dtype)
-    s = None if s_dtype is None else s.astype(s_dtype)
+    cast = lambda x, dtype: jnp.asarray(np.asarray(x).astype(dtype))  # noqa: E731  (on the host)
+    W, Z = cast(W, w_dtype), cast(Z, z_dtype)
+    s = None if s_dtype is None else cast(s, s_dtype)
     expected = FUNCTIONS[fn](W, Z, y, s)
     with jax.numpy_dtype_promotion("strict"):
         got = FUNCTIONS[fn](W, Z, y, s)
@@ -327,17 +340,27 @@ def test_class_major_residuals_are_the_transposed_row_major_ones(k, weighted):
     ZV = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
     y = jnp.asarray(rng.integers(0, k, n), jnp.int32).at[2].set(k)  # row 2 out of range
     c = jnp.asarray(rng.random(n), jnp.float32) if weighted else None
+    r = jax.device_get(_class_major_residuals(A, ZV, y, c))  # NumPy arrays: no compile per op
+    M = r["M"]
+    np.testing.assert_allclose(r["M_t"], M.T, rtol=1e-6)
+    assert np.isnan(M[2]).all() and not np.isnan(np.delete(np.asarray(M), 2, 0)).any()
+    np.testing.assert_allclose(r["soft_t"], r["soft"].T, rtol=1e-6)
+    np.testing.assert_allclose(r["R_t"], r["R"].T, rtol=1e-5, atol=1e-7)
+
+
+@jax.jit
+def _class_major_residuals(A, ZV, y, c):
+    """The residuals compared above, row-major on ``A`` (N, K) and class-major on ``Aᵀ`` (K, N),
+    as one compiled program per shape (op by op, each primitive compiled its own)."""
     _, E, S = _loss.logsumexp_rows(A)
     _, E_t, S_t = _loss.logsumexp_rows(A.T, 0)
-    M = _grad.residual(A, E, S, y, c, True)
-    np.testing.assert_allclose(_grad.residual(A.T, E_t, S_t, y, c, True, 0), M.T, rtol=1e-6)
-    assert np.isnan(M[2]).all() and not np.isnan(np.delete(np.asarray(M), 2, 0)).any()
-    Y = jax.nn.one_hot(y, k)
-    np.testing.assert_allclose(
-        _grad.residual(A.T, E_t, S_t, Y.T, c, False, 0),
-        _grad.residual(A, E, S, Y, c, False).T,
-        rtol=1e-6,
-    )
+    Y = jax.nn.one_hot(y, A.shape[1])
     P = E / S
-    R = _grad.hvp_residual(P, ZV, c)
-    np.testing.assert_allclose(_grad.hvp_residual(P.T, ZV.T, c, 0), R.T, rtol=1e-5, atol=1e-7)
+    return {
+        "M": _grad.residual(A, E, S, y, c, True),
+        "M_t": _grad.residual(A.T, E_t, S_t, y, c, True, 0),
+        "soft": _grad.residual(A, E, S, Y, c, False),
+        "soft_t": _grad.residual(A.T, E_t, S_t, Y.T, c, False, 0),
+        "R": _grad.hvp_residual(P, ZV, c),
+        "R_t": _grad.hvp_residual(P.T, ZV.T, c, 0),
+    }

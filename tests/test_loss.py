@@ -42,7 +42,9 @@ def test_matches_numpy(getkey, dtype, labels, weighted, n, d, k):
 @pytest.mark.x64
 def test_matches_optax(getkey):
     W, Z, y, _ = problem(getkey(), 50, 7, 11, "integer")
-    ref = optax.softmax_cross_entropy_with_integer_labels(Z @ W, y)
+    # the reference as one compiled program (op by op, optax's primitives compile one each)
+    reference = jax.jit(lambda W, Z, y: optax.softmax_cross_entropy_with_integer_labels(Z @ W, y))
+    ref = reference(W, Z, y)
     np.testing.assert_allclose(sj.loss(W, Z, y, reduction="none"), ref, rtol=1e-12)
 
 
@@ -267,24 +269,38 @@ def test_class_major_pieces_equal_the_row_major_ones(k, n, scale, seed):
     rng = np.random.default_rng(seed)
     A = (rng.normal(size=(n, k)) * scale).astype(np.float32)
     y = jnp.asarray(rng.integers(0, k, n), jnp.int32)
-    At = jnp.asarray(A.T)
-    np.testing.assert_array_equal(_loss.reduce_classes("max", At, 0)[0], A.max(axis=1))
+    p = jax.device_get(_class_major_pieces(jnp.asarray(A), jnp.asarray(A.T), y))  # NumPy arrays
+    np.testing.assert_array_equal(p["max_t"][0], A.max(axis=1))
     np.testing.assert_allclose(
-        _loss.reduce_classes("sum", jnp.abs(At), 0)[0],
+        p["abs_sum_t"][0],
         np.abs(A.astype(np.float64)).sum(axis=1),
         rtol=1e-5,  # float32 sums of K positive terms in another order
     )
-    lse, E, S = _loss.logsumexp_rows(jnp.asarray(A))
+    assert p["E_t"].shape == (k, n) and p["S_t"].shape == (1, n)
+    np.testing.assert_allclose(p["lse_t"], p["lse"], rtol=1e-6)
+    np.testing.assert_array_equal(p["E_t"], p["E"].T)
+    np.testing.assert_allclose(p["nll_int_t"], p["nll_int"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p["nll_soft_t"], p["nll_soft"], rtol=1e-5, atol=1e-6 * scale)
+
+
+@jax.jit
+def _class_major_pieces(A, At, y):
+    """The pieces compared above, row-major on ``A`` (N, K) and class-major on ``At = Aᵀ``
+    (K, N), as one compiled program per shape (op by op, each primitive compiled its own)."""
+    k = A.shape[1]
+    lse, E, S = _loss.logsumexp_rows(A)
     lse_t, E_t, S_t = _loss.logsumexp_rows(At, 0)
-    assert E_t.shape == (k, n) and S_t.shape == (1, n)
-    np.testing.assert_allclose(lse_t, lse, rtol=1e-6)
-    np.testing.assert_array_equal(E_t, E.T)
-    nll = _loss.nll_rows(jnp.asarray(A), S, y, True)
-    np.testing.assert_allclose(_loss.nll_rows(At, S_t, y, True, 0), nll, rtol=1e-5, atol=1e-6)
     Y = jax.nn.one_hot(y, k) * 0.7  # soft rows not summing to one: the m (1 − Σ y) term
-    np.testing.assert_allclose(
-        _loss.nll_rows(At, S_t, Y.T, False, 0),
-        _loss.nll_rows(jnp.asarray(A), S, Y, False),
-        rtol=1e-5,
-        atol=1e-6 * scale,
-    )
+    return {
+        "max_t": _loss.reduce_classes("max", At, 0),
+        "abs_sum_t": _loss.reduce_classes("sum", jnp.abs(At), 0),
+        "lse": lse,
+        "E": E,
+        "lse_t": lse_t,
+        "E_t": E_t,
+        "S_t": S_t,
+        "nll_int": _loss.nll_rows(A, S, y, True),
+        "nll_int_t": _loss.nll_rows(At, S_t, y, True, 0),
+        "nll_soft": _loss.nll_rows(A, S, Y, False),
+        "nll_soft_t": _loss.nll_rows(At, S_t, Y.T, False, 0),
+    }
