@@ -100,18 +100,19 @@ def numpy_hvp(W, Z, V, weights=None, reduction="sum"):
     return Z.T @ (c[:, None] * R)
 
 
-def device_flags(devices: int) -> str:
-    """``$XLA_FLAGS`` (the suite's, tests/conftest.py) with ``devices`` forced CPU devices."""
+def device_env(devices: int) -> dict:
+    """This process's environment for a subprocess on the CPU with ``devices`` forced devices,
+    keeping the suite's ``$XLA_FLAGS`` (tests/conftest.py)."""
     forced = f"--xla_force_host_platform_device_count={devices}"
-    return " ".join([os.environ.get("XLA_FLAGS", ""), forced]).strip()
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), forced]).strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def run_device_worker(script, *, devices: int = 8, timeout: float = 300) -> dict:
     """Runs ``script`` in a fresh interpreter with ``devices`` forced CPU devices and returns the
     JSON of its ``RESULT {json}`` line (its stderr tail on a non-zero exit)."""
-    env = {**os.environ, "XLA_FLAGS": device_flags(devices), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(script)], env=device_env(devices),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-8000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])

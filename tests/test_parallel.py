@@ -10,7 +10,6 @@ below assert on. The checks are grouped into few subprocesses because each pays 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _dist_worker import KILL_AT, KILL_CODE, MP_FIT, mp_problem, single_process_reference
-from helpers import assert_close, device_flags
+from helpers import assert_close, device_env
 from jax.sharding import Mesh
 
 # Private paths until __init__ re-exports these names.
@@ -41,13 +40,6 @@ TIMEOUT = 240  # seconds per worker process: generous for a loaded 2-core machin
 EXACT = 1e-10
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = device_flags(devices)
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _result(stdout: str) -> dict:
     """The ``RESULT {json}`` line of a worker (gloo prints its own lines on stdout)."""
     for line in stdout.splitlines():
@@ -59,7 +51,7 @@ def _result(stdout: str) -> dict:
 def _run_worker(*args: str, devices: int) -> dict:
     proc = subprocess.run(
         [sys.executable, str(WORKER), *args],
-        env=_env(devices),
+        env=device_env(devices),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -76,7 +68,7 @@ def devices_run(tmp_path_factory) -> dict:
     ckpt = tmp_path_factory.mktemp("mesh_ckpt")
     proc = subprocess.run(
         [sys.executable, str(WORKER), "mesh-kill", str(ckpt)],
-        env=_env(4), capture_output=True, text=True, timeout=TIMEOUT,
+        env=device_env(4), capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == KILL_CODE, f"mesh-kill: {proc.stdout[-4000:]}{proc.stderr[-8000:]}"
     return _run_worker("devices", str(ckpt), devices=8)
@@ -199,7 +191,7 @@ HEAD_WORKER = Path(__file__).with_name("_head_worker.py")
 def heads_run() -> dict:
     proc = subprocess.run(
         [sys.executable, str(HEAD_WORKER), "heads"],
-        env=_env(8),
+        env=device_env(8),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -252,7 +244,11 @@ MATRIX_CASES = _mesh_matrix.cases(_mesh_matrix.DEFAULT_COUNT)
 @pytest.fixture(scope="module")
 def matrix_run() -> dict:
     proc = subprocess.run(
-        [sys.executable, str(MATRIX)], env=_env(8), capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, str(MATRIX)],
+        env=device_env(8),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0, f"matrix failed:\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
     return _result(proc.stdout)
@@ -374,7 +370,7 @@ def _run_pair(mode: str, directory: Path) -> list[tuple[int, str, str]]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), mode, str(i), str(port), "2", str(directory)],
-            env=_env(2),
+            env=device_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

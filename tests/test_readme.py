@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import device_flags
+from helpers import device_env
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 ROOT = README.parent
@@ -70,9 +70,7 @@ def _skipped(words: list[str]) -> str | None:
 
 def _python_env() -> dict:
     return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": device_flags(4),
+        **device_env(4),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
 
