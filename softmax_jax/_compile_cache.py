@@ -16,7 +16,8 @@ threshold for writing an entry (``jax_persistent_cache_min_compile_time_secs``) 
 :data:`MIN_COMPILE_SECONDS` only when it is at JAX's default, so the small solvers are kept too.
 
 :func:`cached_program` also keeps the full-batch solver's compiled executable there
-(``softmax_jax_programs/``), so a warm process skips tracing and lowering too.
+(``softmax_jax_programs/``), so a warm process skips tracing and lowering too; the solver is
+compiled bypassing JAX's own entries, which it then never reads.
 """
 
 from __future__ import annotations
@@ -184,20 +185,31 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
 
 
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_compile_lock = threading.Lock()
 
 
 def _compile(plain: Callable, args: tuple) -> tuple[Any, bool]:
-    """``plain`` compiled for ``args``, and whether XLA compiled it here: an executable that JAX
-    read from its own cache does not serialize whole (loaded again, it misses functions)."""
+    """``plain`` compiled by XLA for ``args`` with JAX's own cache bypassed, and whether it was:
+    an executable that JAX read from its cache does not serialize whole (loaded again, it misses
+    functions), and JAX's cache may hold the solver where ours does not (another package version
+    with the same program)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     hits = []
 
     def listener(event: str, **kwargs) -> None:
         if event == _CACHE_HIT:
             hits.append(event)
 
-    jax.monitoring.register_event_listener(listener)
-    try:
-        program = jax.jit(plain).lower(*args).compile()
-    finally:
-        jax.monitoring.unregister_event_listener(listener)
+    with _compile_lock:
+        # JAX decides once whether its cache is used: switch it off, and ask it to decide again
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+        jax.monitoring.register_event_listener(listener)
+        try:
+            program = jax.jit(plain).lower(*args).compile()
+        finally:
+            jax.monitoring.unregister_event_listener(listener)
+            jax.config.update("jax_enable_compilation_cache", True)
+            compilation_cache.reset_cache()
     return program, not hits

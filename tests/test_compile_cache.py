@@ -5,6 +5,7 @@ the suite never touches the user's (tests/conftest.py turns the cache off)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def test_fit_writes_its_programs_to_the_user_cache_dir(tmp_path):
     used, coef = run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True)
     cache = tmp_path / "softmax_jax" / "jax"
     assert used == str(cache)
-    assert any(p.name.startswith("jit_") for p in cache.iterdir())  # compiled programs
-    assert any((cache / "softmax_jax_programs").glob("solve-*.xla"))  # the compiled solver
+    # the compiled solver, as our executable (not in JAX's own entries: compiled bypassing them)
+    assert any((cache / "softmax_jax_programs").glob("solve-*.xla"))
+    assert not any(p.name.startswith("jit__solve_impl") for p in cache.iterdir())
     # the next process loads that executable (LAPACK's kernels bound first) and runs it
     assert run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True) == (used, coef)
 
@@ -165,9 +167,11 @@ def test_compiled_solver_is_kept_and_reused(program_dir, monkeypatch):
         )  # ... and the damaged entry is not read again in this process
 
 
-def test_an_executable_read_from_jaxs_cache_is_not_kept(program_dir, monkeypatch):
-    """An executable that JAX read from its own cache does not serialize whole (loaded again, it
-    misses functions): only a program compiled in this process is written."""
+def test_a_program_in_jaxs_cache_is_compiled_again_and_kept(program_dir, monkeypatch):
+    """Where JAX's own cache holds the solver but ours does not (another package version with the
+    same program), the solver is compiled by XLA again and kept: an executable that JAX read from
+    its cache does not serialize whole (loaded again, it misses functions). The kept entry loads in
+    a new process (an emptied table) and gives the same result."""
     import jax
     import numpy as np
     from jax.experimental.compilation_cache import compilation_cache
@@ -181,14 +185,21 @@ def test_an_executable_read_from_jaxs_cache_is_not_kept(program_dir, monkeypatch
         with jax.enable_x64(True):
             want = _solvers._solve_impl(*args, solver="lbfgs")[0].params["W"]
             jax.clear_caches()
-            _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
-            (entry,) = program_dir.glob("solve-*.xla")  # compiled here: kept
-            entry.unlink()
+            jax.jit(functools.partial(_solvers._solve_impl, solver="lbfgs")).lower(*args).compile()
+            assert any(program_dir.parent.glob("jit__solve_impl-*"))  # in JAX's cache only
+            assert not program_dir.exists()
             jax.clear_caches()
-            monkeypatch.setattr(_compile_cache, "_programs", {})
             run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
             np.testing.assert_array_equal(run(*args)[0].params["W"], want)
-            assert not any(program_dir.glob("solve-*"))  # read from JAX's cache: not kept
+            (entry,) = program_dir.glob("solve-*.xla")  # compiled again: kept
+            monkeypatch.setattr(_compile_cache, "_programs", {})
+            jax_jit = jax.jit
+            monkeypatch.setattr(jax, "jit", None)  # loading the entry must not trace nor compile
+            run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
+            monkeypatch.setattr(jax, "jit", jax_jit)
+            assert isinstance(run, jax.stages.Compiled)
+            np.testing.assert_array_equal(run(*args)[0].params["W"], want)
+            assert jax.config.jax_enable_compilation_cache  # JAX's cache is on again
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
 
