@@ -45,7 +45,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from . import _compile_cache
 from ._placement import bucket_rows, place
-from ._solvers import SOLVERS, solve
+from ._solvers import SOLVERS, solve, wants_hessian_copy
 from ._validate import check_sparse, is_sparse
 
 #: What ``X`` may be: float64/float32 arrays, or scipy.sparse CSR and CSC as they are (other
@@ -223,6 +223,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             W0 = np.concatenate([W0, np.zeros((dp - d, k))])
         if m == n and np.all(sw == 1):
             sw = None  # unit weights: the unweighted passes are cheaper
+        mixed = m * dp * k >= MIXED_PRECISION_MIN_SIZE and not sparse
+        copy = wants_hessian_copy(
+            self.solver, m, dp, k, self.fit_intercept, sparse=sparse, mixed=mixed
+        )
         with jax.enable_x64(True):
             data = place(
                 X,
@@ -232,6 +236,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 dtype=np.float64,
                 device=None,
                 shape=(m, dp),
+                hessian_dtype=np.float32 if copy else None,
+                num_classes=k,
             )
             params = {"W": W0}  # NumPy: the solve takes them as they are
             if self.fit_intercept:
@@ -243,7 +249,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 tol=float(self.tol),
                 max_iter=int(self.max_iter),
-                mixed_precision=m * dp * k >= MIXED_PRECISION_MIN_SIZE and not sparse,
+                mixed_precision=mixed,
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)

@@ -21,7 +21,7 @@ from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatc
 from ._objective import Params
 from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
-from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, dense_newton_size, full_batch_epoch
+from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch, wants_hessian_copy
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_fit_options, check_training_data, compute_dtype, is_sparse
 
@@ -378,10 +378,10 @@ def _plan(optimizer, learning_rate, batch_size, tol, n: int) -> _Plan:
 def _wants_hessian_copy(solver: str, Z, rows: int, k: int, fit_intercept: bool, dp) -> bool:
     """Whether Newton-CG's Hessian products get their own float32 copy of ``Z`` (``place``'s
     ``hessian_dtype``): not where its steps are dense (the Hessian matrix is formed from ``Z``)."""
-    if solver != "newton-cg":
-        return False
     rows = rows if dp is None else dp.padded(rows)
-    return is_sparse(Z) or not dense_newton_size(rows, Z.shape[1], k, fit_intercept)
+    return wants_hessian_copy(
+        solver, rows, Z.shape[1], k, fit_intercept, sparse=is_sparse(Z), mixed=False
+    )
 
 
 def _place_eval(eval_data, d: int, k: int, *, fit_intercept: bool, dtype, device):

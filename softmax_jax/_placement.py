@@ -12,6 +12,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ._compile_cache import cached_program
 from ._objective import TrainData, hessian_copy
 from ._sparse import place_sparse
 from ._validate import is_sparse
@@ -268,15 +269,17 @@ def place(
         put = functools.partial(jax.device_put, device=device)
         Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
         # the Hessian's operand (transposed on large problems), cast on the device
-        Zh = (
-            _hessian_copy(Zd, np.dtype(hessian_dtype), num_classes)
-            if _needs_copy(hessian_dtype, dtype)
-            else None
-        )
+        Zh = None
+        if _needs_copy(hessian_dtype, dtype):
+            copy = cached_program(
+                _hessian_copy, "hessian-copy", (Zd,), dtype=np.dtype(hessian_dtype),
+                num_classes=num_classes,
+            )  # fmt: skip
+            Zh = copy(Zd)
     return TrainData(Zd, yd, sd, Zh)
 
 
-_hessian_copy = jax.jit(hessian_copy, static_argnums=(1, 2))
+_hessian_copy = jax.jit(hessian_copy, static_argnames=("dtype", "num_classes"))
 
 
 def _needs_copy(hessian_dtype, dtype) -> bool:

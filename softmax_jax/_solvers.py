@@ -86,6 +86,17 @@ def dense_newton_size(n: int, d: int, k: int, intercept: bool) -> bool:
     return p <= DENSE_MAX_PARAMS and n * p * p <= DENSE_MAX_WORK
 
 
+def wants_hessian_copy(
+    solver: str, n: int, d: int, k: int, intercept: bool, *, sparse: bool, mixed: bool
+) -> bool:
+    """Whether Newton-CG's Hessian products get their own float32 copy of ``Z`` (``place``'s
+    ``hessian_dtype``): not where its steps are dense (the Hessian matrix is formed from ``Z``)
+    without a float32 phase (``mixed``, which runs on that copy)."""
+    if solver != "newton-cg":
+        return False
+    return sparse or mixed or not dense_newton_size(n, d, k, intercept)
+
+
 def dense_newton(params: Params, data: TrainData) -> bool:
     """Whether Newton's steps on ``data`` solve with the Hessian matrix (static: by shape;
     :func:`dense_newton_size`)."""
@@ -360,9 +371,11 @@ def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBSt
 
 def with_hessian_operand(data: TrainData, solver: str, params: Params, mixed: bool) -> TrainData:
     """``data`` with Newton-CG's float32 Hessian operand: one cast of ``Z``, transposed on large
-    problems (:func:`~softmax_jax._objective.hessian_copy`), inside the solve; unless it has one,
-    ``Z`` is float32 already (no copy: the products then use ``Z``), or the Newton steps are dense
-    (:func:`dense_newton`: the Hessian matrix is formed from ``Z``) without a float32 phase."""
+    problems (:func:`~softmax_jax._objective.hessian_copy`), inside the solve; unless it has one
+    (``place(hessian_dtype=)``, the callers' way: made inside the solve, XLA keeps up to four
+    copies of it), ``Z`` is float32 already (no copy: the products then use ``Z``), or the Newton
+    steps are dense (:func:`dense_newton`: the Hessian matrix is formed from ``Z``) without a
+    float32 phase."""
     if solver != "newton-cg" or data.Zh is not None or data.Z.dtype == jnp.float32:
         return data
     if dense_newton(params, data) and not mixed:
