@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -266,8 +265,7 @@ def place(
         if rows > n or s is not None:
             sb = np.zeros(rows, dtype)
             sb[:n] = 1 if s is None else s
-        put = functools.partial(jax.device_put, device=device)
-        Zd, yd, sd = put(Zp), put(yb), None if sb is None else put(sb)
+        Zd, yd, sd = jax.device_put((Zp, yb, sb), device)  # one call: one dispatch (None stays)
         # the Hessian's operand (transposed on large problems), cast on the device
         Zh = None
         if _needs_copy(hessian_dtype, dtype):
