@@ -205,8 +205,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         total = float(sw.sum())
         if not total > 0:
             raise ValueError("the sample weights (times class weights) sum to zero")
-        n, d = X.shape
-        k = classes.size
+        d, k = X.shape[1], classes.size
         # two classes: the doubled penalty makes C scikit-learn's binary C (module docstring)
         l2 = 0.0 if np.isinf(self.C) else (2.0 if k == 2 else 1.0) / (self.C * total)
 
@@ -217,6 +216,33 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             if prev is not None and np.array_equal(prev, classes) and self.coef_.shape[1] == d:
                 W0, b0 = self._softmax_params()
 
+        W, b, res = self._solve(X, y_enc, sw, W0, b0, l2=l2, sparse=sparse)
+        if not np.isfinite(res.value):
+            raise FloatingPointError(f"SoftmaxRegression.fit: {res.message}")
+        if not res.converged and res.n_iter >= self.max_iter:  # max_iter = 0 included
+            warnings.warn(
+                f"SoftmaxRegression ({self.solver}) did not converge: {res.message}. "
+                "Increase max_iter or scale the data.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        # centred over the classes: the iterates already are, up to rounding
+        W = W - W.mean(axis=1, keepdims=True)
+        b = b - b.mean()
+        self.classes_ = classes
+        if k == 2:
+            coef, intercept = (W[:, 1] - W[:, 0])[None, :], np.array([b[1] - b[0]])
+        else:
+            coef, intercept = W.T, b
+        self.coef_ = np.ascontiguousarray(coef, X.dtype)
+        self.intercept_ = np.asarray(intercept, X.dtype)
+        self.n_iter_ = np.array([res.n_iter], np.int32)
+        return self
+
+    def _solve(self, X, y_enc, sw, W0, b0, *, l2: float, sparse: bool):
+        """Pads ``X`` to its row and feature buckets, puts it on the device and runs the solver
+        from ``(W0, b0)``: ``(W (D, K), b (K,), SolveResult)``, ``W`` and ``b`` in float64."""
+        (n, d), k = X.shape, W0.shape[1]
         dp = _bucket_features(d)
         m = _bucket_rows(n, dp * k)
         if dp > d:
@@ -253,27 +279,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             )
             W = np.asarray(res.params["W"], np.float64)[:d]
             b = np.asarray(res.params["b"], np.float64) if self.fit_intercept else np.zeros(k)
-        if not np.isfinite(res.value):
-            raise FloatingPointError(f"SoftmaxRegression.fit: {res.message}")
-        if not res.converged and res.n_iter >= self.max_iter:  # max_iter = 0 included
-            warnings.warn(
-                f"SoftmaxRegression ({self.solver}) did not converge: {res.message}. "
-                "Increase max_iter or scale the data.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        # centred over the classes: the iterates already are, up to rounding
-        W = W - W.mean(axis=1, keepdims=True)
-        b = b - b.mean()
-        self.classes_ = classes
-        if k == 2:
-            coef, intercept = (W[:, 1] - W[:, 0])[None, :], np.array([b[1] - b[0]])
-        else:
-            coef, intercept = W.T, b
-        self.coef_ = np.ascontiguousarray(coef, X.dtype)
-        self.intercept_ = np.asarray(intercept, X.dtype)
-        self.n_iter_ = np.array([res.n_iter], np.int32)
-        return self
+        return W, b, res
 
     def _softmax_params(self) -> tuple[np.ndarray, np.ndarray]:
         """``(W (D, K), b (K,))`` of the fitted softmax; for two classes the symmetric optimum."""
