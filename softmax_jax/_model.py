@@ -97,7 +97,7 @@ def _check_features(Z: Any, d: int, name: str = "Z"):
     if Z.ndim != 2 or Z.shape[1] != d:
         raise ValueError(f"`{name}` must have shape (N, D) with D = {d} features, got {Z.shape}")
     check_finite(Z, name)
-    return jnp.asarray(Z)
+    return jax.device_put(Z)  # (jnp.asarray compiles a copy program for each new shape)
 
 
 def _run(params, Z, chunk_size: int, what: str) -> jax.Array:

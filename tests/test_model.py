@@ -435,3 +435,26 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         sj.save_model(target, params_of())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("dtype, n", [(np.float32, 37), (np.float64, 41), (np.int64, 43)])
+def test_new_row_counts_compile_only_the_prediction(dtype, n):
+    """Features of a new shape are put on the device as they are: the only program compiled is
+    the prediction's own (``jnp.asarray`` of a NumPy array compiles a copy program per shape)."""
+    from softmax_jax._model import _check_features
+
+    compiled = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs)
+
+    rng = np.random.default_rng(0)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        Z = _check_features((rng.normal(size=(n, 5)) * 3).astype(dtype), 5)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiled
+    assert isinstance(Z, jax.Array) and Z.shape == (n, 5)
+    assert Z.dtype == np.float32  # integers and (without x64) float64: what JAX makes of them
