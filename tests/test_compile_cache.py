@@ -193,10 +193,11 @@ def test_a_program_in_jaxs_cache_is_compiled_again_and_kept(program_dir, monkeyp
             np.testing.assert_array_equal(run(*args)[0].params["W"], want)
             (entry,) = program_dir.glob("solve-*.xla")  # compiled again: kept
             monkeypatch.setattr(_compile_cache, "_programs", {})
-            jax_jit = jax.jit
-            monkeypatch.setattr(jax, "jit", None)  # loading the entry must not trace nor compile
-            run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
-            monkeypatch.setattr(jax, "jit", jax_jit)
+            with monkeypatch.context() as m:
+                m.setattr(jax, "jit", None)  # loading the entry must not trace nor compile
+                run = _compile_cache.cached_program(
+                    _solvers._solve_impl, "solve", args, solver="lbfgs"
+                )
             assert isinstance(run, jax.stages.Compiled)
             np.testing.assert_array_equal(run(*args)[0].params["W"], want)
             assert jax.config.jax_enable_compilation_cache  # JAX's cache is on again
