@@ -3,16 +3,18 @@
 ``fit(..., stream=True)`` leaves ``Z`` where it is (a NumPy array, or an ``np.memmap`` such as a
 ``.npy`` opened with ``mmap_mode="r"``). Each epoch draws the same order as the in-memory epoch
 (:func:`softmax_jax._minibatch.epoch_order`, computed on the device and brought to the host: O(N)
-int32), gathers its batches on the host a *chunk* (a few batches) at a time and copies each chunk
-to the device while the previous one trains (a background thread, at most two chunks in flight):
-the device and the host hold a few batches, never the dataset. Each chunk is one compiled
-``lax.scan`` of :func:`softmax_jax._minibatch.minibatch_step`, the step of the in-memory epoch, so
-the same seed gives the same parameters to rounding.
+int32), gathers its batches on the host a *chunk* (a few batches) at a time, in a background
+thread, into one of a few reused host blocks, while the previous chunk trains: the device and the
+host hold a few batches, never the dataset. A CPU device reads the block in place (no copy); a
+block is read into again only once its chunk is trained. Each chunk is one compiled ``lax.scan``
+of :func:`softmax_jax._minibatch.minibatch_step`, the step of the in-memory epoch, so the same seed
+gives the same parameters to rounding.
 
 On a mesh each chunk's batches are split over ``"data"``; in a multi-process run each process
 gathers only the rows of its own devices' share of every batch
-(``jax.make_array_from_process_local_data``). The full-batch solver L-BFGS streams its passes too (:class:`StreamedRows`): eq. (2) and its
-gradient are summed chunk by chunk from the host, called back from inside the compiled solver.
+(``jax.make_array_from_process_local_data``). The full-batch solver L-BFGS streams its passes
+too (:class:`StreamedRows`): eq. (2) and its gradient are summed chunk by chunk from the host,
+called back from inside the compiled solver.
 """
 
 from __future__ import annotations
@@ -49,11 +51,48 @@ def chunk_batches(batch_size: int, d: int, itemsize: int, nb: int) -> int:
     return int(max(1, min(nb, CHUNK_BYTES // max(1, batch_size * d * itemsize))))
 
 
-def read_rows(Z: Any, idx: np.ndarray) -> np.ndarray:
+def read_rows(Z: Any, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``idx`` of ``Z`` (an array or memmap), in the order of ``idx``: one gather, the only
-    copy the host makes."""
+    copy the host makes; into ``out`` ``(len(idx), D)`` (cast to its dtype) when given."""
     check_mapped(Z)  # issue 19: a truncated memmap is an error, not a SIGBUS
-    return np.take(Z, idx, axis=0)
+    if out is None:
+        return np.take(Z, idx, axis=0)
+    if isinstance(Z, np.ndarray) and Z.dtype == out.dtype:
+        # "clip": unbuffered (the default "raise" gathers into a temporary first); the indices
+        # come from `epoch_order`, in range by construction
+        return np.take(Z, idx, axis=0, out=out, mode="clip")
+    out[...] = np.take(Z, idx, axis=0)
+    return out
+
+
+def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
+    """``nbytes`` of uninitialised bytes at an address divisible by ``align``: a host block the
+    CPU device adopts without a copy (``jax.device_put(..., may_alias=True)``)."""
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes]
+
+
+class _Ring:
+    """``count`` host blocks of ``nbytes``, reused chunk after chunk: :meth:`take` hands one out
+    (waiting for one to be free), :meth:`give` takes it back once the device is done with it.
+    Reused blocks are memory already touched: a fresh block per chunk costs page faults."""
+
+    def __init__(self, count: int, nbytes: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(_aligned(nbytes))
+
+    def take(self, stop: threading.Event) -> np.ndarray | None:
+        while not stop.is_set():
+            try:
+                return self._free.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        return None
+
+    def give(self, block: np.ndarray) -> None:
+        self._free.put(block)
 
 
 def _check_rows(block: np.ndarray, idx: np.ndarray, name: str) -> None:
@@ -78,9 +117,9 @@ class _Prefetch:
     """Produces the items of ``make(j)`` for ``j < count`` in a background thread, at most
     ``depth`` ahead of the consumer; an exception in the producer is re-raised on ``get``."""
 
-    def __init__(self, make, count: int, depth: int = 1):
+    def __init__(self, make, count: int, depth: int = 1, stop: threading.Event | None = None):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._stop = threading.Event() if stop is None else stop
         self._left = count
 
         def run():
@@ -129,30 +168,42 @@ class _Layout:
     def _sharding(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.dp.mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))
 
-    def put(self, local: np.ndarray, batch_size: int) -> jax.Array:
-        if self.dp is None:  # a fresh host block, never written again: the device may alias it
+    def put(self, local: tuple[np.ndarray, ...], batch_size: int) -> tuple[Any, ...]:
+        """The host blocks ``local`` for the device(s); the device may alias them (they are not
+        written again until their chunk is trained). A CPU device gets them as they are: the
+        compiled call adopts an aligned NumPy block in place, for a fraction of the overhead of
+        ``jax.device_put``."""
+        if self.dp is None:
+            if self.device.platform == "cpu":
+                return local
             return jax.device_put(local, self.device, may_alias=True)
-        shape = (local.shape[0], batch_size, *local.shape[2:])
-        return jax.make_array_from_process_local_data(self._sharding(local.ndim), local, shape)
+        return tuple(
+            jax.make_array_from_process_local_data(
+                self._sharding(x.ndim), x, (x.shape[0], batch_size, *x.shape[2:])
+            )
+            for x in local
+        )
 
 
 class HostData(NamedTuple):
     """A training set left on the host: ``Z`` ``(N, D)`` (array or memmap, any real dtype),
     labels ``y`` ``(N,)`` int32, weights ``s`` ``(N,)`` or ``None``; batches are cast to
-    ``dtype`` and sent to ``device`` (a device, or a :class:`DataParallel` layout)."""
+    ``dtype`` and sent to ``device`` (a device, or a :class:`DataParallel` layout).
+    ``checked`` is set once an epoch has read every row and found them finite."""
 
     Z: Any
     y: np.ndarray
     s: np.ndarray | None
     dtype: np.dtype
     device: Any
+    checked: threading.Event
 
 
 def host_data(Z, y, s, *, fit_intercept: bool, dtype, device, hessian_dtype=None, check=None):
     """``fit``'s data for ``stream=True`` (the arguments of
     :func:`softmax_jax._placement.place`): nothing is read or copied."""
     del fit_intercept, hessian_dtype, check  # batches are cast, and their rows checked, as read
-    return HostData(Z, np.asarray(y, np.int32), s, np.dtype(dtype), device)
+    return HostData(Z, np.asarray(y, np.int32), s, np.dtype(dtype), device, threading.Event())
 
 
 @functools.partial(jax.jit, static_argnames=("n", "batch_size", "dp", "dtype"))
@@ -161,22 +212,21 @@ def _order(key, s, *, n, batch_size, dp, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("opt", "dp"))
-def _train_chunk(params, opt_state, tot, correct, finite, Zc, yc, wc, l2, *, opt, dp=None):
+def _train_chunk(params, opt_state, tot, correct, finite, Zc, yc, wc, l2, check, *, opt, dp=None):
     """``lax.scan`` of :func:`minibatch_step` over the batches of one chunk ``(b, B, ...)``;
-    ``finite``: and-ed with whether every value of ``Zc`` is finite (checked on the device,
-    where it costs a fraction of the host's time)."""
+    where ``check`` (a traced bool), ``finite`` is and-ed with whether every value of ``Zc`` is
+    finite (on the device, batch by batch while the batch is in cache)."""
 
     def body(carry, batch):
-        params, opt_state, tot, correct = carry
+        params, opt_state, tot, correct, finite = carry
         if dp is not None:
             batch = jax.tree.map(dp.split_rows, batch)
+        finite = lax.cond(check, lambda: finite & jnp.all(jnp.isfinite(batch[0])), lambda: finite)
         params, opt_state, v, c = minibatch_step(params, opt_state, TrainData(*batch), l2, opt=opt)
-        return (params, opt_state, tot + v, correct + c), None
+        return (params, opt_state, tot + v, correct + c, finite), None
 
-    (params, opt_state, tot, correct), _ = lax.scan(
-        body, (params, opt_state, tot, correct), (Zc, yc, wc)
-    )
-    return params, opt_state, tot, correct, finite & jnp.all(jnp.isfinite(Zc))
+    carry, _ = lax.scan(body, (params, opt_state, tot, correct, finite), (Zc, yc, wc))
+    return carry
 
 
 def stream_epoch(
@@ -194,13 +244,14 @@ def stream_epoch(
 ):
     """One streamed epoch over :class:`HostData`: the batches of the in-memory
     :func:`softmax_jax._minibatch.minibatch_epoch` for the same ``key``, trained chunk by chunk
-    as they arrive. The rows read are checked to be finite (on the device; at the end of an
-    epoch that met one, a ``ValueError`` naming the first bad index).
+    as they arrive. The rows read are checked to be finite until an epoch has found them all
+    finite (``data.checked``; on the device; at the end of an epoch that met one, a
+    ``ValueError`` naming the first bad index).
 
     Returns ``(params, opt_state, loss, accuracy)`` like the in-memory epoch (``n``, accepted
     for its signature, is the number of rows of ``Z``).
     """
-    Z, y, s, dtype, device = data
+    Z, y, s, dtype, device, checked = data
     n, d = Z.shape
     s_dev = None if s is None else jnp.asarray(s, dtype)
     idx, w = _order(key, s_dev, n=n, batch_size=batch_size, dp=dp, dtype=dtype.name)
@@ -210,35 +261,41 @@ def stream_epoch(
     layout = _Layout(device, dp, B)
     lo, hi = layout.lo, layout.hi
     m = chunk_batches(B, d, dtype.itemsize, nb)
+    stop = threading.Event()
+    # one block per chunk in flight: training, queued to train, queued by the reader, being read
+    ring = _Ring(4, m * (hi - lo) * d * dtype.itemsize)
 
     def make(j):
         ix = idx[j * m : (j + 1) * m, lo:hi]
-        flat = ix.reshape(-1)
-        block = read_rows(Z, flat).astype(dtype, copy=False).reshape(*ix.shape, d)
-        return (
-            layout.put(block, B),
-            layout.put(y[ix], B),
-            layout.put(np.ascontiguousarray(w[j * m : (j + 1) * m, lo:hi]), B),
-        )
+        buf = ring.take(stop)
+        if buf is None:  # the epoch ended early (an error): nothing more to read
+            return None
+        block = buf[: ix.size * d * dtype.itemsize].view(dtype).reshape(ix.size, d)
+        block = read_rows(Z, ix.reshape(-1), out=block).reshape(*ix.shape, d)
+        wc = np.ascontiguousarray(w[j * m : (j + 1) * m, lo:hi])
+        return layout.put((block, y[ix], wc), B), buf
 
     put = functools.partial(jax.device_put, device=device) if dp is None else dp.replicate
     tot = correct = put(np.zeros((), dtype))
     finite = put(np.ones((), bool))
-    chunks = _Prefetch(make, -(-nb // m))
+    check = put(np.asarray(not checked.is_set()))
+    chunks = _Prefetch(make, -(-nb // m), stop=stop)
     prev = None
     try:
-        for Zc, yc, wc in chunks:
+        for (Zc, yc, wc), buf in chunks:
             params, opt_state, tot, correct, finite = _train_chunk(
-                params, opt_state, tot, correct, finite, Zc, yc, wc, l2, opt=opt, dp=dp
+                params, opt_state, tot, correct, finite, Zc, yc, wc, l2, check, opt=opt, dp=dp
             )
             if prev is not None:  # at most two chunks on the device: the host waits here
-                prev.block_until_ready()
-            prev = tot
+                prev[0].block_until_ready()
+                ring.give(prev[1])  # that chunk is trained: its block may be read into again
+            prev = tot, buf
     finally:
         chunks.close()
     if not bool(finite):  # every process of a mesh learns it: all raise
         _first_bad_row(Z, idx[:, lo:hi].reshape(-1), name)
         raise ValueError(f"`{name}` must be finite, got NaN/inf in rows another process read")
+    checked.set()
     inv = mean_normaliser(s_dev, n, "mean", dtype)
     return params, opt_state, tot * inv, correct * inv
 
@@ -273,7 +330,7 @@ class StreamedRows:
         return self is other
 
     def _sums(self, params, stats: bool):
-        Z, y, s, dtype, device = self.host
+        Z, y, s, dtype, device, _ = self.host
         n, d = Z.shape
         rows = max(1, CHUNK_BYTES // (d * dtype.itemsize))
         params = jax.device_put(params, device)

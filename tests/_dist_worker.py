@@ -346,9 +346,9 @@ def process(pid: int, port: int, nproc: int, directory: str) -> dict:
     read: list[list[int]] = []
     original = stream_mod.read_rows
 
-    def counting(Z, idx):  # the rows the stream reads, as it reads them
+    def counting(Z, idx, out=None):  # the rows the stream reads, as it reads them
         read.append(np.asarray(idx).tolist())
-        return original(Z, idx)
+        return original(Z, idx, out)
 
     stream_mod.read_rows = counting
     stream_mod.CHUNK_BYTES = 10 * 32 * 512 * 8  # chunks of 10 batches of 32 float64 rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,6 +118,55 @@ def test_stream_rejects_nonfinite_rows_as_read():
     Z[123, 4] = np.nan
     with pytest.raises(ValueError, match=r"`Z` must be finite, got nan at index \(123, 4\)"):
         sj.fit(Z, y, epochs=1, batch_size=64, progress=False, stream=True)
+
+
+def test_stream_checks_rows_until_an_epoch_found_them_finite(small_chunks, monkeypatch):
+    """Epoch 1 checks every row it reads; once an epoch found them all finite the later epochs
+    skip the check (the rows are the same); each ``fit`` call checks again."""
+    Z, y, _ = _problem()
+    checks = []
+    original = stream_mod._train_chunk
+
+    def recording(*args, **kw):
+        checks.append(bool(args[9]))  # `check`, a device bool
+        return original(*args, **kw)
+
+    monkeypatch.setattr(stream_mod, "_train_chunk", recording)
+    sj.fit(Z, y, epochs=3, batch_size=32, progress=False, stream=True)
+    per_epoch = len(checks) // 3
+    assert per_epoch > 1 and checks == [True] * per_epoch + [False] * (2 * per_epoch)
+    checks.clear()
+    Z[-1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"`Z` must be finite, got inf at index \(599, 0\)"):
+        sj.fit(Z, y, epochs=3, batch_size=32, progress=False, stream=True)
+    assert checks == [True] * per_epoch  # a new call checks again, and stops at epoch 1
+
+
+def test_stream_reuses_a_host_block_only_once_its_chunk_is_trained(small_chunks, monkeypatch):
+    """The host blocks go to the device without a copy and are read into again for later chunks:
+    each is given back to the ring only when the chunk that used it has finished training."""
+    Z, y, _ = _problem()
+    trained: list = []  # (features handed to the device, that chunk's outputs)
+    early: list[int] = []
+    original_chunk, original_give = stream_mod._train_chunk, stream_mod._Ring.give
+
+    def chunk(*args, **kw):
+        out = original_chunk(*args, **kw)
+        trained.append((args[5], out))
+        return out
+
+    def give(self, block):
+        mine = [out for Zc, out in trained if np.shares_memory(Zc, block)]
+        if not all(x.is_ready() for x in jax.tree.leaves(mine[-1])):
+            early.append(len(trained))
+        original_give(self, block)
+
+    monkeypatch.setattr(stream_mod, "_train_chunk", chunk)
+    monkeypatch.setattr(stream_mod._Ring, "give", give)
+    ref, _ = sj.fit(Z, y, epochs=2, batch_size=32, seed=3, progress=False)
+    got, _ = sj.fit(Z, y, epochs=2, batch_size=32, seed=3, progress=False, stream=True)
+    assert len(trained) > 8 and early == []
+    _same(got, ref)
 
 
 def test_stream_checks_labels_and_weights_up_front():
