@@ -33,7 +33,7 @@ from bench import _common as C
 
 CONFIGS = {
     # throughput: (N, D, K, batch, epochs, rounds); memmap: (N, D, K, batch)
-    "full": {"fit": (200_000, 256, 16, 1024, 3, 3), "memmap": (1_050_000, 512, 16, 4096)},
+    "full": {"fit": (200_000, 256, 16, 1024, 3, 5), "memmap": (1_050_000, 512, 16, 4096)},
     "quick": {"fit": (50_000, 128, 10, 512, 3, 2), "memmap": (250_000, 256, 10, 2048)},
     "tiny": {"fit": (4_000, 16, 4, 256, 2, 1), "memmap": (20_000, 16, 4, 1024)},
 }

@@ -39,11 +39,10 @@ from ._placement import DATA_AXIS, DataParallel
 from ._precision import mean_normaliser
 from ._validate import check_mapped
 
-#: Bytes of ``Z`` per host-to-device copy: a chunk of whole batches about this large (at least
-#: one batch). Small enough to be still in cache when the device reads it (on a CPU the device
-#: aliases the host block) and to be nothing next to a dataset, large enough to amortise the
-#: per-call overhead (chosen with bench/stream.py).
-CHUNK_BYTES = 2 << 20
+#: Bytes of ``Z`` per chunk: whole batches, about this many (at least one batch). Nothing next to
+#: a dataset (the host holds 4 such blocks), large enough to amortise each chunk's compiled call
+#: and thread hand-off (chosen with bench/stream.py).
+CHUNK_BYTES = 8 << 20
 
 
 def chunk_batches(batch_size: int, d: int, itemsize: int, nb: int) -> int:
