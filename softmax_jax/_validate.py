@@ -35,10 +35,15 @@ def as_array(x: Any, name: str) -> jax.Array:
     if isinstance(x, jax.Array):
         return x
     dtype = getattr(x, "dtype", None)
-    if isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+    if isinstance(dtype, np.dtype) and (
+        dtype.kind in "OSUMm" or (dtype.kind == "V" and not jnp.issubdtype(dtype, np.number))
+    ):  # (bfloat16 and ml_dtypes' other floats are of kind "V" to NumPy)
         raise TypeError(
             f"`{name}` must be a numeric array, got {type(x).__name__} of dtype {dtype}"
         )
+    if isinstance(x, np.ndarray | np.generic):
+        # cast to JAX's dtype on the host and copied: jnp.asarray compiles a program per shape
+        return jax.device_put(x)
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:

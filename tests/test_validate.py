@@ -297,3 +297,43 @@ def test_host_and_device_scans_agree(shape, kind_dtype, bad_at, seed):
     assert (results[0] is not None) == (bad_at is not None and not unsigned)
     if results[0] is not None:
         assert results[0][0] == bad_at % x.size  # the first bad flat index
+
+
+@settings(max_examples=12)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64", "int8", "int64", "uint8",
+                           "bool"]),  # fmt: skip
+    x64=st.booleans(),
+    scalar=st.booleans(),
+)
+def test_as_array_of_numpy_compiles_nothing_and_equals_jnp_asarray(shape, dtype, x64, scalar):
+    """NumPy input (an array of any shape, or a NumPy scalar) goes to the device with the dtype
+    and values ``jnp.asarray`` gives it (float64 kept under x64, else float32; int64 likewise),
+    and no program is compiled (``jnp.asarray`` of a NumPy array compiles one per new shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from softmax_jax._validate import as_array
+
+    rng = np.random.default_rng(len(shape))
+    x = (rng.normal(size=shape) * 50).astype(jnp.dtype(dtype))
+    if scalar:
+        x = x.reshape(-1)[:1].reshape(())[()]  # a NumPy scalar (np.generic)
+    compiled = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    with jax.enable_x64(x64):
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            got = as_array(x, "x")
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        want = jnp.asarray(x)
+        assert not compiled
+        assert isinstance(got, jax.Array)
+        assert (got.dtype, got.shape, got.weak_type) == (want.dtype, want.shape, want.weak_type)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
