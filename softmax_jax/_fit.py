@@ -192,7 +192,7 @@ def fit(
     params = setup.put(initial_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
     run = _Run(
         state=_initial_state(setup.plan, params, setup.data, setup.l2, setup.put),
-        key=jax.random.key(seed),
+        key=_seed_key(seed),
         history=new_history(setup.plan.full_batch),
         start=0,
     )
@@ -270,8 +270,20 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
     if stream and plan.full_batch:
         data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
-    l2_dev = jnp.asarray(l2, dtype)
+    l2_dev = np.asarray(l2, dtype)  # a NumPy scalar: jnp.asarray would compile a program
     return _Setup(plan, data, eval_dev, n, d, k, dtype, dp, put, l2_dev, tol, (Zh, yh, sw))
+
+
+#: ``jax.random.fold_in`` as one program (called as it is, it compiles two small ones).
+_fold_in = jax.jit(jax.random.fold_in)
+
+
+def _seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``, made on the host where its bits are known (JAX's default
+    threefry: ``(0, seed)`` for ``0 <= seed < 2³²``) rather than by a compiled program."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**32:
+        return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32))
+    return jax.random.key(seed)
 
 
 def _fingerprint(setup: _Setup, optimizer, learning_rate, fit_intercept, l2, seed) -> dict:
@@ -393,14 +405,21 @@ def _place_eval(eval_data, d: int, k: int, *, fit_intercept: bool, dtype, device
     return place(Ze, ye, None, fit_intercept=fit_intercept, dtype=dtype, device=device)
 
 
+@functools.partial(jax.jit, static_argnames=("init",))
+def _strong_init(init, *args):
+    """``init(*args)`` with every leaf strongly typed, as one program (op by op, each leaf and
+    each weak type removed would compile its own)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), init(*args))
+
+
 def _initial_state(plan: _Plan, params: Params, data, l2, put):
     """The solver's state, or ``(params, opt_state)``; committed to the device and strongly typed
     like the epoch's outputs, so that epoch 2 does not compile again."""
     if plan.full_batch:
-        state: Any = jax.jit(SOLVERS[plan.solver][0])(params, data, l2)
+        state: Any = _strong_init(SOLVERS[plan.solver][0], params, data, l2)
     else:
-        state = (params, plan.opt.init(params))
-    return put(jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state))
+        state = (params, _strong_init(plan.opt.init, params))
+    return put(state)
 
 
 def _open_checkpoint(
@@ -443,11 +462,11 @@ def _run_epoch(setup: _Setup, state, base_key, epoch: int):
     if plan.full_batch:
         tol = 0.0 if setup.tol is None else setup.tol
         new_state, acc, gmax = full_batch_epoch(
-            state, setup.data, setup.l2, jnp.asarray(tol, setup.dtype), solver=plan.solver
+            state, setup.data, setup.l2, np.asarray(tol, setup.dtype), solver=plan.solver
         )
         loss, acc, gmax = jax.device_get((new_state.value, acc, gmax))
         return new_state, float(loss), float(acc), float(gmax)
-    key = jax.random.fold_in(base_key, epoch)
+    key = _fold_in(base_key, epoch)
     epoch_fn = stream_epoch if isinstance(setup.data, HostData) else minibatch_epoch
     p, o, loss, acc = epoch_fn(
         *state, setup.data, setup.l2, key, opt=plan.opt, batch_size=plan.batch_size,

@@ -160,20 +160,22 @@ def data_parallel(mesh) -> DataParallel | None:
 
 
 def initial_params(init_params, d: int, k: int, fit_intercept: bool, dtype) -> dict:
-    """``fit``'s starting parameters: zeros, or ``init_params`` checked against ``(D, K)``."""
+    """``fit``'s starting parameters: zeros, or ``init_params`` checked against ``(D, K)``; NumPy
+    arrays, for the caller to place (made on the device, each shape would compile a program)."""
+    dtype = np.dtype(dtype)
     if init_params is None:
-        params = {"W": jnp.zeros((d, k), dtype)}
+        params = {"W": np.zeros((d, k), dtype)}
         if fit_intercept:
-            params["b"] = jnp.zeros((k,), dtype)
+            params["b"] = np.zeros((k,), dtype)
         return params
     if not isinstance(init_params, dict) or "W" not in init_params:
         raise TypeError(f"`init_params` must be a dict with 'W' (and 'b'), got {init_params!r}")
-    W = jnp.asarray(init_params["W"], dtype)
+    W = np.asarray(init_params["W"], dtype)
     if W.shape != (d, k):
         raise ValueError(f"`init_params['W']` must have shape (D, K) = {(d, k)}, got {W.shape}")
     params = {"W": W}
     if fit_intercept:
-        b = jnp.asarray(init_params.get("b", np.zeros(k)), dtype)
+        b = np.asarray(init_params.get("b", np.zeros(k)), dtype)
         if b.shape != (k,):
             raise ValueError(f"`init_params['b']` must have shape (K,) = ({k},), got {b.shape}")
         params["b"] = b

@@ -179,6 +179,44 @@ def test_callback_can_stop_and_device_placement():
     np.testing.assert_array_equal(by_device["W"], by_name["W"])
 
 
+@pytest.mark.parametrize("optimizer, d, k", [("adam", 29, 11), ("lbfgs", 31, 13)])
+def test_setup_compiles_no_op_by_op_programs(optimizer, d, k):
+    """Starting a fit (parameters, optimizer state, key, penalty) compiles no program per
+    primitive: JAX compiles each op-by-op call at each new shape (zeros, casts, the seed's
+    threefry), 10-50 ms each in a fresh process. Shapes no other test uses."""
+    compiled = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    rng = np.random.default_rng(d)
+    Z, y = rng.normal(size=(40 + d, d)), np.arange(40 + d) % k
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        params, _ = fit(Z, y, optimizer=optimizer, epochs=2, seed=12345 + d, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    op_by_op = {"jit(broadcast_in_dim)", "jit(convert_element_type)", "jit(stage)",
+                "jit(_threefry_seed)", "jit(_threefry_fold_in)"}  # fmt: skip
+    assert not op_by_op & set(compiled), compiled
+    assert params["W"].shape == (d, k)
+
+
+def test_the_seed_key_is_jax_random_key():
+    """``fit``'s key made on the host is ``jax.random.key(seed)``, bit for bit (the shuffles and
+    the checkpoints' keys depend on it), over the seeds it covers and past them."""
+    from softmax_jax._fit import _seed_key
+
+    for seed in [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1]:
+        want = jax.random.key_data(jax.random.key(seed))
+        np.testing.assert_array_equal(jax.random.key_data(_seed_key(seed)), want)
+    for seed in [2**32, 2**40, -1]:  # JAX's own key (x64 for the 64-bit seeds)
+        with jax.enable_x64(True):
+            want = jax.random.key_data(jax.random.key(seed))
+            np.testing.assert_array_equal(jax.random.key_data(_seed_key(seed)), want)
+
+
 # --- divergence and bad input ------------------------------------------------------------------
 
 

@@ -304,7 +304,7 @@ def test_host_and_device_scans_agree(shape, kind_dtype, bad_at, seed):
     shape=st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
     dtype=st.sampled_from(
         ["float16", "bfloat16", "float32", "float64", "int8", "int64", "uint8", "bool"]
-    ),  # fmt: skip
+    ),
     x64=st.booleans(),
     scalar=st.booleans(),
 )
