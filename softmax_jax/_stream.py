@@ -252,7 +252,7 @@ def stream_epoch(
     """
     Z, y, s, dtype, device, checked = data
     n, d = Z.shape
-    s_dev = None if s is None else jnp.asarray(s, dtype)
+    s_dev = None if s is None else jax.device_put(np.asarray(s, dtype))  # (no cast program)
     idx, w = _order(key, s_dev, n=n, batch_size=batch_size, dp=dp, dtype=dtype.name)
     B = batch_size if dp is None else dp.padded(batch_size)
     idx, w = np.asarray(idx).reshape(-1, B), np.asarray(w).reshape(-1, B)
