@@ -17,7 +17,14 @@ from jax.typing import ArrayLike
 
 from . import _compile_cache
 from ._checkpoint import Checkpointer, CheckpointError, data_digest, transformation_digest
-from ._minibatch import DEFAULT_BATCH_SIZE, OPTIMIZERS, make_optimizer, minibatch_epoch
+from ._minibatch import (
+    DEFAULT_BATCH_SIZE,
+    OPTIMIZERS,
+    epoch_key,
+    make_optimizer,
+    minibatch_epoch,
+    seed_key,
+)
 from ._objective import Params
 from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
@@ -192,7 +199,7 @@ def fit(
     params = setup.put(initial_params(init_params, setup.d, setup.k, fit_intercept, setup.dtype))
     run = _Run(
         state=_initial_state(setup.plan, params, setup.data, setup.l2, setup.put),
-        key=_seed_key(seed),
+        key=seed_key(seed),
         history=new_history(setup.plan.full_batch),
         start=0,
     )
@@ -272,18 +279,6 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
     l2_dev = np.asarray(l2, dtype)  # a NumPy scalar: jnp.asarray would compile a program
     return _Setup(plan, data, eval_dev, n, d, k, dtype, dp, put, l2_dev, tol, (Zh, yh, sw))
-
-
-#: ``jax.random.fold_in`` as one program (called as it is, it compiles two small ones).
-_fold_in = jax.jit(jax.random.fold_in)
-
-
-def _seed_key(seed: int) -> jax.Array:
-    """``jax.random.key(seed)``, made on the host where its bits are known (JAX's default
-    threefry: ``(0, seed)`` for ``0 <= seed < 2³²``) rather than by a compiled program."""
-    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**32:
-        return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32))
-    return jax.random.key(seed)
 
 
 def _fingerprint(setup: _Setup, optimizer, learning_rate, fit_intercept, l2, seed) -> dict:
@@ -466,7 +461,7 @@ def _run_epoch(setup: _Setup, state, base_key, epoch: int):
         )
         loss, acc, gmax = jax.device_get((new_state.value, acc, gmax))
         return new_state, float(loss), float(acc), float(gmax)
-    key = _fold_in(base_key, epoch)
+    key = epoch_key(base_key, epoch)
     epoch_fn = stream_epoch if isinstance(setup.data, HostData) else minibatch_epoch
     p, o, loss, acc = epoch_fn(
         *state, setup.data, setup.l2, key, opt=plan.opt, batch_size=plan.batch_size,

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -75,6 +76,18 @@ def _mix32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 13)
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``, made on the host where its bits are known (JAX's default
+    threefry: ``(0, seed)`` for ``0 <= seed < 2³²``) rather than by a compiled program."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**32:
+        return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32))
+    return jax.random.key(seed)
+
+
+#: Epoch ``e``'s key, ``fold_in(key, e)``, as one program (op by op it compiles two small ones).
+epoch_key = jax.jit(jax.random.fold_in)
 
 
 def permutation(key: jax.Array, n: int, *, rounds: int = 8) -> jax.Array:

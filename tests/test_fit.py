@@ -203,20 +203,6 @@ def test_setup_compiles_no_op_by_op_programs(optimizer, d, k):
     assert params["W"].shape == (d, k)
 
 
-def test_the_seed_key_is_jax_random_key():
-    """``fit``'s key made on the host is ``jax.random.key(seed)``, bit for bit (the shuffles and
-    the checkpoints' keys depend on it), over the seeds it covers and past them."""
-    from softmax_jax._fit import _seed_key
-
-    for seed in [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1]:
-        want = jax.random.key_data(jax.random.key(seed))
-        np.testing.assert_array_equal(jax.random.key_data(_seed_key(seed)), want)
-    for seed in [2**32, 2**40, -1]:  # JAX's own key (x64 for the 64-bit seeds)
-        with jax.enable_x64(True):
-            want = jax.random.key_data(jax.random.key(seed))
-            np.testing.assert_array_equal(jax.random.key_data(_seed_key(seed)), want)
-
-
 # --- divergence and bad input ------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from softmax_jax._minibatch import epoch_order, make_optimizer, permutation
+from softmax_jax._minibatch import epoch_order, make_optimizer, permutation, seed_key
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
@@ -46,3 +46,15 @@ def test_optimizer_names_and_errors():
         make_optimizer("adamm")
     with pytest.raises(ValueError, match="`learning_rate` must be a positive"):
         make_optimizer("sgd", -1.0)
+
+
+def test_the_seed_key_is_jax_random_key():
+    """``fit``'s key made on the host (:func:`seed_key`) is ``jax.random.key(seed)``, bit for bit
+    (the shuffles and the checkpoints' keys depend on it), over the seeds it covers and past."""
+    for seed in [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1]:
+        want = jax.random.key_data(jax.random.key(seed))
+        np.testing.assert_array_equal(jax.random.key_data(seed_key(seed)), want)
+    for seed in [2**32, 2**40, -1]:  # JAX's own key (x64 for the 64-bit seeds)
+        with jax.enable_x64(True):
+            want = jax.random.key_data(jax.random.key(seed))
+            np.testing.assert_array_equal(jax.random.key_data(seed_key(seed)), want)
