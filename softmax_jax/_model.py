@@ -123,8 +123,9 @@ def _run(params, Z, chunk_size: int, what: str) -> jax.Array:
             return jnp.zeros((0,), jnp.int32)
         return jnp.zeros((0, W.shape[1]), W.dtype)
     out, finite = _predict_rows(W, b, Z, chunk=int(min(chunk_size, Z.shape[0])), what=what)
-    if is_concrete(finite) and not bool(jnp.all(finite)):
-        row = int(jnp.argmin(finite))
+    # read on the host: jnp.all would compile a program for each new row count
+    if is_concrete(finite) and not (finite := np.asarray(finite)).all():
+        row = int(np.argmin(finite))
         raise ValueError(
             f"`Z` @ `W` + `b` overflows {jnp.result_type(W.dtype, Z.dtype)} at row {row} (logits "
             "not finite): features far outside the training range; scale them, or use float64 "

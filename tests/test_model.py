@@ -439,22 +439,29 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
 
 @pytest.mark.parametrize("dtype, n", [(np.float32, 37), (np.float64, 41), (np.int64, 43)])
 def test_new_row_counts_compile_only_the_prediction(dtype, n):
-    """Features of a new shape are put on the device as they are: the only program compiled is
-    the prediction's own (``jnp.asarray`` of a NumPy array compiles a copy program per shape)."""
+    """Features of a new shape are put on the device as they are, and the logits' finiteness is
+    read on the host: the only program compiled is the prediction's own (``jnp.asarray`` of a
+    NumPy array, or ``jnp.all`` of the flags, compiles a program per row count)."""
     from softmax_jax._model import _check_features
 
     compiled = []
 
     def listener(event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs)
+            compiled.append(kwargs.get("fun_name"))
 
     rng = np.random.default_rng(0)
+    X = (rng.normal(size=(n, 5)) * 3).astype(dtype)
+    params = {"W": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        Z = _check_features((rng.normal(size=(n, 5)) * 3).astype(dtype), 5)
+        Z = _check_features(X, 5)
+        assert not compiled
+        labels = sj.predict(params, X)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert not compiled
+    assert set(compiled) <= {"jit(_predict_rows)"}, compiled
     assert isinstance(Z, jax.Array) and Z.shape == (n, 5)
     assert Z.dtype == np.float32  # integers and (without x64) float64: what JAX makes of them
+    want = np.argmax(np.asarray(Z) @ np.asarray(params["W"]) + np.asarray(params["b"]), axis=1)
+    np.testing.assert_array_equal(np.asarray(labels), want)
