@@ -1,12 +1,15 @@
-"""Shared test helpers: tolerances per dtype and random problems."""
+"""Shared test helpers: tolerances per dtype, random problems, the programs a call compiles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -116,3 +119,20 @@ def run_device_worker(script, *, devices: int = 8, timeout: float = 300) -> dict
     assert proc.returncode == 0, proc.stderr[-8000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
+
+
+@contextlib.contextmanager
+def compiled_programs() -> Iterator[list[str]]:
+    """The names (``"jit(f)"``) of the programs XLA compiles inside the ``with`` block, appended
+    to the yielded list as they are compiled."""
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import compiled_programs
 
 import softmax_jax as sj
 from softmax_jax import TrainingDiverged, fit
@@ -184,19 +185,10 @@ def test_setup_compiles_no_op_by_op_programs(optimizer, d, k):
     """Starting a fit (parameters, optimizer state, key, penalty) compiles no program per
     primitive: JAX compiles each op-by-op call at each new shape (zeros, casts, the seed's
     threefry), 10-50 ms each in a fresh process. Shapes no other test uses."""
-    compiled = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name"))
-
     rng = np.random.default_rng(d)
     Z, y = rng.normal(size=(40 + d, d)), np.arange(40 + d) % k
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiled_programs() as compiled:
         params, _ = fit(Z, y, optimizer=optimizer, epochs=2, seed=12345 + d, progress=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     op_by_op = {"jit(broadcast_in_dim)", "jit(convert_element_type)", "jit(stage)",
                 "jit(_threefry_seed)", "jit(_threefry_fold_in)"}  # fmt: skip
     assert not op_by_op & set(compiled), compiled

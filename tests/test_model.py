@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compiled_programs
 
 import softmax_jax as sj
 
@@ -444,22 +445,13 @@ def test_new_row_counts_compile_only_the_prediction(dtype, n):
     NumPy array, or ``jnp.all`` of the flags, compiles a program per row count)."""
     from softmax_jax._model import _check_features
 
-    compiled = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name"))
-
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(n, 5)) * 3).astype(dtype)
     params = {"W": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiled_programs() as compiled:
         Z = _check_features(X, 5)
         assert not compiled
         labels = sj.predict(params, X)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert set(compiled) <= {"jit(_predict_rows)"}, compiled
     assert isinstance(Z, jax.Array) and Z.shape == (n, 5)
     assert Z.dtype == np.float32  # integers and (without x64) float64: what JAX makes of them

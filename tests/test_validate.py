@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import compiled_programs
 
 import softmax_jax as sj
 
@@ -321,18 +322,9 @@ def test_as_array_of_numpy_compiles_nothing_and_equals_jnp_asarray(shape, dtype,
     x = (rng.normal(size=shape) * 50).astype(jnp.dtype(dtype))
     if scalar:
         x = x.reshape(-1)[:1].reshape(())[()]  # a NumPy scalar (np.generic)
-    compiled = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
-
     with jax.enable_x64(x64):
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
+        with compiled_programs() as compiled:
             got = as_array(x, "x")
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
         want = jnp.asarray(x)
         assert not compiled
         assert isinstance(got, jax.Array)
