@@ -277,8 +277,8 @@ def _setup(Z, y, *, optimizer, learning_rate, batch_size, l2, fit_intercept, sam
     if stream and plan.full_batch:
         data = streamed_train_data(data, solver=plan.solver, mesh=dp)
     eval_dev = _place_eval(eval_data, d, k, fit_intercept=fit_intercept, dtype=dtype, device=dev)
-    l2_dev = np.asarray(l2, dtype)  # a NumPy scalar: jnp.asarray would compile a program
-    return _Setup(plan, data, eval_dev, n, d, k, dtype, dp, put, l2_dev, tol, (Zh, yh, sw))
+    l2_np = np.asarray(l2, dtype)  # a NumPy scalar: jnp.asarray would compile a program
+    return _Setup(plan, data, eval_dev, n, d, k, dtype, dp, put, l2_np, tol, (Zh, yh, sw))
 
 
 def _fingerprint(setup: _Setup, optimizer, learning_rate, fit_intercept, l2, seed) -> dict:
