@@ -229,43 +229,49 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         d, *_, n_cg, _ = lax.while_loop(cg_cond, cg_body, init)
     # not a descent direction (d = 0 after non-positive curvature on iteration 0): M⁻¹(−∇f)
     d = jax.tree.map(lambda a, b: jnp.where(tree_vdot(g, d) < 0, a, b), d, z0)
-    slope = tree_vdot(g, d)
-    slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
-
     # steepest descent scaled by the largest curvature: where the search along d fails half its
     # trials (a preconditioner made extreme by saturated rows), it goes on along this direction
     sd = jax.tree.map(lambda a: -a / h_max, g)
-    sd_slope = -tree_vdot(g, g) / h_max
+    ok, new_params, v_t, g_t = _newton_search(params, value, g, d, sd, data, l2)
+    # a step accepted within the rounding of f that did not lower max|∇f| either: stalled
+    idle = (v_t >= value) & (tree_max_abs(g_t) >= tree_max_abs(g))
+    return FBState(new_params, v_t, g_t, (), st.it + 1, ~ok | idle, st.n_inner + n_cg)
 
-    def ls_cond(c):
-        return (~c[3]) & (c[4] < _NEWTON_MAX_LS)
 
-    def ls_body(c):
+def _newton_search(params, value, g, d, sd, data, l2):
+    """The line search of :func:`_newton_step` along ``d``: ``(ok, params + t d, f, ∇f)`` at the
+    accepted step ``t``, or ``(False, params, f, ∇f)`` where none was found.
+
+    The first trial is ``t = 1``, shortened where it would move a coordinate by more than
+    ``max(1, max|params|)`` (saturated rows give the Hessian directions of almost no curvature,
+    along which Newton's step is astronomically long); then backtracking (:func:`backtrack`)
+    until Armijo's test ``f(t) <= f(0) + 10⁻⁴ t ∇f·d`` holds, where an increase up to
+    ``16 ε |f|`` (the rounding of ``f``) is accepted. Where half the trials fail by more than the
+    rounding of ``f``, the search starts again along ``sd`` (steepest descent)."""
+    dtype = value.dtype
+    slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
+    radius = jnp.maximum(1.0, tree_max_abs(params))
+
+    def first(d):
+        return jnp.minimum(1.0, radius / jnp.maximum(tree_max_abs(d), jnp.finfo(dtype).tiny))
+
+    def body(c):
         t, v_prev, _, _, j, d, slope = c
         # (not at the rounding floor, where a refused trial is within the slack of f)
         switch = (j == _NEWTON_MAX_LS // 2) & ~(v_prev - value <= slack)
-        t = jnp.where(switch, 1.0, t)
+        t = jnp.where(switch, first(sd), t)
         d = jax.tree.map(lambda a, b: jnp.where(switch, a, b), sd, d)
-        slope = jnp.where(switch, sd_slope, slope)
+        slope = jnp.where(switch, tree_vdot(g, sd), slope)
         v_t, g_t = objective_vg(tree_axpy(t, d, params), data, l2)
         ok = jnp.isfinite(v_t) & (v_t <= value + 1e-4 * t * slope + slack)
         t = jnp.where(ok, t, backtrack(t, v_t, value, slope))
         return t, v_t, g_t, ok, j + 1, d, slope
 
-    t0 = jnp.ones((), dtype)
-    t, v_t, g_t, ok, _, d, _ = lax.while_loop(
-        ls_cond, ls_body, (t0, value, g, jnp.bool_(False), jnp.int32(0), d, slope)
-    )
-    new_params = jax.tree.map(lambda p, u: jnp.where(ok, p + t * u, p), params, d)
-    return FBState(
-        new_params,
-        jnp.where(ok, v_t, value),
-        jax.tree.map(lambda a, b: jnp.where(ok, a, b), g_t, g),
-        (),
-        st.it + 1,
-        ~ok,
-        st.n_inner + n_cg,
-    )
+    init = (first(d), value, g, jnp.bool_(False), jnp.int32(0), d, tree_vdot(g, d))
+    t, v_t, g_t, ok, _, d, _ = lax.while_loop(lambda c: ~c[3] & (c[4] < _NEWTON_MAX_LS), body, init)
+    moved = jax.tree.map(lambda p, u: jnp.where(ok, p + t * u, p), params, d)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    return ok, moved, keep(v_t, value), keep(g_t, g)
 
 
 # L-BFGS (optax, zoom line search) --------------------------------------------------------------
