@@ -233,9 +233,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     # trials (a preconditioner made extreme by saturated rows), it goes on along this direction
     sd = jax.tree.map(lambda a: -a / h_max, g)
     ok, new_params, v_t, g_t = _newton_search(params, value, g, d, sd, data, l2)
-    # a step accepted within the rounding of f that did not lower max|∇f| either: stalled
-    idle = (v_t >= value) & (tree_max_abs(g_t) >= tree_max_abs(g))
-    return FBState(new_params, v_t, g_t, (), st.it + 1, ~ok | idle, st.n_inner + n_cg)
+    return FBState(new_params, v_t, g_t, (), st.it + 1, ~ok, st.n_inner + n_cg)
 
 
 def _newton_search(params, value, g, d, sd, data, l2):
