@@ -172,11 +172,12 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step), when
     ``max|r| ≤`` :data:`TOL_MARGIN` ``· tol`` (the step then reaches ``tol``: no solve past what
     was asked), or on non-positive curvature (then the last CG iterate, or −∇f on the first
-    iteration); then a backtracking Armijo line search from the Newton step ``t = 1``, which goes
-    on along ``−∇f / max diag(∇²f)`` from ``t = 1`` if half its trials fail by more than the
-    rounding of ``f`` (a preconditioner made extreme by saturated rows). Near the
-    optimum the decrease can fall below the rounding of ``f``: an increase up to ``16 ε |f|`` is
-    accepted, and a search that fails altogether marks the state ``stalled``.
+    iteration); then :func:`_newton_search`, a backtracking Armijo line search from the Newton
+    step ``t = 1`` (shortened to move no coordinate by more than ``max(1, max|params|)``), which
+    goes on along ``−∇f / max diag(∇²f)`` if half its trials fail by more than the rounding of
+    ``f`` (a preconditioner made extreme by saturated rows). Near the optimum the decrease can fall
+    below the rounding of ``f``: an increase up to ``16 ε |f|`` is accepted, and a search that
+    fails altogether marks the state ``stalled``.
     """
     params, value, g = st.params, st.value, st.grad
     dtype = value.dtype
