@@ -269,8 +269,8 @@ def _newton_search(params, value, g, d, sd, data, l2):
     init = (first(d), value, g, jnp.bool_(False), jnp.int32(0), d, tree_vdot(g, d))
     t, v_t, g_t, ok, _, d, _ = lax.while_loop(lambda c: ~c[3] & (c[4] < _NEWTON_MAX_LS), body, init)
     moved = jax.tree.map(lambda p, u: jnp.where(ok, p + t * u, p), params, d)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    return ok, moved, keep(v_t, value), keep(g_t, g)
+    g_new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), g_t, g)
+    return ok, moved, jnp.where(ok, v_t, value), g_new
 
 
 # L-BFGS (optax, zoom line search) --------------------------------------------------------------
