@@ -254,13 +254,15 @@ def _newton_search(params, value, g, d, sd, data, l2):
     def first(d):
         return jnp.minimum(1.0, radius / jnp.maximum(tree_max_abs(d), jnp.finfo(dtype).tiny))
 
+    sd_t, sd_slope = first(sd), tree_vdot(g, sd)  # the restart along sd (loop invariants)
+
     def body(c):
         t, v_prev, _, _, j, d, slope = c
         # (not at the rounding floor, where a refused trial is within the slack of f)
         switch = (j == _NEWTON_MAX_LS // 2) & ~(v_prev - value <= slack)
-        t = jnp.where(switch, first(sd), t)
+        t = jnp.where(switch, sd_t, t)
         d = jax.tree.map(lambda a, b: jnp.where(switch, a, b), sd, d)
-        slope = jnp.where(switch, tree_vdot(g, sd), slope)
+        slope = jnp.where(switch, sd_slope, slope)
         v_t, g_t = objective_vg(tree_axpy(t, d, params), data, l2)
         ok = jnp.isfinite(v_t) & (v_t <= value + 1e-4 * t * slope + slack)
         t = jnp.where(ok, t, backtrack(t, v_t, value, slope))

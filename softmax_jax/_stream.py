@@ -66,7 +66,8 @@ def read_rows(Z: Any, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 
 def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
     """``nbytes`` of uninitialised bytes at an address divisible by ``align``: a host block the
-    CPU device adopts without a copy (``jax.device_put(..., may_alias=True)``)."""
+    CPU device adopts without a copy (passed to a compiled call, or ``jax.device_put(...,
+    may_alias=True)``)."""
     raw = np.empty(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
     return raw[start : start + nbytes]
