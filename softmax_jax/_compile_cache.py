@@ -122,12 +122,14 @@ def _digest_of_sources() -> str:
 
 
 def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
-    """``fn`` (a function of arrays; ``static`` bound as keywords) compiled for ``args``, with the
+    """``fn`` (a ``jax.jit`` function of arrays; ``static`` its static arguments, by keyword, and
+    its XLA options those of its ``jax.jit``) compiled for ``args``, with the
     executable kept on disk next to JAX's own entries
     (:mod:`jax.experimental.serialize_executable`), so that a new process with a warm cache loads
     it without tracing, lowering or compiling.
 
-    The key holds the package's sources, JAX's version, the host (:func:`_digest_of_sources`), x64,
+    The key holds the package's sources (and so ``fn``'s XLA options), JAX's version, the host
+    (:func:`_digest_of_sources`, with ``XLA_FLAGS``), x64,
     the backend and the shapes, dtypes, devices and tree structure of ``args``; the entries are
     trusted like JAX's own (loading one runs its code). In a single process on the CPU backend
     only (elsewhere JAX's own cache of compiled programs serves); without the persistent cache (no
@@ -167,7 +169,7 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
             linalg.initialize_lapack()
             program = serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
         else:
-            program, compiled_here = _compile(plain, args)
+            program, compiled_here = _compile(fn, args, static)
     except Exception:  # a damaged entry, a program that does not compile here: trace it as
         _programs[key] = plain  # usual (and do not try again in this process)
         return plain
@@ -188,8 +190,9 @@ _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _compile_lock = threading.Lock()
 
 
-def _compile(plain: Callable, args: tuple) -> tuple[Any, bool]:
-    """``plain`` compiled by XLA for ``args`` with JAX's own cache bypassed, and whether it was:
+def _compile(fn: Callable, args: tuple, static: dict) -> tuple[Any, bool]:
+    """``fn`` (jitted) compiled by XLA for ``args`` and ``static`` with JAX's own cache bypassed,
+    and whether it was:
     an executable that JAX read from its cache does not serialize whole (loaded again, it misses
     functions), and JAX's cache may hold the solver where ours does not (another package version
     with the same program)."""
@@ -207,7 +210,7 @@ def _compile(plain: Callable, args: tuple) -> tuple[Any, bool]:
         compilation_cache.reset_cache()
         jax.monitoring.register_event_listener(listener)
         try:
-            program = jax.jit(plain).lower(*args).compile()
+            program = fn.lower(*args, **static).compile()
         finally:
             jax.monitoring.unregister_event_listener(listener)
             jax.config.update("jax_enable_compilation_cache", True)

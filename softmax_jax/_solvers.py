@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -392,7 +393,23 @@ def with_hessian_operand(data: TrainData, solver: str, params: Params, mixed: bo
     return data._replace(Zh=hessian_copy(data.Z, jnp.float32, params["W"].shape[1]))
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "mixed"))
+def solver_compiler_options(xla_flags: str) -> dict:
+    """XLA's options for the solver's program: LLVM's optimisation level 1 (XLA's default is 3),
+    unless ``xla_flags`` (``$XLA_FLAGS``) sets a level. The solve's time is in its GEMMs, library
+    calls that the level does not change; its fused kernels ran as fast at level 1, and the
+    program (both phases of a mixed-precision solve) compiles faster (bench/train.py, cold first
+    fit)."""
+    if "xla_backend_optimization_level" in xla_flags:
+        return {}
+    return {"xla_backend_optimization_level": 1}
+
+
+SOLVER_COMPILER_OPTIONS = solver_compiler_options(os.environ.get("XLA_FLAGS", ""))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("solver", "mixed"), compiler_options=SOLVER_COMPILER_OPTIONS
+)
 def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False):
     init, step = SOLVERS[solver]
     data = with_hessian_operand(data, solver, params, mixed)

@@ -60,16 +60,35 @@ def test_default_dir_follows_xdg_and_the_opt_out(environ, expected):
         assert got == Path(expected)
 
 
+def _without_optimization_level(flags: str) -> str:
+    return " ".join(f for f in flags.split() if "xla_backend_optimization_level" not in f)
+
+
 @pytest.mark.slow
-def test_fit_writes_its_programs_to_the_user_cache_dir(tmp_path):
-    used, coef = run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True)
+@pytest.mark.parametrize("level", ["suite", "solver's own"])
+def test_fit_writes_its_programs_to_the_user_cache_dir(tmp_path, level):
+    # "solver's own": no level in XLA_FLAGS, so the solver's jax.jit carries its own XLA options
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    if level != "suite":
+        env["XLA_FLAGS"] = _without_optimization_level(os.environ.get("XLA_FLAGS", ""))
+    used, coef = run_fit(env, coef=True)
     cache = tmp_path / "softmax_jax" / "jax"
     assert used == str(cache)
     # the compiled solver, as our executable (not in JAX's own entries: compiled bypassing them)
     assert any((cache / "softmax_jax_programs").glob("solve-*.xla"))
     assert not any(p.name.startswith("jit__solve_impl") for p in cache.iterdir())
     # the next process loads that executable (LAPACK's kernels bound first) and runs it
-    assert run_fit({"XDG_CACHE_HOME": str(tmp_path)}, coef=True) == (used, coef)
+    assert run_fit(env, coef=True) == (used, coef)
+
+
+def test_the_solver_compiles_at_llvm_level_1_unless_xla_flags_set_a_level():
+    from softmax_jax._solvers import solver_compiler_options
+
+    assert solver_compiler_options("") == {"xla_backend_optimization_level": 1}
+    assert solver_compiler_options("--xla_cpu_enable_fast_math=false") == {
+        "xla_backend_optimization_level": 1
+    }
+    assert solver_compiler_options("--xla_backend_optimization_level=3") == {}
 
 
 @pytest.mark.slow

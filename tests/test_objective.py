@@ -1,7 +1,7 @@
 """The training objective (``_objective``): the value, hand-written gradient, Hessian-vector
 product and Hessian diagonal with a bias and sample weights, against autodiff and against the core's
 public functions on ``Z`` augmented with a column of ones; one pass and the chunked passes agree
-(a row count past the chunking threshold, with a remainder)."""
+(row counts past the chunking threshold, with a remainder and in chunks of a divisor)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import softmax_jax as sj
 from softmax_jax import _objective
@@ -33,8 +35,11 @@ from softmax_jax._objective import (
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64
 
-#: Rows that run chunk by chunk: 4 whole chunks and a remainder of 45.
-CHUNKED_N = 4 * CHUNK_ROWS + 45
+#: Rows that run chunk by chunk: 4 whole chunks and a remainder of 47 (16431 has no divisor in
+#: ``[CHUNK_ROWS / 2, CHUNK_ROWS]``).
+CHUNKED_N = 4 * CHUNK_ROWS + 47
+#: Rows that run in chunks of a divisor: 5 chunks of 4000, no remainder.
+DIVIDED_N = 20000
 
 
 def reference_objective(params, Z, y, l2, s=None):
@@ -60,8 +65,18 @@ def augmented(params, Z):
     return Z1, jnp.concatenate([params["W"], params["b"][None]], 0)
 
 
+@given(st.integers(0, 1 << 22) | st.integers(4 * CHUNK_ROWS - 2, 4 * CHUNK_ROWS + 2))
+def test_chunk_rows_divides_the_rows_where_a_chunk_size_near_chunk_rows_can(n):
+    c = chunk_rows(n)
+    if n < 4 * CHUNK_ROWS:
+        assert c is None
+        return
+    divisors = [m for m in range(CHUNK_ROWS // 2, CHUNK_ROWS + 1) if n % m == 0]
+    assert c == (max(divisors) if divisors else CHUNK_ROWS)
+
+
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-@pytest.mark.parametrize("n", [45, CHUNKED_N])
+@pytest.mark.parametrize("n", [45, CHUNKED_N, DIVIDED_N])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_value_gradient_and_hessian_products_match_the_core_on_augmented_features(
     getkey, n, weighted, layout
@@ -70,7 +85,7 @@ def test_value_gradient_and_hessian_products_match_the_core_on_augmented_feature
     # whole except the diagonal's (its squares are formed chunk by chunk)
     d, k, l2 = 3, 4, 0.2
     params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
-    assert (chunk_rows(n) is not None) == (n == CHUNKED_N)
+    assert chunk_rows(n) == {45: None, CHUNKED_N: CHUNK_ROWS, DIVIDED_N: 4000}[n]
     Zs = Z if layout == "rows" else transposed(Z, Z.dtype)
     data = TrainData(Zs, y, s)  # float64 Hessian operands: exact comparisons
     v, g = jax.jit(data_vg)(params, data)
