@@ -159,8 +159,10 @@ def _newton_init(params, data, l2) -> FBState:
     return init_state(center_classes(params), data, l2, ())
 
 
-def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
-    r"""One truncated-Newton iteration.
+def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None) -> FBState:
+    r"""One truncated-Newton iteration on ``f``, ``vg(params) -> (f, ∇f)`` (by default
+    :func:`objective_vg` on ``data``; a mixed-precision solve passes its phase's), whose values
+    are rounded to a relative ``eps`` (by default the machine epsilon of ``st.value``'s dtype).
 
     On problems small enough (:func:`dense_newton`) the Newton system is solved exactly with the
     Hessian as a matrix (:func:`_dense_direction`); otherwise by preconditioned conjugate
@@ -182,6 +184,9 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     """
     params, value, g = st.params, st.value, st.grad
     dtype = value.dtype
+    eps = jnp.finfo(dtype).eps if eps is None else eps
+    if vg is None:
+        vg = functools.partial(objective_vg, data=data, l2=l2)
     gnorm1 = tree_l1(g)
     eta = forcing(tree_max_abs(g))
     cg_tol = eta * gnorm1
@@ -212,7 +217,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
         # remove: projected, the residual stays in the subspace and CG does not stagnate
         Hp = center_classes(hessian_vp(params, p, data, l2, probs=P))
         curv = tree_vdot(p, Hp)
-        neg = curv <= jnp.finfo(dtype).eps * tree_vdot(p, p) * h_max
+        neg = curv <= eps * tree_vdot(p, p) * h_max
         alpha = rz / jnp.where(neg, 1.0, curv)
         x_new = tree_axpy(alpha, p, x)
         r_new = tree_axpy(-alpha, Hp, r)
@@ -234,22 +239,23 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0) -> FBState:
     # steepest descent scaled by the largest curvature: where the search along d fails half its
     # trials (a preconditioner made extreme by saturated rows), it goes on along this direction
     sd = jax.tree.map(lambda a: -a / h_max, g)
-    ok, new_params, v_t, g_t = _newton_search(params, value, g, d, sd, data, l2)
+    ok, new_params, v_t, g_t = _newton_search(params, value, g, d, sd, vg, eps)
     return FBState(new_params, v_t, g_t, (), st.it + 1, ~ok, st.n_inner + n_cg)
 
 
-def _newton_search(params, value, g, d, sd, data, l2):
+def _newton_search(params, value, g, d, sd, vg, eps):
     """The line search of :func:`_newton_step` along ``d``: ``(ok, params + t d, f, ∇f)`` at the
-    accepted step ``t``, or ``(False, params, f, ∇f)`` where none was found.
+    accepted step ``t``, or ``(False, params, f, ∇f)`` where none was found (``vg`` and ``eps``
+    as there).
 
     The first trial is ``t = 1``, shortened where it would move a coordinate by more than
     ``max(1, max|params|)`` (saturated rows give the Hessian directions of almost no curvature,
     along which Newton's step is astronomically long); then backtracking (:func:`backtrack`)
     until Armijo's test ``f(t) <= f(0) + 10⁻⁴ t ∇f·d`` holds, where an increase up to
-    ``16 ε |f|`` (the rounding of ``f``) is accepted. Where half the trials fail by more than the
+    ``16 eps |f|`` (the rounding of ``f``) is accepted. Where half the trials fail by more than the
     rounding of ``f``, the search starts again along ``sd`` (steepest descent)."""
     dtype = value.dtype
-    slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
+    slack = 16 * eps * jnp.abs(value)
     radius = jnp.maximum(1.0, tree_max_abs(params))
 
     def first(d):
@@ -264,7 +270,7 @@ def _newton_search(params, value, g, d, sd, data, l2):
         t = jnp.where(switch, sd_t, t)
         d = jax.tree.map(lambda a, b: jnp.where(switch, a, b), sd, d)
         slope = jnp.where(switch, sd_slope, slope)
-        v_t, g_t = objective_vg(tree_axpy(t, d, params), data, l2)
+        v_t, g_t = vg(tree_axpy(t, d, params))
         ok = jnp.isfinite(v_t) & (v_t <= value + 1e-4 * t * slope + slack)
         t = jnp.where(ok, t, backtrack(t, v_t, value, slope))
         return t, v_t, g_t, ok, j + 1, d, slope
@@ -353,28 +359,68 @@ def float32_phase_done(g, g_prev, floor):
     return (g <= floor) | ((g <= 100 * floor) & (g > 0.5 * g_prev))
 
 
-def _run_float32(params, data: TrainData, l2, tol, max_iter, step, init) -> FBState:
-    """Newton-CG on the float32 copy of ``Z`` (``data.Zh``, the Hessian's operand: the only copy)
-    until the gradient reaches float32's noise floor ``max(tol, F32_TOL·rms(z))``
-    (:func:`float32_phase_done`)."""
-    f32 = jnp.float32
+def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax.Array]:
+    """Newton-CG on float64 ``data`` whose first iterations evaluate ``f`` and ``∇f`` on the
+    float32 copy of ``Z`` (``data.Zh``, the Hessian's operand: the only copy) until the
+    gradient reaches float32's noise floor ``max(tol, F32_TOL·rms(z))``
+    (:func:`float32_phase_done`), then in float64 down to ``tol``. One loop, one Newton step:
+    only the evaluation of ``f`` differs between the phases (``lax.cond``), and so the compiled
+    program holds one copy of the step. The float32 phase's iterates stay float64; its ``f`` is
+    rounded to float32's ``ε``, the step's slack; where it ends (or at ``max_iter``) ``f`` and
+    ``∇f`` are evaluated again in float64. Returns the state and the float32 phase's
+    iterations."""
+    f32, f64 = jnp.float32, params["W"].dtype
     Z = hessian_operand(data)
     data32 = TrainData(Z, data.y, None if data.s is None else data.s.astype(f32))
-    floor = float32_floor(Z, tol, intercept="b" in params)
+    floor = float32_floor(Z, tol, intercept="b" in params).astype(f64)
     l2_32 = l2.astype(f32)
-    st = init(jax.tree.map(lambda a: a.astype(f32), params), data32, l2_32)
 
-    def cond(c):
-        st, g_prev = c
-        done = float32_phase_done(tree_max_abs(st.grad), g_prev, floor)
-        return (st.it < max_iter) & ~done & ~st.stalled & jnp.isfinite(st.value)
+    def vg32(p):
+        value, g = objective_vg(jax.tree.map(lambda a: a.astype(f32), p), data32, l2_32)
+        return value.astype(f64), jax.tree.map(lambda a: a.astype(f64), g)
+
+    def vg64(p):
+        return objective_vg(p, data, l2)
+
+    start = center_classes(params)
+    st = FBState(start, *vg32(start), (), jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+
+    def to64(st):  # a float32 phase that ended on a non-finite f: from the start again
+        p = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(st.value), a, b), st.params, start)
+        value, g = vg64(p)
+        return st._replace(params=p, value=value, grad=g, stalled=jnp.bool_(False))
+
+    def running64(st):
+        return (tree_max_abs(st.grad) > tol) & ~st.stalled & jnp.isfinite(st.value)
 
     def body(c):
-        st, _ = c
-        return step(st, data32, l2_32, floor), tree_max_abs(st.grad)
+        st, phase32, g_prev, it32 = c
+        g_max = tree_max_abs(st.grad)
+        end32 = phase32 & (
+            float32_phase_done(g_max, g_prev, floor)
+            | st.stalled
+            | ~jnp.isfinite(st.value)
+            | (st.it >= max_iter)
+        )
+        st = lax.cond(end32, to64, lambda st: st, st)
+        it32 = jnp.where(end32, st.it, it32)
+        phase32 = phase32 & ~end32
 
-    st, _ = lax.while_loop(cond, body, (st, jnp.asarray(jnp.inf, f32)))
-    return st
+        def step(st):
+            vg = functools.partial(lax.cond, phase32, vg32, vg64)
+            eps = jnp.where(phase32, jnp.finfo(f32).eps, jnp.finfo(f64).eps).astype(f64)
+            return _newton_step(st, data, l2, jnp.where(phase32, floor, tol), vg=vg, eps=eps)
+
+        go = (st.it < max_iter) & (phase32 | running64(st))
+        return lax.cond(go, step, lambda st: st, st), phase32, g_max, it32
+
+    def cond(c):
+        st, phase32, _, _ = c
+        return phase32 | ((st.it < max_iter) & running64(st))
+
+    init = (st, jnp.bool_(True), jnp.asarray(jnp.inf, f64), jnp.int32(0))
+    st, _, _, it32 = lax.while_loop(cond, body, init)
+    return st, it32
 
 
 def with_hessian_operand(data: TrainData, solver: str, params: Params, mixed: bool) -> TrainData:
@@ -413,15 +459,10 @@ SOLVER_COMPILER_OPTIONS = solver_compiler_options(os.environ.get("XLA_FLAGS", ""
 def _solve_impl(params, data, l2, tol, max_iter, *, solver: str, mixed: bool = False):
     init, step = SOLVERS[solver]
     data = with_hessian_operand(data, solver, params, mixed)
-    if not mixed:
-        st = _run(init(params, data, l2), data, l2, tol, max_iter, step)
+    if mixed:
+        st, _ = _run_mixed(params, data, l2, tol, max_iter)
     else:
-        st32 = _run_float32(params, data, l2, tol, max_iter, step, init)
-        dt = data.Z.dtype
-        moved = jnp.isfinite(st32.value) & (st32.it > 0)  # else keep params, unrounded
-        start = jax.tree.map(lambda a, b: jnp.where(moved, a.astype(dt), b), st32.params, params)
-        st = init(start, data, l2)._replace(it=st32.it, n_inner=st32.n_inner)
-        st = _run(st, data, l2, tol, max_iter, step)
+        st = _run(init(params, data, l2), data, l2, tol, max_iter, step)
     return st._replace(aux=()), tree_max_abs(st.grad)
 
 

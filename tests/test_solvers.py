@@ -121,13 +121,18 @@ def test_float32_phase_runs_down_to_its_noise_floor():
     X, y = problem(n=400, d=6, k=5, seed=1)
     data = place(X, y, None, fit_intercept=True, dtype=np.float64, device=None,
                  hessian_dtype=np.float32)  # fmt: skip
-    init, step = _solvers.SOLVERS["newton-cg"]
-    run = jax.jit(_solvers._run_float32, static_argnums=(5, 6))
-    st = run(zeros(6, 5), data, np.float64(1e-3), np.float64(1e-12), np.int32(100), step, init)
+    args = (zeros(6, 5), data, np.float64(1e-3), np.float64(1e-12))
+    _, it32 = jax.jit(_solvers._run_mixed)(*args, np.int32(100))
+    assert 2 <= it32 < 10
+    # the iterate where the float32 phase ended, its gradient evaluated in float64
+    st, _ = jax.jit(_solvers._run_mixed)(*args, it32)
     Z = np.asarray(data.Zh.T, np.float64).T  # the float32 copy, stored transposed
     floor = _solvers.F32_TOL * max(np.sqrt(np.max(np.mean(Z * Z, axis=0))), 1.0)
-    assert st.params["W"].dtype == jnp.float32
+    assert int(st.it) == it32 and st.params["W"].dtype == jnp.float64
     assert float(tree_max_abs(st.grad)) <= floor
+    # an iteration fewer: not yet there (within 100× of the floor, still halving)
+    st, _ = jax.jit(_solvers._run_mixed)(*args, it32 - 1)
+    assert float(tree_max_abs(st.grad)) > floor
 
 
 @pytest.mark.parametrize("solver", ["newton-cg", "lbfgs"])
