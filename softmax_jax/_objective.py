@@ -349,20 +349,32 @@ def centred_basis(k: int, dtype) -> jax.Array:
     return jnp.asarray(B, dtype)
 
 
+def softmax_curvature(P: jax.Array, B: jax.Array) -> jax.Array:
+    """``Bᵀ (diag ŷ_i − ŷ_i ŷ_iᵀ) B`` (N, K − 1, K − 1) for the rows ``ŷ_i`` of ``P`` (N, K),
+    without cancellation: the diagonal's ``1 − ŷ_ik`` is the sum of the other classes'
+    probabilities for the largest ``ŷ_ik`` (where ``1 − ŷ_ik`` would round away a saturated row's
+    curvature), and every term of ``ŷ_ik (1 − ŷ_ik) − …`` is a product, not a difference."""
+    top = P == jnp.max(P, axis=1, keepdims=True)
+    others = jnp.sum(jnp.where(top, 0.0, P), axis=1, keepdims=True)
+    A = -P[:, :, None] * P[:, None, :]
+    diag = P * jnp.where(top, others, 1.0 - P)
+    A = A * (1 - jnp.eye(P.shape[1], dtype=P.dtype)) + diag[:, :, None] * jnp.eye(P.shape[1])
+    return jnp.einsum("kj,nkl,lm->njm", B, A, B)
+
+
 def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
     r"""``∇²f`` on the centred subspace, as a ``(q, q)`` matrix over ``V`` with
     ``[W; b] = V Bᵀ`` (``B`` = :func:`centred_basis`; ``V`` flattened row by row, ``q = (D + 1)
     (K − 1)`` with a bias, ``D (K − 1)`` without), in the parameters' dtype:
 
-    .. math:: \sum_i c_i\, (x_i x_i^\top) \otimes B^\top (\operatorname{diag} \hat y_i
-              - \hat y_i \hat y_i^\top) B + \lambda I_W, \qquad x_i = [z_i, 1],\
-              c_i = s_i / \textstyle\sum s,
+    .. math:: \sum_i c_i\, (x_i x_i^\top) \otimes S_i + \lambda I_W, \qquad
+              S_i = B^\top (\operatorname{diag} \hat y_i - \hat y_i \hat y_i^\top) B, \quad
+              x_i = [z_i, 1],\ c_i = s_i / \textstyle\sum s,
 
-    ``I_W`` the identity on ``W``'s entries. The full Hessian is singular along the class shifts;
-    this one is not (with ``λ > 0`` or full-rank features). ``Bᵀ diag(ŷ) B = Σ_k ŷ_k b_k b_kᵀ``
-    (``b_k`` row ``k`` of ``B``), which is ``½`` for two classes. ``N (D + 1)² (K + (K − 1)²)``
-    multiply-adds (``2 N (D + 1)²`` for two classes): for small problems (the exact Newton steps of
-    ``_solvers``)."""
+    ``I_W`` the identity on ``W``'s entries, ``S_i`` from :func:`softmax_curvature` (exact on
+    saturated rows). The full Hessian is singular along the class shifts; this one is not (with
+    ``λ > 0`` or full-rank features). One GEMM ``Xᵀ (X ⊗ c S)``, ``N (D + 1)² (K − 1)²``
+    multiply-adds: for small problems (the exact Newton steps of ``_solvers``)."""
     Z = data.Z.by_rows() if isinstance(data.Z, Columns) else data.Z
     dt = params["W"].dtype
     X = Z.astype(dt)
@@ -374,18 +386,10 @@ def hessian_matrix(params: Params, data: TrainData, l2) -> jax.Array:
     inv = mean_normaliser(data.s, n, "mean", dt)
     c = jnp.broadcast_to(inv, (n,)) if data.s is None else data.s.astype(dt) * inv
     rows, k = X.shape[1], P.shape[1]
-    B = centred_basis(k, dt)
     q = rows * (k - 1)
-    cX = X * c[:, None]
-    if k == 2:  # Σ_k ŷ_k b_k b_kᵀ = ½ (ŷ_0 + ŷ_1) = ½
-        H = 0.5 * (cX.T @ X)
-    else:  # Σ_k (Σ_i c_i ŷ_ik x_i x_iᵀ) ⊗ b_k b_kᵀ
-        U = (X[:, :, None] * P[:, None, :]).reshape(n, rows * k)  # x_i ⊗ ŷ_i
-        C = (cX.T @ U).reshape(rows * rows, k)  # [(d, e), k]
-        outer = (B[:, :, None] * B[:, None, :]).reshape(k, -1)  # [k, (j, l)]
-        H = (C @ outer).reshape(rows, rows, k - 1, k - 1).transpose(0, 2, 1, 3).reshape(q, q)
-    Ut = (X[:, :, None] * (P @ B)[:, None, :]).reshape(n, q)  # x_i ⊗ Bᵀŷ_i
-    H = H - (Ut * c[:, None]).T @ Ut
+    cS = softmax_curvature(P, centred_basis(k, dt)) * c[:, None, None]
+    R = (X[:, :, None, None] * cS[:, None, :, :]).reshape(n, rows * (k - 1) ** 2)
+    H = (X.T @ R).reshape(rows, rows, k - 1, k - 1).transpose(0, 2, 1, 3).reshape(q, q)
     return H + jnp.diag(jnp.where(jnp.arange(q) < d * (k - 1), l2, 0).astype(dt))
 
 

@@ -197,9 +197,9 @@ def test_centred_basis_is_orthonormal_and_sums_to_zero(k):
 def test_hessian_matrix_is_autodiffs_hessian(getkey, layout, bias, weighted):
     # the exact Newton steps' matrix over V ([W; b] = V Bᵀ, flattened row by row) against
     # jax.hessian of the plainly written objective over [W; b] restricted to that subspace; its
-    # products are the HVP's; K = 2 has its own formula
+    # products are the HVP's
     n, d, l2 = 23, 3, 0.3
-    for k in (4, 2):
+    for k in (4, 3, 2):
         params, V, Z, y, s = random_problem(getkey, n, d, k, weighted)
         if not bias:
             params, V = {"W": params["W"]}, {"W": V["W"]}
@@ -226,3 +226,44 @@ def test_hessian_matrix_is_autodiffs_hessian(getkey, layout, bias, weighted):
         hv = jax.jit(hessian_vp)(params, _objective.unstack(Vc @ B.T, V), TrainData(Z, y, s), l2)
         np.testing.assert_allclose(H @ Vc.reshape(-1), (_objective.stack(hv) @ B).reshape(-1),
                                    rtol=1e-11, atol=1e-14)  # fmt: skip
+
+
+def pairwise_hessian(params, Z, l2):
+    """``∇²f`` over ``V`` in NumPy from ``diag ŷ − ŷŷᵀ = Σ_{k<l} ŷ_k ŷ_l (e_k − e_l)(e_k − e_l)ᵀ``:
+    a sum of products, exact on saturated rows (where ``ŷ_k (1 − ŷ_k)`` rounds to 0)."""
+    W, b = np.asarray(params["W"]), np.asarray(params["b"])
+    A = Z @ W + b
+    P = np.exp(A - A.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    n, k = P.shape
+    B = np.asarray(_objective.centred_basis(k, jnp.float64))
+    X = np.concatenate([Z, np.ones((n, 1))], axis=1)
+    H = 0.0
+    for a in range(k):
+        for c in range(a + 1, k):
+            u = B[a] - B[c]
+            w = P[:, a] * P[:, c] / n
+            H = H + np.kron((X * w[:, None]).T @ X, np.outer(u, u))
+    q = H.shape[0]
+    return H + np.diag(np.where(np.arange(q) < Z.shape[1] * (k - 1), l2, 0.0))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_hessian_matrix_keeps_the_curvature_of_saturated_rows(k):
+    # every row saturated (the top logit 30-40 above the others: 1 - ŷ_max below float64's ε):
+    # the curvature, 1e-13 to 1e-18 per row, comes from products, not differences of O(1) terms
+    # that would leave rounding noise of either sign; without a penalty it is positive definite
+    rng = np.random.default_rng(k)
+    n, d = 40, 3
+    Z = rng.normal(size=(n, d))
+    y = rng.integers(0, k, n)
+    A = rng.uniform(-1, 1, size=(n, k))
+    A[np.arange(n), y] += rng.uniform(30, 40, size=n)
+    # the logits as features, which W selects: Z W + b = A exactly
+    Zk = np.concatenate([Z, A], axis=1)
+    params = {"W": jnp.asarray(np.vstack([np.zeros((d, k)), np.eye(k)])), "b": jnp.zeros(k)}
+    H = jax.jit(hessian_matrix)(params, TrainData(jnp.asarray(Zk), jnp.asarray(y), None), 0.0)
+    ref = pairwise_hessian(params, Zk, 0.0)
+    assert np.max(np.abs(ref)) < 1e-10
+    np.testing.assert_allclose(H, ref, rtol=1e-10, atol=1e-12 * np.max(np.abs(ref)))
+    assert np.min(np.linalg.eigvalsh(np.asarray(H))) > 0
