@@ -15,10 +15,11 @@ assembled from the pieces of ``_grad``'s interface with a bias: ``∂f/∂W = Z�
 Newton-CG are the analytic formula of :func:`softmax_jax.hvp` with the bias as its own term
 (``Zᵀ R`` and ``Σ_i R_i``). No autodiff anywhere.
 
-Every pass over the rows goes through :func:`row_sums` (one pass, or chunks of
-about :data:`CHUNK_ROWS` rows (:func:`chunk_rows`) through :func:`softmax_jax._chunks.fold_chunks`), and every product
-with the features through :func:`features_times` (``Z V``) and :func:`features_t_times`
-(``Zᵀ M``, or ``(Z⊙Z)ᵀ M``): the places where another storage of ``Z`` plugs in.
+Every pass over the rows goes through :func:`row_sums` (one pass, or chunks of about
+:data:`CHUNK_ROWS` rows, :func:`chunk_rows`, through :func:`softmax_jax._chunks.fold_chunks`),
+and every product with the features through :func:`features_times` (``Z V``) and
+:func:`features_t_times` (``Zᵀ M``, or ``(Z⊙Z)ᵀ M``): the places where another storage of ``Z``
+plugs in.
 """
 
 from __future__ import annotations
@@ -352,13 +353,14 @@ def centred_basis(k: int, dtype) -> jax.Array:
 def softmax_curvature(P: jax.Array, B: jax.Array) -> jax.Array:
     """``Bᵀ (diag ŷ_i − ŷ_i ŷ_iᵀ) B`` (N, K − 1, K − 1) for the rows ``ŷ_i`` of ``P`` (N, K),
     without cancellation: the diagonal's ``1 − ŷ_ik`` is the sum of the other classes'
-    probabilities for the largest ``ŷ_ik`` (where ``1 − ŷ_ik`` would round away a saturated row's
-    curvature), and every term of ``ŷ_ik (1 − ŷ_ik) − …`` is a product, not a difference."""
-    top = P == jnp.max(P, axis=1, keepdims=True)
-    others = jnp.sum(jnp.where(top, 0.0, P), axis=1, keepdims=True)
-    A = -P[:, :, None] * P[:, None, :]
-    diag = P * jnp.where(top, others, 1.0 - P)
-    A = A * (1 - jnp.eye(P.shape[1], dtype=P.dtype)) + diag[:, :, None] * jnp.eye(P.shape[1])
+    probabilities for the row's first largest ``ŷ_ik`` (where ``1 − ŷ_ik`` would round away a
+    saturated row's curvature; the other classes' ``ŷ_ik <= ½``), and every term of
+    ``ŷ_ik (1 − ŷ_ik) − …`` is a product, not a difference."""
+    k = P.shape[1]
+    top = jax.nn.one_hot(jnp.argmax(P, axis=1), k, dtype=bool)
+    others = jnp.sum(jnp.where(top, 0, P), axis=1, keepdims=True)
+    diag = P * jnp.where(top, others, 1 - P)
+    A = jnp.where(jnp.eye(k, dtype=bool), diag[:, :, None], -P[:, :, None] * P[:, None, :])
     return jnp.einsum("kj,nkl,lm->njm", B, A, B)
 
 

@@ -248,6 +248,28 @@ def pairwise_hessian(params, Z, l2):
     return H + np.diag(np.where(np.arange(q) < Z.shape[1] * (k - 1), l2, 0.0))
 
 
+@given(
+    st.integers(2, 6).flatmap(
+        lambda k: st.lists(
+            st.lists(st.sampled_from([-2.0, 0.0, 0.0, 1.0, 5.0]), min_size=k, max_size=k),
+            min_size=1,
+            max_size=8,
+        )
+    )
+)
+def test_softmax_curvature_is_the_projected_softmax_jacobian_also_with_ties(logits):
+    # logits from a few values: rows with two or more tied top classes (a zero start ties all);
+    # moderate logits, where the plain formula is accurate to rounding
+    A = np.asarray(logits)
+    P = np.exp(A - A.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    B = np.asarray(_objective.centred_basis(A.shape[1], jnp.float64))
+    want = np.einsum("kj,nkl,lm->njm", B, P[:, :, None] * np.eye(A.shape[1])
+                     - P[:, :, None] * P[:, None, :], B)  # fmt: skip
+    got = jax.jit(_objective.softmax_curvature)(jnp.asarray(P), jnp.asarray(B))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_hessian_matrix_keeps_the_curvature_of_saturated_rows(k):
     # every row saturated (the top logit 30-40 above the others: 1 - ŷ_max below float64's ε):
