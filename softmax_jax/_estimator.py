@@ -44,8 +44,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from . import _compile_cache
+from ._newton import wants_hessian_copy
 from ._placement import bucket_rows, place
-from ._solvers import SOLVERS, solve, wants_hessian_copy
+from ._solvers import SOLVERS, solve
 from ._validate import check_sparse, is_sparse
 
 #: What ``X`` may be: float64/float32 arrays, or scipy.sparse CSR and CSC as they are (other

@@ -25,10 +25,11 @@ from ._minibatch import (
     minibatch_epoch,
     seed_key,
 )
+from ._newton import wants_hessian_copy
 from ._objective import Params
 from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
-from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch, wants_hessian_copy
+from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_fit_options, check_training_data, compute_dtype, is_sparse
 

@@ -74,12 +74,12 @@ def getkey(request):
 @pytest.fixture
 def cg_steps(monkeypatch):
     """Newton's steps by conjugate gradients at every size (the dense steps of
-    ``softmax_jax._solvers`` off), for the tests of CG's own logic; the traced solvers are dropped
+    ``softmax_jax._newton`` off), for the tests of CG's own logic; the traced solvers are dropped
     before and after (the switch is static: by shape, at trace time)."""
-    from softmax_jax import _solvers
+    from softmax_jax import _newton
 
     jax.clear_caches()
-    monkeypatch.setattr(_solvers, "DENSE_MAX_WORK", 0)
+    monkeypatch.setattr(_newton, "DENSE_MAX_WORK", 0)
     yield
     jax.clear_caches()
 

@@ -50,6 +50,7 @@ LAYER_OF = {
     # training: the objective, the solvers, the minibatch / streamed loops, placement, checkpoints.
     "_objective": TRAINING,
     "_solvers": TRAINING,
+    "_newton": TRAINING,  # Newton-CG's step and line search, and the full-batch solvers' state
     "_minibatch": TRAINING,
     "_placement": TRAINING,
     "_stream": TRAINING,

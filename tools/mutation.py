@@ -40,7 +40,8 @@ MODULE_TESTS = {
     "_grad": ["tests/test_grad.py"],
     "_kernel": ["tests/test_kernel.py", "tests/test_head.py"],
     "_head": ["tests/test_head.py"],
-    "_solvers": ["tests/test_solvers.py"],
+    "_solvers": ["tests/test_solvers.py", "tests/test_newton.py"],
+    "_newton": ["tests/test_newton.py", "tests/test_solvers.py"],
     "_model": ["tests/test_model.py"],
     "_checkpoint": ["tests/test_checkpoint.py"],
 }
