@@ -28,6 +28,7 @@ import os
 import pickle
 import platform
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,16 @@ def cached_program(fn: Callable, name: str, args: tuple, **static) -> Callable:
             program = serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
         else:
             program, compiled_here = _compile(fn, args, static)
-    except Exception:  # a damaged entry, a program that does not compile here: trace it as
-        _programs[key] = plain  # usual (and do not try again in this process)
+    except Exception as err:  # a damaged entry, a program that does not compile this way: trace
+        if not stored:  # it as usual (and do not try again in this process); say why, once
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(
+                f"softmax_jax: compiling the {name!r} program for the compilation cache failed "
+                f"({reason}); it runs without that cache in this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _programs[key] = plain
         return plain
     if not stored and compiled_here:
         try:

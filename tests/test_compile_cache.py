@@ -255,6 +255,29 @@ def test_a_backend_that_cannot_serialize_still_runs_the_compiled_solver(program_
     assert not program_dir.exists()
 
 
+def test_a_program_that_does_not_compile_for_the_cache_runs_uncached_with_a_warning(
+    program_dir, monkeypatch
+):
+    """A failure to compile the program this way (a nested jit refused the solver's XLA options,
+    once) is said, not swallowed; the fit still runs, traced as usual, and nothing is kept."""
+    import jax
+
+    from softmax_jax import _compile_cache, _solvers
+
+    def refuse(fn, args, static):
+        raise ValueError("compiler_options can only be passed to top-level jax.jit\nmore")
+
+    monkeypatch.setattr(_compile_cache, "_compile", refuse)
+    args = _solve_args()
+    with jax.enable_x64(True):
+        with pytest.warns(
+            RuntimeWarning, match=r"'solve' program .*\(ValueError: compiler_options"
+        ):
+            run = _compile_cache.cached_program(_solvers._solve_impl, "solve", args, solver="lbfgs")
+        assert not isinstance(run, jax.stages.Compiled) and bool(run(*args)[0].it > 0)
+    assert not program_dir.exists()
+
+
 def test_a_cache_the_user_switched_off_gets_no_program(program_dir):
     import jax
 
