@@ -201,8 +201,7 @@ def solver_compiler_options(xla_flags: str) -> dict:
     """XLA's options for the solver's program: LLVM's optimisation level 1 (XLA's default is 3),
     unless ``xla_flags`` (``$XLA_FLAGS``) sets a level. The solve's time is in its GEMMs, library
     calls that the level does not change; its fused kernels ran as fast at level 1, and the
-    program (both phases of a mixed-precision solve) compiles faster (bench/train.py, cold first
-    fit)."""
+    program compiles faster (bench/train.py, the cold first fit)."""
     if "xla_backend_optimization_level" in xla_flags:
         return {}
     return {"xla_backend_optimization_level": 1}
