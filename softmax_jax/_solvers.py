@@ -81,14 +81,15 @@ class SolveResult(NamedTuple):
     n_inner: int
 
 
+def _going_on(st: FBState, tol) -> jax.Array:
+    """Whether a solve goes on from ``st`` (iterations aside): ``max|∇f| > tol``, not stalled, a
+    finite ``f``."""
+    return (tree_max_abs(st.grad) > tol) & ~st.stalled & jnp.isfinite(st.value)
+
+
 def _run(st: FBState, data: TrainData, l2, tol, max_iter, step) -> FBState:
     def cond(st):
-        return (
-            (st.it < max_iter)
-            & (tree_max_abs(st.grad) > tol)
-            & (~st.stalled)
-            & jnp.isfinite(st.value)
-        )
+        return (st.it < max_iter) & _going_on(st, tol)
 
     return lax.while_loop(cond, lambda st: step(st, data, l2, tol), st)
 
@@ -148,9 +149,6 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
         value, g = vg64(p)
         return st._replace(params=p, value=value, grad=g, stalled=jnp.bool_(False))
 
-    def running64(st):
-        return (tree_max_abs(st.grad) > tol) & ~st.stalled & jnp.isfinite(st.value)
-
     def body(c):
         st, phase32, g_prev, it32 = c
         g_max = tree_max_abs(st.grad)
@@ -169,12 +167,12 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
             eps = jnp.where(phase32, jnp.finfo(f32).eps, jnp.finfo(f64).eps).astype(f64)
             return _newton_step(st, data, l2, jnp.where(phase32, floor, tol), vg=vg, eps=eps)
 
-        go = (st.it < max_iter) & (phase32 | running64(st))
+        go = (st.it < max_iter) & (phase32 | _going_on(st, tol))
         return lax.cond(go, step, lambda st: st, st), phase32, g_max, it32
 
     def cond(c):
         st, phase32, _, _ = c
-        return phase32 | ((st.it < max_iter) & running64(st))
+        return phase32 | ((st.it < max_iter) & _going_on(st, tol))
 
     init = (st, jnp.bool_(True), jnp.asarray(jnp.inf, f64), jnp.int32(0))
     st, _, _, it32 = lax.while_loop(cond, body, init)
