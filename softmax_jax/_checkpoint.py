@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -111,16 +112,34 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out.meta
 
-    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+    def restore_latest(
+        self, target: Any, *, older: tuple[Any, Callable[[Any], Any]] | None = None
+    ) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint into the structure of ``target``.
 
         Returns ``(epoch, state, history)``, or ``None`` when the directory holds no checkpoint.
         An unreadable newest checkpoint falls back to the previous one with a ``UserWarning``.
+        ``older`` = ``(layout, upgrade)``: where no checkpoint reads as ``target``, they are read
+        as ``layout`` (the state as an earlier version wrote it) and ``upgrade`` maps it to
+        ``target``'s structure.
 
         Raises:
           CheckpointError: the checkpoints were written by a different configuration, or none of
             them can be read.
         """
+        try:
+            return self._restore_into(target)
+        except CheckpointError as err:
+            if older is None:
+                raise
+            try:
+                restored = self._restore_into(older[0])
+            except CheckpointError:
+                raise err from None
+        epoch, state, history = restored
+        return epoch, older[1](state), history
+
+    def _restore_into(self, target: Any) -> tuple[int, Any, dict] | None:
         ocp = self._ocp
         steps = self.steps()
         if not steps:

@@ -29,7 +29,7 @@ from ._newton import wants_hessian_copy
 from ._objective import Params
 from ._placement import bucket_rows, data_parallel, initial_params, place, resolve_device
 from ._progress import History, new_history, notice, progress_bar, record_epoch, update_bar
-from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch
+from ._solvers import FULL_BATCH_SOLVERS, SOLVERS, full_batch_epoch, older_checkpoint
 from ._stream import HostData, host_data, stream_epoch, streamed_train_data
 from ._validate import check_fit_options, check_training_data, compute_dtype, is_sparse
 
@@ -302,7 +302,7 @@ def _fingerprint(setup: _Setup, optimizer, learning_rate, fit_intercept, l2, see
 def _resume(directory, fingerprint, max_to_keep, run: _Run, setup: _Setup, epochs, progress):
     """Opens the checkpoint directory; the run restored from its latest checkpoint, if any."""
     ckpt, restored = _open_checkpoint(
-        directory, fingerprint, max_to_keep, run.state, run.key, epochs, progress
+        directory, fingerprint, max_to_keep, run.state, run.key, epochs, progress, setup.plan.solver
     )
     if restored is None:
         return ckpt, run
@@ -419,14 +419,14 @@ def _initial_state(plan: _Plan, params: Params, data, l2, put):
 
 
 def _open_checkpoint(
-    directory, fingerprint: dict, max_to_keep: int, state, base_key, epochs: int, progress: bool
+    directory, fingerprint: dict, max_to_keep: int, state, base_key, epochs, progress, solver
 ):
-    """The :class:`Checkpointer` of ``directory`` and, if it holds a checkpoint of this run,
-    ``(epoch, state, key, history)`` restored from it (else ``None``); says that it resumes.
-
-    A checkpoint past ``epochs`` is refused: returning it would be a longer run than asked for."""
+    """The :class:`Checkpointer` of ``directory`` and ``(epoch, state, key, history)`` restored
+    from its checkpoint of this run (``solver``'s: ``older_checkpoint``), or ``None``; says that it
+    resumes. A checkpoint past ``epochs`` is refused: that would be a longer run than asked for."""
     ckpt = Checkpointer(directory, fingerprint=fingerprint, max_to_keep=max_to_keep)
-    restored = ckpt.restore_latest({"state": state, "rng": jax.random.key_data(base_key)})
+    target = {"state": state, "rng": jax.random.key_data(base_key)}
+    restored = ckpt.restore_latest(target, older=older_checkpoint(solver, target))
     if restored is None:
         return ckpt, None
     start, tree, history = restored

@@ -37,7 +37,7 @@ class FBState(NamedTuple):
     params: Params
     value: jax.Array
     grad: Params
-    aux: Any  # the optax state (L-BFGS) or ()
+    aux: Any  # the optax state (L-BFGS) or the forcing term's memory (Newton-CG: newton_aux)
     it: jax.Array
     stalled: jax.Array  # no decrease possible at working precision: stop
     n_inner: jax.Array  # Hessian-vector products (Newton-CG's CG; none in its dense steps)
@@ -51,10 +51,12 @@ def init_state(params, data, l2, aux) -> FBState:
 
 _NEWTON_MAX_CG = 250
 _NEWTON_MAX_LS = 40
-#: Largest relative CG residual of a Newton step. scipy's newton-cg allows ½ (with ``√‖∇f‖₁``,
-#: which stays above ½ until late); 0.1 with ``√max|∇f|`` takes fewer Newton iterations from a
-#: zero start for a few more products each (bench/train.py).
-_NEWTON_FORCING = 0.1
+#: Largest relative CG residual of a Newton step, and the first step's (Eisenstat and Walker's
+#: ``η₀``): see :func:`forcing`.
+_NEWTON_FORCING = 0.5
+#: Eisenstat and Walker's choice 2: ``η = γ (max|∇f| / previous max|∇f|)^α``.
+_EW_GAMMA = 0.9
+_EW_ALPHA = 2
 #: Smallest relative CG residual asked for: the Hessian products are float32, and a tighter
 #: residual than they resolve would only run CG to its iteration cap.
 _NEWTON_FORCING_MIN = 1e-3
@@ -125,10 +127,25 @@ def center_classes(t: Params) -> Params:
     return jax.tree.map(lambda a: a - jnp.mean(a, axis=-1, keepdims=True), t)
 
 
-def forcing(g_max):
-    """The relative CG residual ``η`` asked of a Newton step at ``max|∇f| = g_max``: ``√g_max``
-    clipped to ``[_NEWTON_FORCING_MIN, _NEWTON_FORCING]``."""
-    return jnp.clip(jnp.sqrt(g_max), _NEWTON_FORCING_MIN, _NEWTON_FORCING)
+def newton_aux(dtype) -> tuple[jax.Array, jax.Array]:
+    """Newton-CG's ``FBState.aux`` before its first step: ``(η, max|∇f|)`` of the previous step,
+    ``(η₀, ∞)`` (:func:`forcing`)."""
+    return jnp.asarray(_NEWTON_FORCING, dtype), jnp.asarray(jnp.inf, dtype)
+
+
+def forcing(g_max, g_prev, eta_prev):
+    """The relative CG residual ``η`` asked of a Newton step at ``max|∇f| = g_max``, the previous
+    step having started at ``g_prev`` with ``eta_prev``: Eisenstat and Walker's choice 2,
+    ``η = γ (g_max / g_prev)^α`` (``γ = 0.9``, ``α = 2``), raised to ``γ η_prev^α`` where that
+    exceeds 0.1 (no sudden tightening), clipped to ``[_NEWTON_FORCING_MIN, _NEWTON_FORCING]``;
+    ``_NEWTON_FORCING`` on the first step (``g_prev = ∞``). Loose while the gradient falls slowly
+    (damped steps, which the line search cuts back whatever CG's accuracy), tight where it falls
+    fast (the quadratic phase): superlinear convergence without solving damped steps finely."""
+    eta = _EW_GAMMA * (g_max / g_prev) ** _EW_ALPHA
+    guard = _EW_GAMMA * eta_prev**_EW_ALPHA
+    eta = jnp.where(guard > 0.1, jnp.maximum(eta, guard), eta)
+    eta = jnp.clip(eta, _NEWTON_FORCING_MIN, _NEWTON_FORCING)
+    return jnp.where(jnp.isfinite(g_prev), eta, _NEWTON_FORCING).astype(g_max.dtype)
 
 
 def backtrack(t, v_t, value, slope):
@@ -146,7 +163,7 @@ def backtrack(t, v_t, value, slope):
 def _newton_init(params, data, l2) -> FBState:
     """The state at ``params`` centred over the classes (the same model, the smallest penalty):
     the subspace Newton-CG's steps stay in (:func:`_newton_step`)."""
-    return init_state(center_classes(params), data, l2, ())
+    return init_state(center_classes(params), data, l2, newton_aux(params["W"].dtype))
 
 
 def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None) -> FBState:
@@ -161,8 +178,8 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None
     residual), so with the centred preconditioner every CG iterate, and so ``d``, stays in that
     subspace: the iterates keep ``Σ_k w_k = 0`` and ``Σ_k b_k = 0`` (where the penalised optimum
     lies, and the only identifiable solution without a penalty). Stopped when
-    ``‖r‖₁ ≤ η ‖∇f‖₁`` with ``η = √max|∇f|`` clipped to ``[10⁻³, 0.1]`` (a forcing sequence
-    that shrinks with the gradient: superlinear convergence down to a rate of 10⁻³ per step), when
+    ``‖r‖₁ ≤ η ‖∇f‖₁`` with ``η`` from :func:`forcing` (Eisenstat and Walker's, in ``[10⁻³, ½]``,
+    remembered in ``st.aux``: superlinear convergence down to a rate of 10⁻³ per step), when
     ``max|r| ≤`` :data:`TOL_MARGIN` ``· tol`` (the step then reaches ``tol``: no solve past what
     was asked), or on non-positive curvature (then the last CG iterate, or −∇f on the first
     iteration); then :func:`_newton_search`, a backtracking Armijo line search from the Newton
@@ -178,7 +195,8 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None
     if vg is None:
         vg = functools.partial(objective_vg, data=data, l2=l2)
     gnorm1 = tree_l1(g)
-    eta = forcing(tree_max_abs(g))
+    g_max = tree_max_abs(g)
+    eta = forcing(g_max, st.aux[1], st.aux[0])
     cg_tol = eta * gnorm1
     r_tol = TOL_MARGIN * tol
     dense = dense_newton(params, data)
@@ -230,7 +248,7 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None
     # trials (a preconditioner made extreme by saturated rows), it goes on along this direction
     sd = jax.tree.map(lambda a: -a / h_max, g)
     ok, new_params, v_t, g_t = _newton_search(params, value, g, d, sd, vg, eps)
-    return FBState(new_params, v_t, g_t, (), st.it + 1, ~ok, st.n_inner + n_cg)
+    return FBState(new_params, v_t, g_t, (eta, g_max), st.it + 1, ~ok, st.n_inner + n_cg)
 
 
 def _newton_search(params, value, g, d, sd, vg, eps):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ from ._newton import (
     center_classes,
     dense_newton,
     init_state,
+    newton_aux,
 )
 from ._objective import (
     Columns,
@@ -142,7 +144,7 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
         return objective_vg(p, data, l2)
 
     start = center_classes(params)
-    st = FBState(start, *vg32(start), (), jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+    st = FBState(start, *vg32(start), newton_aux(f64), jnp.int32(0), jnp.bool_(False), jnp.int32(0))
 
     def to64(st):  # a float32 phase that ended on a non-finite f: from the start again
         p = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(st.value), a, b), st.params, start)
@@ -270,6 +272,18 @@ def solve(
         msg = f"max_iter = {max_iter} reached with max|grad| = {gmax:.2e} > tol = {tol:.1e}"
         converged = False
     return SolveResult(st.params, value, gmax, it, converged, msg, int(n_inner))
+
+
+def older_checkpoint(solver: str, tree: dict) -> tuple[dict, Callable[[dict], dict]] | None:
+    """For a checkpoint ``tree`` of :func:`softmax_jax.fit` (``{"state": FBState, ...}``) with
+    ``solver``: the layout an earlier version wrote and the upgrade from it (``None``: no other
+    layout). Newton-CG's ``aux`` was ``()`` before it held the forcing term's memory; restored
+    from such a checkpoint, the forcing term starts afresh (``tree``'s, as at a first step)."""
+    if solver != "newton-cg":
+        return None
+    aux = tree["state"].aux
+    layout = {**tree, "state": tree["state"]._replace(aux=())}
+    return layout, lambda t: {**t, "state": t["state"]._replace(aux=aux)}
 
 
 #: Solvers that use the whole training set at every iteration (one iteration per "epoch").

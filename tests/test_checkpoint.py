@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from softmax_jax import TrainingDiverged, fit
+from softmax_jax._newton import FBState
 from softmax_jax._checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -74,6 +75,30 @@ def test_resume_ends_with_the_same_params_as_an_uninterrupted_run(tmp_path, kw):
     again, h2 = fit(Z, y, epochs=6, checkpoint_dir=ckpt, **kw)
     np.testing.assert_array_equal(again["W"], full["W"])
     assert h2["epoch"] == h["epoch"]
+
+
+def test_newton_checkpoints_of_the_earlier_layout_resume(tmp_path):
+    # Newton-CG's state had aux = () before it remembered its forcing term: a run checkpointed
+    # then resumes (the forcing term starting afresh) rather than being refused as unreadable
+    Z, y = blobs()
+    kw = dict(optimizer="newton-cg", l2=1e-2, progress=False)
+    full, h_full = fit(Z, y, epochs=6, **kw)
+    new, old = tmp_path / "new", tmp_path / "old"
+    fit(Z, y, epochs=3, checkpoint_dir=new, **kw)
+    reader = Checkpointer(new, fingerprint={})
+    writer = Checkpointer(old, fingerprint=reader._restore_meta(3)["fingerprint"])
+    ocp = reader._ocp
+    for step in steps(new):
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        tree = reader._manager.restore(step, args=args).state  # FBState's fields by name
+        assert len(tree["state"]["aux"]) == 2  # (η, max|∇f|) of the last step
+        tree["state"] = FBState(**{**tree["state"], "aux": ()})
+        writer.save(step, tree, reader._restore_meta(step)["history"])
+    writer.close()
+    resumed, h = fit(Z, y, epochs=6, checkpoint_dir=old, **kw)
+    assert h["epoch"] == [1, 2, 3, 4, 5, 6] and h["loss"][:3] == h_full["loss"][:3]
+    np.testing.assert_allclose(resumed["W"], full["W"], rtol=1e-4, atol=1e-6)
+    assert steps(old) == [4, 5, 6]
 
 
 def test_checkpoint_every_and_max_to_keep(tmp_path):
