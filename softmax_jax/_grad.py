@@ -7,7 +7,8 @@ sample weights, from these pieces rather than from the public functions' interna
 
 - :func:`residual`: ``M = diag(c)(Ŷ − Y)`` from the softmax pieces of the logits;
 - :func:`transpose_gemm`: ``scale · Zᵀ M`` under the precision policy (the second GEMM of eq. (6));
-- :func:`hvp_residual`: the HVP's ``(N, K)`` middle factor ``Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V)``.
+- :func:`hvp_residual`: the HVP's ``(N, K)`` middle factor ``Ŷ ⊙ (Z V) − Ŷ ⊙ rowsum(Ŷ ⊙ Z V)``;
+- :func:`softmax_variance`: ``Ŷ ⊙ (1 − Ŷ)``, the Hessian's diagonal factor, exact on saturated rows.
 """
 
 from __future__ import annotations
@@ -246,6 +247,15 @@ def hvp_residual(
     PZV = P * ZV
     R = PZV - P * reduce_classes("sum", PZV, axis)
     return R if c is None else R * jnp.expand_dims(c, axis).astype(R.dtype)
+
+
+def softmax_variance(P: jax.Array, axis: int = 1) -> jax.Array:
+    """``Ŷ ⊙ (1 − Ŷ)`` for the probabilities ``P`` (classes on ``axis``) without cancellation: a
+    class with ``ŷ_ik > ½`` (at most one per row) takes ``1 − ŷ_ik`` as the sum of the row's
+    other probabilities, where ``1 − ŷ_ik`` would round a saturated row's curvature away."""
+    high = P > 0.5
+    others = reduce_classes("sum", jnp.where(high, 0, P), axis)
+    return P * jnp.where(high, others, 1 - P)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))

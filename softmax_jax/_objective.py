@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from ._chunks import fold_chunks
-from ._grad import hvp_residual, residual, transpose_gemm
+from ._grad import hvp_residual, residual, softmax_variance, transpose_gemm
 from ._loss import logits, logsumexp_rows, nll_rows, reduce_losses
 from ._precision import compute_dtype, gemm, mean_normaliser, operand
 
@@ -321,15 +321,15 @@ def hessian_vp(
 def hessian_diag(params: Params, data: TrainData, l2, *, probs: jax.Array | None = None) -> Params:
     r"""The diagonal of ``∇²f``: ``Σ_i c_i z_{id}^2 ŷ_{ik}(1 − ŷ_{ik}) + λ [d is a W row]``, one
     GEMM ``(Z⊙Z)ᵀ M`` per chunk given ``probs`` (:func:`hessian_probs`), the squares formed chunk
-    by chunk; the Jacobi preconditioner of Newton-CG, in the precision of the Hessian products."""
+    by chunk, ``ŷ(1 − ŷ)`` exact on saturated rows (:func:`softmax_variance`); the Jacobi
+    preconditioner of Newton-CG, in the precision of the Hessian products."""
     if hasattr(hessian_operand(data), "hessian_diag"):  # scipy.sparse rows (softmax_jax._sparse)
         return hessian_operand(data).hessian_diag(params, l2, probs=probs)
     dt = hessian_operand(data).dtype
 
     def part(Z, P, s):
         ax = class_axis(Z)
-        P = _class_layout(P)
-        M = P * (1 - P)
+        M = softmax_variance(_class_layout(P), ax)
         M = M if s is None else M * jnp.expand_dims(s, ax).astype(M.dtype)
         out = {"W": features_t_times(Z, M, dt, squared=True)}
         if "b" in params:
@@ -352,15 +352,12 @@ def centred_basis(k: int, dtype) -> jax.Array:
 
 def softmax_curvature(P: jax.Array, B: jax.Array) -> jax.Array:
     """``Bᵀ (diag ŷ_i − ŷ_i ŷ_iᵀ) B`` (N, K − 1, K − 1) for the rows ``ŷ_i`` of ``P`` (N, K),
-    without cancellation: the diagonal's ``1 − ŷ_ik`` is the sum of the other classes'
-    probabilities for the row's first largest ``ŷ_ik`` (where ``1 − ŷ_ik`` would round away a
-    saturated row's curvature; the other classes' ``ŷ_ik <= ½``), and every term of
-    ``ŷ_ik (1 − ŷ_ik) − …`` is a product, not a difference."""
+    without cancellation: the diagonal from :func:`softmax_variance` (exact on saturated rows),
+    the rest products, not differences."""
     k = P.shape[1]
-    top = jax.nn.one_hot(jnp.argmax(P, axis=1), k, dtype=bool)
-    others = jnp.sum(jnp.where(top, 0, P), axis=1, keepdims=True)
-    diag = P * jnp.where(top, others, 1 - P)
-    A = jnp.where(jnp.eye(k, dtype=bool), diag[:, :, None], -P[:, :, None] * P[:, None, :])
+    A = jnp.where(
+        jnp.eye(k, dtype=bool), softmax_variance(P)[:, :, None], -P[:, :, None] * P[:, None, :]
+    )
     return jnp.einsum("kj,nkl,lm->njm", B, A, B)
 
 

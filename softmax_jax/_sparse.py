@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._grad import residual
+from ._grad import hvp_residual, residual, softmax_variance
 from ._loss import logsumexp_rows, mean_scale, nll_rows, reduce_losses
 from ._precision import mean_normaliser
 
@@ -250,18 +250,17 @@ class SparseRows(NamedTuple):
         ``R = diag(c)[Ŷ ⊙ (X V_W + V_b) − Ŷ ⊙ rowsum(·) 1ᵀ]``, ``c_i = s_i / Σ s``, plus ``λ V_W``."""
         P = self.probs(params) if probs is None else probs
         XV = self.logits(jax.tree.map(lambda a: a.astype(P.dtype), V))
-        PXV = P * XV
-        c = mean_scale(self.s, P.shape[0], P.dtype, "mean")
-        R = (PXV - P * jnp.sum(PXV, axis=1, keepdims=True)) * c[:, None]
+        R = hvp_residual(P, XV, mean_scale(self.s, P.shape[0], P.dtype, "mean"))
         hv = _sums_to_params(R, ell_apply(self.bwd, R), params)
         hv["W"] = hv["W"] + l2 * V["W"]
         return hv
 
     def hessian_diag(self, params, l2, *, probs=None):
         """The diagonal of ``∇²f`` (``softmax_jax._objective.hessian_diag``): ``(X ⊙ X)ᵀ R`` with
-        ``R = diag(c)(Ŷ ⊙ (1 − Ŷ))``, its column sums for the bias, ``λ`` on ``W``."""
+        ``R = diag(c)(Ŷ ⊙ (1 − Ŷ))`` (``softmax_jax._grad.softmax_variance``), its column sums
+        for the bias, ``λ`` on ``W``."""
         P = self.probs(params) if probs is None else probs
-        R = P * (1 - P) * mean_scale(self.s, P.shape[0], P.dtype, "mean")[:, None]
+        R = softmax_variance(P) * mean_scale(self.s, P.shape[0], P.dtype, "mean")[:, None]
         diag = _sums_to_params(R, ell_apply(self.bwd, R, square=True), params)
         diag["W"] = diag["W"] + l2
         return diag

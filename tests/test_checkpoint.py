@@ -18,7 +18,6 @@ import optax
 import pytest
 
 from softmax_jax import TrainingDiverged, fit
-from softmax_jax._newton import FBState
 from softmax_jax._checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -26,6 +25,7 @@ from softmax_jax._checkpoint import (
     data_digest,
     transformation_digest,
 )
+from softmax_jax._newton import FBState
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import RTOL, assert_close, numpy_hvp, numpy_reference, problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import softmax_jax as sj
 from softmax_jax import _grad, _loss
@@ -364,3 +367,31 @@ def _class_major_residuals(A, ZV, y, c):
         "R": _grad.hvp_residual(P, ZV, c),
         "R_t": _grad.hvp_residual(P.T, ZV.T, c, 0),
     }
+
+
+@pytest.mark.x64
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    k=st.integers(2, 7),
+    n=st.integers(1, 6),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_softmax_variance_is_exact_on_saturated_rows(data, k, n, dtype):
+    # logits with one class 0 to 60 above the others: ŷ_top rounds to 1, and 1 − ŷ_top to 0 in
+    # the plain ŷ(1 − ŷ), which leaves the top class no curvature. The exact value is ŷ_top times
+    # the sum of the other classes' ŷ, relative rounding for every entry, in both layouts
+    A = data.draw(hnp.arrays(np.float64, (n, k), elements=st.floats(-3, 3)))
+    top = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, k - 1)))
+    A[np.arange(n), top] += data.draw(hnp.arrays(np.float64, (n,), elements=st.floats(0, 60)))
+    E = np.exp(A - A.max(axis=1, keepdims=True))
+    P = (E / E.sum(axis=1, keepdims=True)).astype(dtype)
+    P64 = P.astype(np.float64)  # the reference from the same probabilities, in float64
+    want = P64 * np.array([[np.sum(np.delete(r, j)) if r[j] > 0.5 else 1 - r[j]
+                            for j in range(k)] for r in P64])  # fmt: skip
+    rtol = 4 * np.finfo(dtype).eps * k  # a sum of k terms and a product, each rounded once
+    got = jax.jit(_grad.softmax_variance)(jnp.asarray(P))
+    got_t = jax.jit(_grad.softmax_variance, static_argnums=1)(jnp.asarray(P.T), 0)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=0)
+    np.testing.assert_allclose(np.asarray(got_t, np.float64).T, want, rtol=rtol, atol=0)

@@ -31,6 +31,7 @@ from softmax_jax._objective import (
     objective_vg,
     transposed,
 )
+from softmax_jax._placement import place
 
 # Exactness checks against float64 references: x64 on for this module (scoped, see conftest).
 pytestmark = pytest.mark.x64
@@ -289,3 +290,40 @@ def test_hessian_matrix_keeps_the_curvature_of_saturated_rows(k):
     assert np.max(np.abs(ref)) < 1e-10
     np.testing.assert_allclose(H, ref, rtol=1e-10, atol=1e-12 * np.max(np.abs(ref)))
     assert np.min(np.linalg.eigvalsh(np.asarray(H))) > 0
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns", "sparse"])
+def test_float32_hessian_diagonal_keeps_the_curvature_of_saturated_rows(layout):
+    # Newton-CG's preconditioner on a float32 operand, every row saturated (the top logit 20-30
+    # above the others: 1 − ŷ_top rounds to 0 in float32). A class's diagonal comes mostly from
+    # the rows it tops, ŷ_top times the sum of the others; the plain ŷ(1 − ŷ) drops them
+    import scipy.sparse
+
+    rng = np.random.default_rng(3)
+    n, d, k, l2 = 64, 3, 4, 1e-12
+    y = rng.integers(0, k, n)
+    A = rng.uniform(-1, 1, size=(n, k))
+    A[np.arange(n), y] += rng.uniform(20, 30, size=n)
+    Z = np.concatenate([rng.normal(size=(n, d)), A], axis=1)  # Z W = A for W = [0; I]
+    params = {"W": jnp.asarray(np.vstack([np.zeros((d, k)), np.eye(k)])), "b": jnp.zeros(k)}
+    if layout == "sparse":
+        data = place(scipy.sparse.csr_matrix(Z), y, None, fit_intercept=True, dtype=np.float64,
+                     device=None)  # fmt: skip
+        data = data._replace(Zh=data.Z.astype(jnp.float32))
+    else:
+        Zh = (
+            jnp.asarray(Z, jnp.float32)
+            if layout == "rows"
+            else transposed(jnp.asarray(Z), jnp.float32)
+        )
+        data = TrainData(jnp.asarray(Z), jnp.asarray(y), None, Zh)
+    got = jax.jit(hessian_diag)(params, data, l2)
+    A32 = Z.astype(np.float32).astype(np.float64) @ np.asarray(params["W"])  # the float32 logits
+    P = np.exp(A32 - A32.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    V = P * np.array([[np.sum(np.delete(r, j)) if r[j] > 0.5 else 1 - r[j] for j in range(k)]
+                      for r in P])  # fmt: skip
+    want = (Z**2).T @ V / n
+    # float32 probabilities of 1e-9..1e-13: relative rounding of a few float32 ε per term
+    np.testing.assert_allclose(got["W"], want + l2, rtol=1e-4)
+    np.testing.assert_allclose(got["b"], V.sum(axis=0) / n, rtol=1e-4)
