@@ -41,7 +41,7 @@ def test_mixed_precision_solve_ends_at_the_float64_optimum(weighted):
     np.testing.assert_allclose(mixed.params["W"], ref.params["W"], atol=1e-3)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     n=st.integers(20, 300),
     d=st.integers(1, 8),
