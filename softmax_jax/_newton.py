@@ -196,7 +196,8 @@ def _newton_step(st: FBState, data: TrainData, l2, tol=0.0, *, vg=None, eps=None
         vg = functools.partial(objective_vg, data=data, l2=l2)
     gnorm1 = tree_l1(g)
     g_max = tree_max_abs(g)
-    eta = forcing(g_max, st.aux[1], st.aux[0])
+    eta_prev, g_prev = st.aux
+    eta = forcing(g_max, g_prev, eta_prev)
     cg_tol = eta * gnorm1
     r_tol = TOL_MARGIN * tol
     dense = dense_newton(params, data)

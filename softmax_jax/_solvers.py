@@ -152,10 +152,10 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
         return st._replace(params=p, value=value, grad=g, stalled=jnp.bool_(False))
 
     def body(c):
-        st, phase32, g_prev, it32 = c
-        g_max = tree_max_abs(st.grad)
+        st, phase32, it32 = c
+        # (st.aux[1]: max|∇f| where the last step started, newton_aux; ∞ before the first)
         end32 = phase32 & (
-            float32_phase_done(g_max, g_prev, floor)
+            float32_phase_done(tree_max_abs(st.grad), st.aux[1], floor)
             | st.stalled
             | ~jnp.isfinite(st.value)
             | (st.it >= max_iter)
@@ -170,14 +170,13 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
             return _newton_step(st, data, l2, jnp.where(phase32, floor, tol), vg=vg, eps=eps)
 
         go = (st.it < max_iter) & (phase32 | _going_on(st, tol))
-        return lax.cond(go, step, lambda st: st, st), phase32, g_max, it32
+        return lax.cond(go, step, lambda st: st, st), phase32, it32
 
     def cond(c):
-        st, phase32, _, _ = c
+        st, phase32, _ = c
         return phase32 | ((st.it < max_iter) & _going_on(st, tol))
 
-    init = (st, jnp.bool_(True), jnp.asarray(jnp.inf, f64), jnp.int32(0))
-    st, _, _, it32 = lax.while_loop(cond, body, init)
+    st, _, it32 = lax.while_loop(cond, body, (st, jnp.bool_(True), jnp.int32(0)))
     return st, it32
 
 
