@@ -72,16 +72,14 @@ def getkey(request):
 
 
 @pytest.fixture
-def cg_steps(monkeypatch):
+def cg_steps():
     """Newton's steps by conjugate gradients at every size (the dense steps of
     ``softmax_jax._newton`` off), for the tests of CG's own logic; the traced solvers are dropped
     before and after (the switch is static: by shape, at trace time)."""
-    from softmax_jax import _newton
+    from _problems import newton_steps
 
-    jax.clear_caches()
-    monkeypatch.setattr(_newton, "DENSE_MAX_WORK", 0)
-    yield
-    jax.clear_caches()
+    with newton_steps(dense=False):
+        yield
 
 
 #: Module-scoped fixtures that start subprocesses or train models, by test module. Every test that

@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _problems import float64_data, numpy_objective, problem, zeros
+from _problems import (
+    float64_data,
+    generated_problem,
+    newton_steps,
+    numpy_objective,
+    problem,
+    zeros,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,23 +125,13 @@ def test_newton_from_generated_far_starts_reaches_the_optimum(
     # converges to the optimum the solve from zero finds. Not yet from 100σ: with features at
     # scale 3 and l2 = 1, 2 of 150 draws on the dense steps and more on CG still run to max_iter
     # (test_newton_converges_from_a_far_start has the 100σ starts that converge)
-    X, y = problem(n=n, d=d, k=k, seed=seed % 2**31, noise=noise)
-    y[:k] = np.arange(k)  # every class present: a finite optimum (an absent class's b runs off)
-    rng = np.random.default_rng(seed)
-    s = rng.exponential(size=n) if weighted else None
-    data = float64_data(feature_scale * X, y, s)
+    X, y, s, rng = generated_problem(n, d, k, seed, noise, feature_scale, weighted)
+    data = float64_data(X, y, s)
     far = {"W": jnp.asarray(start * rng.normal(size=(d, k))),
            "b": jnp.asarray(start * rng.normal(size=k))}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:  # (the switch is static: traced solvers dropped)
-        if not dense:
-            mp.setattr(_newton, "DENSE_MAX_WORK", 0)
-            jax.clear_caches()
-        try:
-            best = solve(data, zeros(d, k), solver="newton-cg", l2=l2, tol=1e-10, max_iter=500)
-            res = solve(data, far, solver="newton-cg", l2=l2, tol=1e-10, max_iter=500)
-        finally:
-            if not dense:
-                jax.clear_caches()
+    with newton_steps(dense):
+        best = solve(data, zeros(d, k), solver="newton-cg", l2=l2, tol=1e-10, max_iter=500)
+        res = solve(data, far, solver="newton-cg", l2=l2, tol=1e-10, max_iter=500)
     assert best.converged and res.converged, (best, res)
     # both at max|∇f| <= 1e-10 (the intercept is not penalised: near-separable data leave f
     # almost flat along it, and two such points differ by up to ~2e-9 in f): the same optimum
@@ -285,7 +282,7 @@ def test_newton_step_counts_its_hessian_products(cg_steps):
 
 @pytest.mark.parametrize("intercept", [True, False])
 @pytest.mark.parametrize("l2", [0.1, 1e-4, 0.0])
-def test_dense_and_cg_newton_steps_reach_the_same_optimum(monkeypatch, intercept, l2):
+def test_dense_and_cg_newton_steps_reach_the_same_optimum(intercept, l2):
     # the dense steps (the Hessian as a matrix, exact solves) on the problems small enough, CG on
     # the others: the same optimum, also without a penalty (W + v 1ᵀ is then a null direction of
     # the Hessian too) and without an intercept; the dense steps take no Hessian-vector product
@@ -295,10 +292,8 @@ def test_dense_and_cg_newton_steps_reach_the_same_optimum(monkeypatch, intercept
     assert _newton.dense_newton(p0, data)
     run = functools.partial(solve, data, p0, solver="newton-cg", l2=l2, tol=1e-9, max_iter=200)
     dense = run()
-    jax.clear_caches()
-    monkeypatch.setattr(_newton, "DENSE_MAX_WORK", 0)
-    cg = run()
-    jax.clear_caches()
+    with newton_steps(dense=False):
+        cg = run()
     assert dense.converged and cg.converged, (dense.message, cg.message)
     assert dense.n_inner == 0 and cg.n_inner > 0
     assert dense.n_iter <= cg.n_iter

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _problems import float64_data, numpy_objective, problem, zeros
+from _problems import float64_data, generated_problem, newton_steps, numpy_objective, problem, zeros
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,23 +59,13 @@ def test_mixed_precision_reaches_the_float64_optimum_on_generated_problems(
     # generated problems (near-separable to noisy, features from 0.1 to 10, weighted or not), on
     # the dense and the CG steps: the solve whose first iterations run in float32 ends where the
     # float64 solve does, its value the float64 objective at its parameters
-    X, y = problem(n=n, d=d, k=k, seed=seed, noise=noise)
-    y[:k] = np.arange(k)  # every class present: a finite optimum
-    s = np.random.default_rng(seed).exponential(size=n) if weighted else None
-    X = feature_scale * X
+    X, y, s, _ = generated_problem(n, d, k, seed, noise, feature_scale, weighted)
     data = place(X, y, s, fit_intercept=True, dtype=np.float64, device=None,
                  hessian_dtype=np.float32)  # fmt: skip
     kw = dict(solver="newton-cg", l2=l2, tol=1e-10, max_iter=500)
-    with pytest.MonkeyPatch.context() as mp:  # (the switch is static: traced solvers dropped)
-        if not dense:
-            mp.setattr(_newton, "DENSE_MAX_WORK", 0)
-            jax.clear_caches()
-        try:
-            ref = solve(data, zeros(d, k), **kw)
-            mixed = solve(data, zeros(d, k), mixed_precision=True, **kw)
-        finally:
-            if not dense:
-                jax.clear_caches()
+    with newton_steps(dense):
+        ref = solve(data, zeros(d, k), **kw)
+        mixed = solve(data, zeros(d, k), mixed_precision=True, **kw)
     assert ref.converged and mixed.converged, (ref, mixed)
     assert mixed.value == pytest.approx(numpy_objective(X, y, s, mixed.params, l2), rel=1e-13)
     # both at max|∇f| <= 1e-10: on near-separable data f is almost flat along the unpenalised
