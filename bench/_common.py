@@ -24,6 +24,21 @@ OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 TINY_ENV = "SOFTMAX_JAX_BENCH_TINY"
 
 
+def sklearn_objective(coef, intercept, X, y, C: float) -> float:
+    """scikit-learn's objective ``½‖coef‖² + C Σ NLL`` in float64, for its ``coef_`` ``(K, D)``
+    and ``intercept_`` (binary: one row, the softmax with ``w_1 − w_0 = coef``, its symmetric
+    optimum); ``X`` dense or scipy.sparse."""
+    import numpy as np
+
+    penalty = 0.5 * float(np.sum(coef**2))
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-1, 1]) * intercept / 2
+    A = np.asarray(X @ coef.T) + intercept
+    m = A.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(A - m).sum(axis=1, keepdims=True)))[:, 0]
+    return penalty + C * float(np.sum(lse - A[np.arange(len(y)), y]))
+
+
 def tiny_mode() -> bool:
     """``$SOFTMAX_JAX_BENCH_TINY=1``: the smallest shapes, seconds per suite (for tests)."""
     return os.environ.get(TINY_ENV, "") not in ("", "0")

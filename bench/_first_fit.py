@@ -74,17 +74,10 @@ def _estimator(lib: str, **kw):
 
 
 def _objective(est, X, y, C: float) -> float:
-    """scikit-learn's objective ``½‖coef‖² + C Σ NLL`` of a fitted estimator, in float64."""
-    import numpy as np
+    """scikit-learn's objective of a fitted estimator (:func:`bench._common.sklearn_objective`)."""
+    from bench._common import sklearn_objective
 
-    coef, intercept = est.coef_, est.intercept_
-    penalty = 0.5 * float(np.sum(coef**2))
-    if coef.shape[0] == 1:  # binary: the softmax with w_1 - w_0 = coef (symmetric optimum)
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-1, 1]) * intercept / 2
-    A = X @ coef.T + intercept
-    m = A.max(axis=1, keepdims=True)
-    lse = (m + np.log(np.exp(A - m).sum(axis=1, keepdims=True)))[:, 0]
-    return penalty + C * float(np.sum(lse - A[np.arange(len(y)), y]))
+    return sklearn_objective(est.coef_, est.intercept_, X, y, C)
 
 
 def _grid_explore(job: dict, X, y) -> list[dict]:

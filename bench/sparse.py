@@ -71,12 +71,7 @@ def tfidf(n: int, d: int, k: int, nnz_row: int, seed: int = 0):
     return X, y
 
 
-def objective(coef, intercept, X, y, c: float) -> float:
-    """scikit-learn's multinomial objective ``½‖coef‖² + C Σ NLL`` in float64."""
-    A = np.asarray(X @ coef.T) + intercept  # K >= 3 here: one row of coef per class
-    m = A.max(axis=1, keepdims=True)
-    lse = (m + np.log(np.exp(A - m).sum(axis=1, keepdims=True)))[:, 0]
-    return float(0.5 * np.sum(coef**2) + c * np.sum(lse - A[np.arange(len(y)), y]))
+objective = C.sklearn_objective
 
 
 # scikit-learn, in a child process with the OpenBLAS knobs unset ---------------------------------
