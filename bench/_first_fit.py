@@ -41,10 +41,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from bench._common import OPENBLAS_VARS
+
 SMALL = ("iris", "wine", "breast_cancer", "digits")
 GRID_C = [10.0**e for e in range(-3, 4)]
 TARGET_REL = 1e-6
-OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 CACHE_ENV = "SOFTMAX_JAX_COMPILATION_CACHE"
 
 
