@@ -352,3 +352,42 @@ def table_rows(results: dict) -> list[dict]:
 COLUMNS = ["dataset", "first_cold_s", "first_warm_s", "sk_first_s", "later_s", "sk_later_s",
            "later_ratio", "grid_eq_s", "sk_grid_eq_s", "grid_eq_ratio", "grid_tols",
            "grid_default_ratio", "default_gaps"]  # fmt: skip
+
+
+def _sec(x: float) -> str:
+    return f"{x:.3g}" if x >= 0.1 else f"{x:.2g}"
+
+
+def _tol(t: float) -> str:
+    return f"{t:.0e}".replace("e-0", "e-")
+
+
+def readme_table(results: dict, large: str) -> str:
+    """The README's fresh-process table (Markdown) from the ``first_fit`` section of a JSON
+    written by :func:`run` (``train.json`` or ``train_first_fit.json``); ``large`` names the
+    large problem's row."""
+    lines = [
+        "| dataset | first fit, cold / warm cache | `LogisticRegression` first fit "
+        "| later fits, ours / sklearn | `GridSearchCV` at equal accuracy, ours / sklearn (`tol`s) "
+        "| `GridSearchCV` at the defaults |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results["small"].items():
+        s, g = r["summary"], results["grid_search"][name]
+        t, gs = g["tol"], g["grid_s"]
+        tols = f"; {_tol(t['ours'])} / {_tol(t['sklearn'])}" if None not in t.values() else ""
+        lines.append(
+            f"| {name} | {_sec(s['first_fit_cold_s'])} / {_sec(s['first_fit_warm_s'])} s "
+            f"| {_sec(s['sklearn_first_fit_s'])} s "
+            f"| {_sec(s['later_fit_s'])} / {_sec(s['sklearn_later_fit_s'])} s "
+            f"| {_sec(gs['ours_eq'])} / {_sec(gs['sklearn_eq'])} s ({g['ratio_eq']:.2f}×{tols}) "
+            f"| {_sec(gs['ours'])} / {_sec(gs['sklearn'])} s ({g['ratio']:.2f}×) |"
+        )
+    if "large" in results:
+        lg = results["large"]
+        lines.append(
+            f"| {large} | {_sec(lg['ours_cold']['first_fit_s'])} / "
+            f"{_sec(lg['ours_warm']['first_fit_s'])} s | {_sec(lg['sklearn']['first_fit_s'])} s "
+            f"| | | ({lg['ratio_cold']:.2f}× cold, {lg['ratio_warm']:.2f}× warm) |"
+        )
+    return "\n".join(lines)

@@ -471,7 +471,18 @@ _README_NAMES = {
 
 
 def readme_table(results: dict[str, Any]) -> str:
-    """The README's training table (Markdown) from a ``train.json`` written by :func:`run`."""
+    """The README's training tables (Markdown) from a ``train.json`` written by :func:`run` (or
+    the fresh-process one alone from a ``train_first_fit.json``)."""
+    tables = [_readme_training(results)] if "datasets" in results else []
+    if "first_fit" in results:
+        cfg = results["config"]
+        spec = specs(cfg["quick"], cfg["tiny"])[-1]
+        large = f"synthetic {spec['n_train']} × {spec['d']} × {spec['k']}"
+        tables.append(_first_fit.readme_table(results["first_fit"], large))
+    return "\n\n".join(tables)
+
+
+def _readme_training(results: dict[str, Any]) -> str:
 
     def cell(m: dict | None, sk_t: float | None) -> str:
         t = None if m is None else m.get("time_to_optimum_s")

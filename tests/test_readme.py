@@ -150,3 +150,18 @@ def test_bash_commands_are_parsed_as_a_shell_would():
         ["softmax-jax", "train"],
     ]
     assert _skipped(["pip", "install", "x"]) and not _skipped(["softmax-jax", "train"])
+
+
+def test_readme_training_tables_are_the_committed_results():
+    # "the README table from bench/results/train.json": the tables printed by
+    # `bench/train.py --readme` from the committed JSON, verbatim in the README
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train.py"), "--readme",
+         str(ROOT / "bench" / "results" / "train.json")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    tables = [t for t in out.strip().split("\n\n") if t]
+    assert len(tables) == 2, out
+    text = README.read_text(encoding="utf-8")
+    for table in tables:
+        assert table in text, table
