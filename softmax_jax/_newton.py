@@ -43,8 +43,10 @@ class FBState(NamedTuple):
     n_inner: jax.Array  # Hessian-vector products (Newton-CG's CG; none in its dense steps)
 
 
-def init_state(params, data, l2, aux) -> FBState:
-    value, grad = objective_vg(params, data, l2)
+def init_state(params, data, l2, aux, *, vg=None) -> FBState:
+    """The state at ``params`` before a first iteration: ``f`` and ``∇f`` from ``vg(params)``
+    (by default :func:`objective_vg` on ``data``), no iterations, products or stall yet."""
+    value, grad = objective_vg(params, data, l2) if vg is None else vg(params)
     zero = jnp.zeros((), jnp.int32)
     return FBState(params, value, grad, aux, zero, jnp.zeros((), bool), zero)
 

@@ -144,7 +144,7 @@ def _run_mixed(params, data: TrainData, l2, tol, max_iter) -> tuple[FBState, jax
         return objective_vg(p, data, l2)
 
     start = center_classes(params)
-    st = FBState(start, *vg32(start), newton_aux(f64), jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+    st = init_state(start, data, l2, newton_aux(f64), vg=vg32)
 
     def to64(st):  # a float32 phase that ended on a non-finite f: from the start again
         p = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(st.value), a, b), st.params, start)
