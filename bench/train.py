@@ -483,6 +483,7 @@ def readme_table(results: dict[str, Any]) -> str:
 
 
 def _readme_training(results: dict[str, Any]) -> str:
+    """The time-to-optimum table: one row per dataset, each method's time, iterations and ratio."""
 
     def cell(m: dict | None, sk_t: float | None) -> str:
         t = None if m is None else m.get("time_to_optimum_s")
