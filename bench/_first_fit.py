@@ -41,12 +41,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench._common import OPENBLAS_VARS
+from bench._common import OPENBLAS_VARS, sklearn_objective
 
 SMALL = ("iris", "wine", "breast_cancer", "digits")
 GRID_C = [10.0**e for e in range(-3, 4)]
 TARGET_REL = 1e-6
 CACHE_ENV = "SOFTMAX_JAX_COMPILATION_CACHE"
+#: ``max_iter`` of the fits at a given ``tol``: high enough that ``tol`` decides where they stop.
+MAX_ITER = {"sklearn": 100_000, "ours": 500}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +78,6 @@ def _estimator(lib: str, **kw):
 
 def _objective(est, X, y, C: float) -> float:
     """scikit-learn's objective of a fitted estimator (:func:`bench._common.sklearn_objective`)."""
-    from bench._common import sklearn_objective
-
     return sklearn_objective(est.coef_, est.intercept_, X, y, C)
 
 
@@ -201,7 +201,7 @@ def bench_small(sp: Spawner, name: str, *, tols, rounds: int, later: int) -> dic
     data = {"small": name}
     explore = {
         lib: sp.run(dict(lib=lib, data=data, task="explore", C=1.0, tols=list(tols),
-                         max_iter=100_000 if lib == "sklearn" else 500))["runs"]
+                         max_iter=MAX_ITER[lib]))["runs"]
         for lib in ("ours", "sklearn")
     }  # fmt: skip
     f_star = min(r["objective"] for runs in explore.values() for r in runs)
@@ -213,7 +213,7 @@ def bench_small(sp: Spawner, name: str, *, tols, rounds: int, later: int) -> dic
             if cache == "cold":
                 sp.clear_cache()
             job = dict(lib=lib, data=data, task="fit", C=1.0, tol=tol[lib] or 1e-10, later=later,
-                       max_iter=100_000 if lib == "sklearn" else 500)  # fmt: skip
+                       max_iter=MAX_ITER[lib])  # fmt: skip
             row[lib if cache is None else f"ours_{cache}"] = sp.run(job)
         res["rounds"].append(row)
     first = {k: min(r[k]["first_fit_s"] for r in res["rounds"]) for k in res["rounds"][0]}
@@ -236,7 +236,7 @@ def _grid_tolerances(data: dict, sp: Spawner, tols) -> dict:
     """Each library's loosest ``tol`` whose grid fits all reach 1e-6 of their optimum, and the
     largest gap its default fits leave (:func:`_grid_explore`)."""
     fits = {lib: sp.run(dict(lib=lib, data=data, task="grid_explore", tols=list(tols),
-                             max_iter=100_000 if lib == "sklearn" else 500))["fits"]
+                             max_iter=MAX_ITER[lib]))["fits"]
             for lib in ("ours", "sklearn")}  # fmt: skip
     f_star = [min(min(f["runs"]) for f in (fo, fs)) for fo, fs in zip(*fits.values())]
     out: dict[str, Any] = {"tol": {}, "max_gap_default": {}, "max_gap": {}}
@@ -257,7 +257,7 @@ def bench_grid(sp: Spawner, name: str, *, tols, rounds: int) -> dict:
     data = {"small": name}
     res: dict[str, Any] = _grid_tolerances(data, sp, tols)
     params = {
-        lib: {"tol": res["tol"][lib] or min(tols), "max_iter": 100_000 if lib == "sklearn" else 500}
+        lib: {"tol": res["tol"][lib] or min(tols), "max_iter": MAX_ITER[lib]}
         for lib in ("ours", "sklearn")
     }
     sp.run(dict(lib="ours", data=data, task="grid"))  # warms the cache for the folds' shapes
